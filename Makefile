@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh machine: both create .venv/ and install into it on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# QUICK=1 limits `make bench` to the small CPU shapes.
+QUICK ?= 0
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,deepspeed]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m dama.cli demo --output-dir outputs/demo
+
+bench: $(STAMP)
+	$(PY) -m bench.loss_head $(if $(filter 1,$(QUICK)),--quick,)
+
+lint:
+	$(PY) -m pip install -q 'ruff==0.17.5' && $(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,146 @@
+"""Triton kernels of the weighted DAMA sigmoid loss: per-pair temperature, selection mask, global normalisation.
+
+Per pair i, with x = beta_i * z_i and z_i the implicit reward margin:
+    losses_i = -log sigmoid(x) = softplus(-x) = max(-x, 0) + log(1 + exp(-|x|))
+    d losses_i / d z_i = -beta_i * sigmoid(-x),  sigmoid(-x) = (x >= 0 ? e : 1) / (1 + e),  e = exp(-|x|)
+Both forms stay finite for any |x|. The forward also writes that derivative, so the backward is one fused multiply.
+Each program reduces its block of mask * losses to one partial sum; the host adds the partials (deterministic) and
+divides by the number of selected pairs, which a data-parallel caller gives as the global count.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import LOSS_BLOCK
+
+
+@triton.jit
+def _dama_loss_fwd_kernel(
+    # pointers
+    policy_chosen_ptr,
+    policy_rejected_ptr,
+    ref_chosen_ptr,
+    ref_rejected_ptr,
+    beta_ptr,
+    base_beta_ptr,
+    mask_ptr,
+    losses_ptr,
+    margins_ptr,
+    chosen_rewards_ptr,
+    rejected_rewards_ptr,
+    d_losses_d_margin_ptr,
+    partial_sums_ptr,
+    # sizes
+    num_pairs,
+    # meta
+    BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < num_pairs
+    policy_chosen = tl.load(policy_chosen_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    policy_rejected = tl.load(policy_rejected_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    ref_chosen = tl.load(ref_chosen_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    ref_rejected = tl.load(ref_rejected_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    base_beta = tl.load(base_beta_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    mask = tl.load(mask_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+
+    chosen_logratio = policy_chosen - ref_chosen
+    rejected_logratio = policy_rejected - ref_rejected
+    margins = chosen_logratio - rejected_logratio
+    x = beta * margins
+    e = tl.exp(-tl.abs(x))
+    losses = tl.maximum(-x, 0.0) + tl.log(1.0 + e)
+    sigmoid_neg_x = tl.where(x >= 0, e, 1.0) / (1.0 + e)
+
+    tl.store(losses_ptr + offsets, losses, mask=ok)
+    tl.store(margins_ptr + offsets, margins, mask=ok)
+    tl.store(chosen_rewards_ptr + offsets, base_beta * chosen_logratio, mask=ok)
+    tl.store(rejected_rewards_ptr + offsets, base_beta * rejected_logratio, mask=ok)
+    tl.store(d_losses_d_margin_ptr + offsets, -beta * sigmoid_neg_x, mask=ok)
+    tl.store(partial_sums_ptr + block, tl.sum(tl.where(ok, mask * losses, 0.0), axis=0))
+
+
+@triton.jit
+def _dama_loss_bwd_kernel(
+    # pointers
+    grad_loss_ptr,
+    grad_losses_ptr,
+    mask_ptr,
+    num_selected_ptr,
+    d_losses_d_margin_ptr,
+    d_policy_chosen_ptr,
+    d_policy_rejected_ptr,
+    # sizes
+    num_pairs,
+    # meta
+    HAS_GRAD_LOSSES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < num_pairs
+    grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+    num_selected = tl.load(num_selected_ptr).to(tl.float32)
+    mask = tl.load(mask_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    grad_per_pair = grad_loss * mask / num_selected
+    if HAS_GRAD_LOSSES:
+        grad_per_pair += tl.load(grad_losses_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    d_margin = grad_per_pair * tl.load(d_losses_d_margin_ptr + offsets, mask=ok, other=0.0)
+    tl.store(d_policy_chosen_ptr + offsets, d_margin, mask=ok)
+    tl.store(d_policy_rejected_ptr + offsets, -d_margin, mask=ok)
+
+
+def dama_loss_fwd_triton(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: torch.Tensor,
+    base_beta: torch.Tensor,
+    mask: torch.Tensor,
+    num_selected: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward kernel. Every tensor input is (P,) except num_selected, a 0-dim tensor.
+
+    Returns (loss (), losses, margins, chosen_rewards, rejected_rewards, d_losses_d_margin), fp32, all (P,) but loss.
+    """
+    num_pairs = policy_chosen.shape[0]
+    num_blocks = triton.cdiv(num_pairs, LOSS_BLOCK)
+    outputs = [torch.empty(num_pairs, dtype=torch.float32, device=policy_chosen.device) for _ in range(5)]
+    partial_sums = torch.empty(num_blocks, dtype=torch.float32, device=policy_chosen.device)
+    _dama_loss_fwd_kernel[(num_blocks,)](
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, base_beta, mask,
+        *outputs, partial_sums, num_pairs, BLOCK=LOSS_BLOCK,
+    )
+    loss = partial_sums.sum() / num_selected
+    return (loss, *outputs)
+
+
+def dama_loss_bwd_triton(
+    grad_loss: torch.Tensor,
+    grad_losses: torch.Tensor | None,
+    mask: torch.Tensor,
+    num_selected: torch.Tensor,
+    d_losses_d_margin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel. Returns (d_policy_chosen (P,), d_policy_rejected (P,)), fp32."""
+    num_pairs = mask.shape[0]
+    d_policy_chosen = torch.empty(num_pairs, dtype=torch.float32, device=mask.device)
+    d_policy_rejected = torch.empty_like(d_policy_chosen)
+    _dama_loss_bwd_kernel[(triton.cdiv(num_pairs, LOSS_BLOCK),)](
+        grad_loss.reshape(1),
+        grad_losses if grad_losses is not None else d_losses_d_margin,
+        mask,
+        num_selected.reshape(1),
+        d_losses_d_margin,
+        d_policy_chosen,
+        d_policy_rejected,
+        num_pairs,
+        HAS_GRAD_LOSSES=grad_losses is not None,
+        BLOCK=LOSS_BLOCK,
+    )
+    return d_policy_chosen, d_policy_rejected

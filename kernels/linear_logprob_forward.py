@@ -1,0 +1,159 @@
+"""Forward kernel of the fused linear log-prob: per-token log-sum-exp and target logit, never the (N, V) logits.
+
+Strategy: each program owns BLOCK_N rows and one contiguous range of the vocabulary. It walks that range in BLOCK_V
+tiles; each logit tile is a K-loop of tl.dot over the hidden size, folded straight into an online log-sum-exp
+(running max m and running sum s: s <- s * exp(m_old - m_new) + sum exp(l - m_new)), and the tile column equal to the
+label is picked as the target logit. Only m + log(s) and the target leave the program. When the grid has few row
+blocks the vocabulary is split into ranges (a second grid axis) whose partial log-sum-exps the host combines.
+
+Numerics: every loaded tile is converted to fp32 when `UPCAST_DOT` is set (always under the interpreter, whose bf16
+arithmetic is wrong); on a GPU 16-bit tiles go into tl.dot as they are, which multiplies exactly and accumulates in
+fp32. All softmax arithmetic is fp32.
+
+Limits: labels equal to ignore_index must be masked by the caller (the host returns 0 for them); offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import LinearLogprobBlocks, running_in_interpreter, vocab_split_count
+
+
+@triton.jit
+def _linear_logprob_fwd_kernel(
+    # pointers
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    partial_lse_ptr,
+    target_logit_ptr,
+    # strides
+    stride_hidden_n,
+    stride_hidden_h,
+    stride_weight_v,
+    stride_weight_h,
+    stride_partial_split,
+    # sizes
+    num_tokens,
+    hidden_size,
+    vocab_size,
+    split_size,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # int64 program ids keep row * stride from overflowing for N x H or V x H beyond 2^31 elements.
+    block_row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = block_row * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+
+    vocab_start = split * split_size
+    vocab_end = tl.minimum(vocab_start + split_size, vocab_size)
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for tile_start in range(vocab_start, vocab_end, BLOCK_V):
+        cols = tile_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab_end
+        logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for k_start in range(0, hidden_size, BLOCK_H):
+            ks = k_start + tl.arange(0, BLOCK_H)
+            k_ok = ks < hidden_size
+            hidden_tile = tl.load(
+                hidden_ptr + rows[:, None] * stride_hidden_n + ks[None, :] * stride_hidden_h,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )  # (BLOCK_N, BLOCK_H)
+            weight_tile_t = tl.load(
+                weight_ptr + ks[:, None] * stride_weight_h + cols[None, :] * stride_weight_v,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )  # (BLOCK_H, BLOCK_V)
+            if UPCAST_DOT:
+                hidden_tile = hidden_tile.to(tl.float32)
+                weight_tile_t = weight_tile_t.to(tl.float32)
+            logits = tl.dot(hidden_tile, weight_tile_t, logits, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+
+        # Every tile holds at least one valid column, so new_max is finite and exp(-inf - new_max) = 0 on entry.
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+        is_target = cols[None, :] == labels[:, None]
+        target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
+
+    tl.store(partial_lse_ptr + split * stride_partial_split + rows, running_max + tl.log(running_sum), mask=row_ok)
+    owns_target = row_ok & (labels >= vocab_start) & (labels < vocab_end)
+    tl.store(target_logit_ptr + rows, target_logit, mask=owns_target)
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST_DOT, INPUT_PRECISION) for tiles of this dtype: fp32 tiles use exact IEEE products."""
+    upcast = running_in_interpreter() or dtype == torch.float32
+    return upcast, "ieee"
+
+
+def linear_logprob_fwd_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    blocks: LinearLogprobBlocks,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None; fp16, bf16 or fp32.
+    Returns (token_logps (N,), lse (N,)), both fp32; token_logps is 0 where labels == ignore_index.
+    """
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    splits = vocab_split_count(blocks, num_tokens, vocab_size, hidden.device)
+    vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
+    split_size = triton.cdiv(vocab_tiles, splits) * blocks.block_v
+    splits = triton.cdiv(vocab_size, split_size)  # no empty range
+    partial_lse = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    target_logits = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+    upcast, precision = dot_settings(hidden.dtype)
+    grid = (triton.cdiv(num_tokens, blocks.block_n), splits)
+    _linear_logprob_fwd_kernel[grid](
+        hidden,
+        weight,
+        bias if bias is not None else hidden,  # never read when HAS_BIAS is False
+        labels,
+        partial_lse,
+        target_logits,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        partial_lse.stride(0),
+        num_tokens,
+        hidden_size,
+        vocab_size,
+        split_size,
+        HAS_BIAS=bias is not None,
+        UPCAST_DOT=upcast,
+        INPUT_PRECISION=precision,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+    )
+    lse = partial_lse[0] if splits == 1 else torch.logsumexp(partial_lse, dim=0)  # (N,)
+    supervised = labels != ignore_index
+    token_logps = torch.where(supervised, target_logits - lse, torch.zeros_like(lse))
+    return token_logps, lse

@@ -1,0 +1,62 @@
+"""Autograd wrapper of the fused linear log-prob: saves the per-token log-sum-exp, never the logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .launch_config import backward_blocks, forward_blocks
+from .linear_logprob_backward import linear_logprob_bwd_triton
+from .linear_logprob_forward import linear_logprob_fwd_triton
+from .linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
+
+
+@dataclass(frozen=True)
+class LinearLogprobParams:
+    """Non-tensor arguments. impl is "triton" or "torch" (already resolved); chunk_size is for the torch path."""
+
+    ignore_index: int
+    impl: str
+    chunk_size: int
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """token_logps = log_softmax(hidden @ weight.T + bias)[labels], 0 on ignored rows.
+
+    Naive torch equivalent (which this avoids materialising):
+        torch.log_softmax(hidden.float() @ weight.float().T + bias, -1).gather(1, labels[:, None])[:, 0]
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, params: LinearLogprobParams):
+        if params.impl == "triton":
+            token_logps, lse = linear_logprob_fwd_triton(
+                hidden, weight, labels, bias, params.ignore_index, forward_blocks(hidden.device)
+            )
+        else:
+            token_logps, lse = linear_logprob_fwd_torch(
+                hidden, weight, labels, bias, params.ignore_index, params.chunk_size
+            )
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.params = params
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        params: LinearLogprobParams = ctx.params
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if grad_token_logps is None or not any(needs_grad):
+            return None, None, None, None, None
+        if params.impl == "triton":
+            d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
+                grad_token_logps, hidden, weight, labels, bias, lse, params.ignore_index,
+                backward_blocks(hidden.device), needs_grad,
+            )
+        else:
+            d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
+                grad_token_logps, hidden, weight, labels, bias, lse, params.ignore_index, params.chunk_size,
+                needs_grad,
+            )
+        return d_hidden, d_weight, d_bias, None, None

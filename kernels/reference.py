@@ -1,0 +1,94 @@
+"""Reference implementations: the specification of every fused op, written the obvious way.
+
+They materialise the full (N, V) logits, so they are for tests and benchmarks only. Every function computes in the
+dtype given by `compute_dtype` (float64 by default), which makes them the ground truth the kernels are measured against.
+Autograd through them gives the reference gradients.
+
+Shape letters: N tokens, H hidden size, V vocabulary, S sequences, P pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[label] per token, 0 where label == ignore_index.
+
+    Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) -> (N,) in `compute_dtype`.
+    """
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T  # (N, V)
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    supervised = labels != ignore_index
+    safe_labels = torch.where(supervised, labels, torch.zeros_like(labels))
+    picked = logits.log_softmax(dim=-1).gather(1, safe_labels.long().unsqueeze(1)).squeeze(1)  # (N,)
+    return torch.where(supervised, picked, torch.zeros_like(picked))
+
+
+def reference_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Sum of the token log-probs of each sequence.
+
+    Shapes: hidden (N, H), weight (V, H), labels (N,), seq_ids (N,) in [0, S), bias (V,) -> (S,) in `compute_dtype`.
+    """
+    token_logps = reference_token_logps(hidden, weight, labels, bias, ignore_index, compute_dtype)
+    sums = torch.zeros(num_seqs, dtype=compute_dtype, device=hidden.device)
+    return sums.index_add(0, seq_ids.long(), token_logps)
+
+
+def reference_dama_sigmoid_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: torch.Tensor | float,
+    mask: torch.Tensor | None = None,
+    num_selected: torch.Tensor | float | None = None,
+    base_beta: torch.Tensor | float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weighted DPO sigmoid loss with a per-pair temperature.
+
+    z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected); losses = -log sigmoid(beta * z);
+    loss = sum(mask * losses) / num_selected, num_selected = max(sum(mask), 1) unless given.
+    Rewards are base_beta * (policy - ref), detached. The gradient reaches the policy log-probs only.
+
+    Shapes: every input (P,) (beta and base_beta may be floats) -> (loss (), losses (P,), margins (P,),
+    chosen_rewards (P,), rejected_rewards (P,)), all in `compute_dtype`.
+    """
+    policy_chosen = policy_chosen_logps.to(compute_dtype)
+    policy_rejected = policy_rejected_logps.to(compute_dtype)
+    ref_chosen = ref_chosen_logps.detach().to(compute_dtype)
+    ref_rejected = ref_rejected_logps.detach().to(compute_dtype)
+    beta = torch.as_tensor(beta, dtype=compute_dtype, device=policy_chosen.device).detach()
+    base_beta = beta if base_beta is None else torch.as_tensor(base_beta, dtype=compute_dtype).detach()
+    if mask is None:
+        mask = torch.ones_like(policy_chosen)
+    mask = mask.detach().to(compute_dtype)
+    if num_selected is None:
+        num_selected = mask.sum().clamp(min=1)
+    num_selected = torch.as_tensor(num_selected, dtype=compute_dtype).detach()
+
+    margins = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = -F.logsigmoid(beta * margins)
+    loss = (mask * losses).sum() / num_selected
+    chosen_rewards = (base_beta * (policy_chosen - ref_chosen)).detach()
+    rejected_rewards = (base_beta * (policy_rejected - ref_rejected)).detach()
+    return loss, losses, margins.detach(), chosen_rewards, rejected_rewards
