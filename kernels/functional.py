@@ -115,7 +115,9 @@ def _supervised_token_logps(
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     params = LinearLogprobParams(ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=compute_dtype_for(hidden.dtype)), rows
+        # Empty views keep the graph, so a backward still reaches hidden, weight and bias, with zero gradients.
+        anchor = sum(t[:0].sum() for t in (hidden, weight, bias) if t is not None)
+        return hidden.new_zeros(0, dtype=compute_dtype_for(hidden.dtype)) + anchor, rows
     return LinearLogprobFunction.apply(hidden, weight, bias, labels, params), rows
 
 

@@ -2,7 +2,7 @@
 
 Strategy: one program per (BLOCK_N rows, BLOCK_V vocabulary columns) tile. It recomputes the logit tile with a K-loop
 of tl.dot, turns it into
-    dlogits = g * (onehot(label) - exp(logits - lse))          (g: upstream gradient, 0 on ignored rows)
+    dlogits = g * (onehot(label) - exp((logits - max_logit) - log_norm))   (g: upstream gradient, 0 if ignored)
 and walks the hidden size a second time to add dlogits @ W[cols] into d_hidden[rows] and dlogits^T @ h[rows] into
 d_weight[cols]. Both targets receive partial sums from many programs, so they are fp32 buffers updated with
 tl.atomic_add; the host casts them to the input dtypes. FLOPs: 2 N H V to recompute plus 2 N H V per gradient.
@@ -29,7 +29,8 @@ def _linear_logprob_bwd_kernel(
     weight_ptr,
     bias_ptr,
     labels_ptr,
-    lse_ptr,
+    max_logit_ptr,
+    log_norm_ptr,
     grad_ptr,
     d_hidden_ptr,
     d_weight_ptr,
@@ -64,7 +65,8 @@ def _linear_logprob_bwd_kernel(
     row_ok = rows < num_tokens
     col_ok = cols < vocab_size
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    max_logit = tl.load(max_logit_ptr + rows, mask=row_ok, other=0.0)
+    log_norm = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     grad = tl.where(labels != ignore_index, grad, 0.0)
 
@@ -89,7 +91,7 @@ def _linear_logprob_bwd_kernel(
     if HAS_BIAS:
         logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
-    probs = tl.exp(logits - lse[:, None])
+    probs = tl.exp((logits - max_logit[:, None]) - log_norm[:, None])
     onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
     d_logits = grad[:, None] * (onehot - probs)
     d_logits = tl.where(row_ok[:, None] & col_ok[None, :], d_logits, 0.0)  # (BLOCK_N, BLOCK_V)
@@ -140,14 +142,16 @@ def linear_logprob_bwd_triton(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    max_logit: torch.Tensor,
+    log_norm: torch.Tensor,
     ignore_index: int,
     blocks: LinearLogprobBlocks,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel.
 
-    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None, lse (N,) fp32.
+    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None,
+    max_logit (N,) and log_norm (N,) fp32 from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
@@ -158,7 +162,7 @@ def linear_logprob_bwd_triton(
     d_hidden = torch.zeros((num_tokens, hidden_size), dtype=torch.float32, device=device) if need_hidden else None
     d_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=device) if need_weight else None
     d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
-    placeholder = lse  # stands in for buffers the constexpr flags leave untouched
+    placeholder = log_norm  # stands in for buffers the constexpr flags leave untouched
     upcast, precision = dot_settings(hidden.dtype)
     grid = (triton.cdiv(num_tokens, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
     _linear_logprob_bwd_kernel[grid](
@@ -166,7 +170,8 @@ def linear_logprob_bwd_triton(
         weight,
         bias if bias is not None else placeholder,
         labels,
-        lse,
+        max_logit,
+        log_norm,
         grad_token_logps.contiguous(),
         d_hidden if need_hidden else placeholder,
         d_weight if need_weight else placeholder,

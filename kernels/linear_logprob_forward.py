@@ -3,8 +3,10 @@
 Strategy: each program owns BLOCK_N rows and one contiguous range of the vocabulary. It walks that range in BLOCK_V
 tiles; each logit tile is a K-loop of tl.dot over the hidden size, folded straight into an online log-sum-exp
 (running max m and running sum s: s <- s * exp(m_old - m_new) + sum exp(l - m_new)), and the tile column equal to the
-label is picked as the target logit. Only m + log(s) and the target leave the program. When the grid has few row
-blocks the vocabulary is split into ranges (a second grid axis) whose partial log-sum-exps the host combines.
+label is picked as the target logit. Only m, s and the target leave the program. When the grid has few row blocks
+the vocabulary is split into ranges (a second grid axis) whose partial (m, s) the host combines. The normaliser stays
+split as lse = m + log(s): l - m is exact near the maximum, which keeps probabilities close to 1 precise in the
+backward even for logits in the thousands.
 
 Numerics: every loaded tile is converted to fp32 when `UPCAST_DOT` is set (always under the interpreter, whose bf16
 arithmetic is wrong); on a GPU 16-bit tiles go into tl.dot as they are, which multiplies exactly and accumulates in
@@ -29,7 +31,8 @@ def _linear_logprob_fwd_kernel(
     weight_ptr,
     bias_ptr,
     labels_ptr,
-    partial_lse_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
     target_logit_ptr,
     # strides
     stride_hidden_n,
@@ -94,7 +97,8 @@ def _linear_logprob_fwd_kernel(
         is_target = cols[None, :] == labels[:, None]
         target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
 
-    tl.store(partial_lse_ptr + split * stride_partial_split + rows, running_max + tl.log(running_sum), mask=row_ok)
+    tl.store(partial_max_ptr + split * stride_partial_split + rows, running_max, mask=row_ok)
+    tl.store(partial_sum_ptr + split * stride_partial_split + rows, running_sum, mask=row_ok)
     owns_target = row_ok & (labels >= vocab_start) & (labels < vocab_end)
     tl.store(target_logit_ptr + rows, target_logit, mask=owns_target)
 
@@ -112,11 +116,12 @@ def linear_logprob_fwd_triton(
     bias: torch.Tensor | None,
     ignore_index: int,
     blocks: LinearLogprobBlocks,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None; fp16, bf16 or fp32.
-    Returns (token_logps (N,), lse (N,)), both fp32; token_logps is 0 where labels == ignore_index.
+    Returns (token_logps, max_logit, log_norm), each (N,) fp32, with lse = max_logit + log_norm; token_logps is 0
+    where labels == ignore_index.
     """
     num_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
@@ -124,7 +129,8 @@ def linear_logprob_fwd_triton(
     vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
     split_size = triton.cdiv(vocab_tiles, splits) * blocks.block_v
     splits = triton.cdiv(vocab_size, split_size)  # no empty range
-    partial_lse = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    partial_max = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    partial_sum = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
     target_logits = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
     upcast, precision = dot_settings(hidden.dtype)
     grid = (triton.cdiv(num_tokens, blocks.block_n), splits)
@@ -133,13 +139,14 @@ def linear_logprob_fwd_triton(
         weight,
         bias if bias is not None else hidden,  # never read when HAS_BIAS is False
         labels,
-        partial_lse,
+        partial_max,
+        partial_sum,
         target_logits,
         hidden.stride(0),
         hidden.stride(1),
         weight.stride(0),
         weight.stride(1),
-        partial_lse.stride(0),
+        partial_max.stride(0),
         num_tokens,
         hidden_size,
         vocab_size,
@@ -153,7 +160,8 @@ def linear_logprob_fwd_triton(
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
-    lse = partial_lse[0] if splits == 1 else torch.logsumexp(partial_lse, dim=0)  # (N,)
+    max_logit = partial_max.max(dim=0).values  # (N,)
+    log_norm = (partial_sum * torch.exp(partial_max - max_logit)).sum(dim=0).log()  # (N,)
     supervised = labels != ignore_index
-    token_logps = torch.where(supervised, target_logits - lse, torch.zeros_like(lse))
-    return token_logps, lse
+    token_logps = torch.where(supervised, (target_logits - max_logit) - log_norm, torch.zeros_like(log_norm))
+    return token_logps, max_logit, log_norm

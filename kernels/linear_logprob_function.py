@@ -1,4 +1,4 @@
-"""Autograd wrapper of the fused linear log-prob: saves the per-token log-sum-exp, never the logits."""
+"""Autograd wrapper of the fused linear log-prob: saves two floats per token (the softmax normaliser), never logits."""
 
 from __future__ import annotations
 
@@ -31,32 +31,32 @@ class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LinearLogprobParams):
         if params.impl == "triton":
-            token_logps, lse = linear_logprob_fwd_triton(
+            token_logps, max_logit, log_norm = linear_logprob_fwd_triton(
                 hidden, weight, labels, bias, params.ignore_index, forward_blocks(hidden.device)
             )
         else:
-            token_logps, lse = linear_logprob_fwd_torch(
+            token_logps, max_logit, log_norm = linear_logprob_fwd_torch(
                 hidden, weight, labels, bias, params.ignore_index, params.chunk_size
             )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, max_logit, log_norm)
         ctx.params = params
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, max_logit, log_norm = ctx.saved_tensors
         params: LinearLogprobParams = ctx.params
         needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if grad_token_logps is None or not any(needs_grad):
             return None, None, None, None, None
         if params.impl == "triton":
             d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
-                grad_token_logps, hidden, weight, labels, bias, lse, params.ignore_index,
+                grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
                 backward_blocks(hidden.device), needs_grad,
             )
         else:
             d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
-                grad_token_logps, hidden, weight, labels, bias, lse, params.ignore_index, params.chunk_size,
-                needs_grad,
+                grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
+                params.chunk_size, needs_grad,
             )
         return d_hidden, d_weight, d_bias, None, None

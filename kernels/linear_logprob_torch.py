@@ -1,13 +1,16 @@
 """Chunked PyTorch path of the fused linear log-prob: the `impl="torch"` route, used where there is no GPU.
 
-Same contract and memory behaviour as the Triton kernels: the forward keeps only the per-token log-sum-exp, and the
-backward recomputes the logits, so the working memory is O(chunk_size x V) and never O(N x V).
+Same contract and memory behaviour as the Triton kernels: the forward keeps only two floats per token (the largest
+logit and the log of the shifted softmax sum), and the backward recomputes the logits, so the working memory is
+O(chunk_size x V) and never O(N x V).
 
 Maths, for a row with logits l = h W^T + b, lse = log sum_v exp(l_v) and target t:
     logp = l_t - lse
     d logp / d l_v = [v == t] - softmax(l)_v
 so with upstream gradient g, dlogits = g * (onehot(t) - softmax(l)), and
     d_hidden = dlogits @ W,   d_weight = dlogits^T @ h,   d_bias = sum_rows dlogits.
+lse is kept as max_logit + log_norm rather than one number: softmax(l)_v = exp((l_v - max) - log_norm), and l_v - max
+is exact near the maximum, so a probability close to 1 keeps full precision even when logits are in the thousands.
 """
 
 from __future__ import annotations
@@ -36,29 +39,34 @@ def linear_logprob_fwd_torch(
     bias: torch.Tensor | None,
     ignore_index: int,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs and log-sum-exps, one chunk of rows at a time.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token log-probs and the softmax normaliser, one chunk of rows at a time.
 
     Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None.
-    Returns (token_logps (N,), lse (N,)), fp32 (fp64 for fp64 inputs); token_logps is 0 on ignored rows.
+    Returns (token_logps, max_logit, log_norm), each (N,), fp32 (fp64 for fp64 inputs), with
+    lse = max_logit + log_norm; token_logps is 0 on ignored rows.
     """
     dtype = compute_dtype_for(hidden.dtype)
     # One upcast copy of the weight per call (a no-op for fp32): logits computed in 16-bit would round to 3 digits.
     weight_c = weight.to(dtype)  # (V, H)
     bias_c = None if bias is None else bias.to(dtype)
     num_tokens = hidden.shape[0]
-    lse = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-    target_logits = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    max_logit = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    log_norm = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    shifted_target = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
     supervised = labels != ignore_index
     safe_labels = torch.where(supervised, labels, torch.zeros_like(labels)).long()
     for start in range(0, num_tokens, chunk_size):
         rows = slice(start, start + chunk_size)
         logits = _chunk_logits(hidden[rows], weight_c, bias_c)  # (C, V)
-        lse[rows] = torch.logsumexp(logits, dim=-1)
-        target_logits[rows] = logits.gather(1, safe_labels[rows].unsqueeze(1)).squeeze(1)
+        chunk_max = logits.max(dim=-1).values
+        logits.sub_(chunk_max.unsqueeze(1))
+        max_logit[rows] = chunk_max
+        shifted_target[rows] = logits.gather(1, safe_labels[rows].unsqueeze(1)).squeeze(1)
+        log_norm[rows] = logits.exp_().sum(dim=-1).log_()
         del logits
-    token_logps = torch.where(supervised, target_logits - lse, torch.zeros_like(lse))
-    return token_logps, lse
+    token_logps = torch.where(supervised, shifted_target - log_norm, torch.zeros_like(log_norm))
+    return token_logps, max_logit, log_norm
 
 
 def linear_logprob_bwd_torch(
@@ -67,24 +75,26 @@ def linear_logprob_bwd_torch(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    max_logit: torch.Tensor,
+    log_norm: torch.Tensor,
     ignore_index: int,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, recomputing logits per chunk.
 
-    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None, lse (N,).
+    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None,
+    max_logit (N,), log_norm (N,) from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
     need_hidden, need_weight, need_bias = needs_grad
-    dtype = lse.dtype
+    dtype = log_norm.dtype
     weight_c = weight.to(dtype)  # (V, H)
     bias_c = None if bias is None else bias.to(dtype)
     supervised = labels != ignore_index
     # Ignored rows contribute nothing, whatever gradient arrives for them.
-    grad = torch.where(supervised, grad_token_logps.to(dtype), torch.zeros((), dtype=dtype, device=lse.device))
+    grad = torch.where(supervised, grad_token_logps.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
     safe_labels = torch.where(supervised, labels, torch.zeros_like(labels)).long()
 
     d_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -94,7 +104,7 @@ def linear_logprob_bwd_torch(
         rows = slice(start, start + chunk_size)
         hidden_chunk = hidden[rows].to(dtype)  # (C, H)
         d_logits = _chunk_logits(hidden_chunk, weight_c, bias_c)  # (C, V), reused in place to hold dlogits
-        d_logits.sub_(lse[rows].unsqueeze(1)).exp_().neg_()
+        d_logits.sub_(max_logit[rows].unsqueeze(1)).sub_(log_norm[rows].unsqueeze(1)).exp_().neg_()
         d_logits.scatter_add_(1, safe_labels[rows].unsqueeze(1), torch.ones_like(d_logits[:, :1]))
         d_logits.mul_(grad[rows].unsqueeze(1))
         if need_hidden:

@@ -1,0 +1,37 @@
+"""`dama <command> [args]`: one entry point for every step of the pipeline.
+
+Each command lives in its own module as `main(argv) -> int`; this file only maps names to modules, so that
+`dama --help` stays fast (nothing heavy is imported until a command runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS) if COMMANDS else 0
+    lines = ["usage: dama <command> [options]   (dama <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dama: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[name]
+    return importlib.import_module(module_name).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""token_logps / sequence_logps: Triton kernels (interpreter on the CPU) and the chunked torch path against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dama_kernels
+from dama_kernels.launch_config import INTERPRETER_BLOCKS, LinearLogprobBlocks
+from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
+from dama_kernels.reference import reference_sequence_logps, reference_token_logps
+from tests.kernel_checks import assert_matches_gold, poisoned_allocations
+
+IMPLS = ["triton", "torch"]
+# (N, H, V): a single token; sizes below, above and not multiples of the interpreter blocks (64 rows, 128 vocab
+# columns, 64 hidden); the odd trio used by fused cross-entropy suites.
+SHAPES = [(1, 16, 33), (47, 123, 507), (123, 47, 130), (200, 64, 256)]
+
+
+def make_inputs(num_tokens, hidden_size, vocab_size, dtype, device, *, ignore_index=-100, logit_scale=1.0,
+                ignored_fraction=0.25, with_bias=True):
+    hidden = torch.randn(num_tokens, hidden_size, device=device)
+    weight = torch.randn(vocab_size, hidden_size, device=device) * (logit_scale / hidden_size**0.5)
+    bias = torch.randn(vocab_size, device=device) if with_bias else None
+    labels = torch.randint(0, vocab_size, (num_tokens,), device=device)
+    labels[torch.rand(num_tokens, device=device) < ignored_fraction] = ignore_index
+    cast = [t.to(dtype) if t is not None else None for t in (hidden, weight, bias)]
+    return (*cast, labels)
+
+
+def leaf(tensor):
+    return None if tensor is None else tensor.detach().clone().requires_grad_(True)
+
+
+def gold_and_baseline(hidden, weight, bias, labels, ignore_index, grad_out):
+    """float64 values/gradients and fp32 ones (cast to the input dtype like ours), both through the reference."""
+    results = []
+    for compute_dtype in (torch.float64, torch.float32):
+        inputs = [leaf(t) for t in (hidden, weight, bias)]
+        out = reference_token_logps(*inputs[:2], labels, inputs[2], ignore_index, compute_dtype)
+        wanted = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad(out, wanted, grad_out.to(compute_dtype))
+        results.append((out, [g.to(hidden.dtype) if compute_dtype != torch.float64 else g for g in grads]))
+    return results
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_token_logps_matches_reference(impl, shape, dtype, device):
+    hidden, weight, bias, labels = make_inputs(*shape, dtype, device)
+    grad_out = torch.randn(shape[0], device=device)  # grad_output != 1
+    (gold, gold_grads), (base, base_grads) = gold_and_baseline(hidden, weight, bias, labels, -100, grad_out)
+
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    with poisoned_allocations():
+        out = dama_kernels.token_logps(inputs[0], inputs[1], labels, bias=inputs[2], impl=impl, chunk_size=32)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert out.dtype == torch.float32
+    assert_matches_gold(out, gold, base, dtype, "token_logps")
+    names = ("d_hidden", "d_weight", "d_bias")
+    for name, grad, gold_grad, base_grad in zip(names, grads, gold_grads, base_grads, strict=True):
+        assert grad.dtype == dtype
+        assert_matches_gold(grad, gold_grad, base_grad, dtype, name)
+    assert (out[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_ignore_index_and_no_bias(impl, ignore_index, device):
+    hidden, weight, _, labels = make_inputs(70, 40, 150, torch.float32, device, ignore_index=ignore_index,
+                                            with_bias=False)
+    labels[:5] = ignore_index
+    grad_out = torch.randn(70, device=device)
+    (gold, gold_grads), (base, base_grads) = gold_and_baseline(hidden, weight, None, labels, ignore_index, grad_out)
+    inputs = [leaf(hidden), leaf(weight)]
+    out = dama_kernels.token_logps(*inputs, labels, ignore_index=ignore_index, impl=impl)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert_matches_gold(out, gold, base, torch.float32, "token_logps")
+    for grad, gold_grad, base_grad in zip(grads, gold_grads, base_grads, strict=True):
+        assert_matches_gold(grad, gold_grad, base_grad, torch.float32, "grad")
+    ignored = labels == ignore_index
+    assert (out[ignored] == 0).all()
+    assert (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("logit_scale", [30.0, 300.0])
+def test_peaked_and_large_logits(impl, logit_scale, device):
+    """Softmax close to one-hot, logits in the hundreds: no overflow, log-probs near 0 or very negative stay exact."""
+    hidden, weight, bias, labels = make_inputs(90, 32, 300, torch.float32, device, logit_scale=logit_scale)
+    grad_out = torch.randn(90, device=device)
+    (gold, gold_grads), (base, base_grads) = gold_and_baseline(hidden, weight, bias, labels, -100, grad_out)
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    out = dama_kernels.token_logps(inputs[0], inputs[1], labels, bias=inputs[2], impl=impl)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert_matches_gold(out, gold, base, torch.float32, "token_logps")
+    for grad, gold_grad, base_grad in zip(grads, gold_grads, base_grads, strict=True):
+        assert_matches_gold(grad, gold_grad, base_grad, torch.float32, "grad", direct=logit_scale < 100)
+
+
+def test_vocab_split_forward_matches_single_range(device):
+    """The split-vocabulary grid (used on GPUs when N is small) combines its partial normalisers exactly."""
+    hidden, weight, bias, labels = make_inputs(77, 48, 700, torch.float32, device)
+    single, max_single, norm_single = linear_logprob_fwd_triton(hidden, weight, labels, bias, -100, INTERPRETER_BLOCKS)
+    split_blocks = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=3)
+    split, max_split, norm_split = linear_logprob_fwd_triton(hidden, weight, labels, bias, -100, split_blocks)
+    gold = reference_token_logps(hidden, weight, labels, bias)
+    torch.testing.assert_close(split.double(), gold, rtol=0, atol=2e-5)
+    torch.testing.assert_close(max_split + norm_split, max_single + norm_single, rtol=0, atol=2e-5)
+    torch.testing.assert_close(split, single, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_partial_requires_grad(impl, needs, device):
+    hidden, weight, bias, labels = make_inputs(65, 20, 140, torch.float32, device)
+    inputs = [t.detach().clone().requires_grad_(need) for t, need in zip((hidden, weight, bias), needs, strict=True)]
+    out = dama_kernels.token_logps(inputs[0], inputs[1], labels, bias=inputs[2], impl=impl)
+    grad_out = torch.randn(65, device=device)
+    out.backward(grad_out)
+    gold_inputs = [leaf(t) for t in (hidden, weight, bias)]
+    gold = reference_token_logps(gold_inputs[0], gold_inputs[1], labels, gold_inputs[2])
+    gold.backward(grad_out.double())
+    for tensor, gold_tensor, need in zip(inputs, gold_inputs, needs, strict=True):
+        if need:
+            torch.testing.assert_close(tensor.grad, gold_tensor.grad, rtol=1e-4, atol=1e-5)
+        else:
+            assert tensor.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequence_logps_packed_any_order(impl, device):
+    """Sequences of lengths 1, 70 (longer than a block), 5 and 0 supervised tokens, tokens interleaved at random."""
+    lengths = [1, 70, 5, 12]
+    num_seqs = len(lengths)
+    seq_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    seq_ids = seq_ids[torch.randperm(len(seq_ids))].to(device)
+    hidden, weight, bias, labels = make_inputs(len(seq_ids), 36, 260, torch.float32, device, ignored_fraction=0.2)
+    labels[seq_ids == 3] = -100  # sequence 3: every token ignored
+    labels[seq_ids == 0] = 7
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    grad_out = torch.randn(num_seqs, device=device)
+    with poisoned_allocations():
+        out = dama_kernels.sequence_logps(inputs[0], inputs[1], labels, seq_ids, num_seqs, bias=inputs[2], impl=impl)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    gold_inputs = [leaf(t) for t in (hidden, weight, bias)]
+    gold = reference_sequence_logps(gold_inputs[0], gold_inputs[1], labels, seq_ids, num_seqs, gold_inputs[2])
+    gold_grads = torch.autograd.grad(gold, gold_inputs, grad_out.double())
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-4)
+    for grad, gold_grad in zip(grads, gold_grads, strict=True):
+        torch.testing.assert_close(grad, gold_grad, rtol=1e-4, atol=1e-5)
+    assert out[3] == 0
+    assert (grads[0][seq_ids == 3] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_token_ignored(impl, device):
+    hidden, weight, bias, labels = make_inputs(9, 16, 40, torch.float32, device)
+    labels[:] = -100
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    out = dama_kernels.sequence_logps(inputs[0], inputs[1], labels, torch.zeros(9, dtype=torch.long), 2,
+                                      bias=inputs[2], impl=impl)
+    assert torch.equal(out, torch.zeros(2))
+
+
+def test_torch_path_gradcheck_float64():
+    hidden, weight, bias, labels = make_inputs(11, 6, 13, torch.float64, "cpu")
+    inputs = tuple(leaf(t) for t in (hidden, weight, bias))
+
+    def fn(h, w, b):
+        return dama_kernels.token_logps(h, w, labels, bias=b, impl="torch", chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+class LargestOutputRecorder(TorchDispatchMode):
+    """Records the largest tensor (in elements) any aten op produces while active, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_torch_path_never_allocates_tokens_by_vocab():
+    num_tokens, hidden_size, vocab_size, chunk = 512, 32, 1000, 64
+    hidden, weight, bias, labels = make_inputs(num_tokens, hidden_size, vocab_size, torch.float32, "cpu")
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    recorder = LargestOutputRecorder()
+    with recorder:
+        out = dama_kernels.token_logps(inputs[0], inputs[1], labels, bias=inputs[2], impl="torch", chunk_size=chunk)
+        out.sum().backward()
+    # The chunk's logits are the largest working tensor; the (V, H) weight gradient is an output, not working memory.
+    assert recorder.largest >= chunk * vocab_size
+    assert recorder.largest <= max(chunk * vocab_size, vocab_size * hidden_size)
+    assert recorder.largest < num_tokens * vocab_size
+
+
+def test_textbook_dpo_equivalence(device):
+    """sequence_logps + dama_sigmoid_loss with a constant beta and no mask == DPO from full logits."""
+    num_pairs, lengths, hidden_size, vocab_size, beta = 3, [9, 4, 15, 1, 7, 11], 24, 90, 0.1
+    seq_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(device)  # chosen 0..2, rejected 3..5
+    hidden, weight, _, labels = make_inputs(len(seq_ids), hidden_size, vocab_size, torch.float32, device,
+                                            with_bias=False)
+    ref_logps = torch.randn(2 * num_pairs, device=device) * 5 - 30
+    for impl in IMPLS:
+        h, w = leaf(hidden), leaf(weight)
+        logps = dama_kernels.sequence_logps(h, w, labels, seq_ids, 2 * num_pairs, impl=impl)
+        out = dama_kernels.dama_sigmoid_loss(logps[:num_pairs], logps[num_pairs:], ref_logps[:num_pairs],
+                                             ref_logps[num_pairs:], beta, impl=impl)
+        grads = torch.autograd.grad(out.loss, (h, w))
+
+        th, tw = leaf(hidden), leaf(weight)
+        logits = th @ tw.T
+        token = logits.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels != -100)
+        seq = torch.zeros(2 * num_pairs, device=device).index_add(0, seq_ids, token)
+        pi_logratios = seq[:num_pairs] - seq[num_pairs:]
+        ref_logratios = ref_logps[:num_pairs] - ref_logps[num_pairs:]
+        textbook = -torch.nn.functional.logsigmoid(beta * (pi_logratios - ref_logratios)).mean()
+        textbook_grads = torch.autograd.grad(textbook, (th, tw))
+        torch.testing.assert_close(out.loss, textbook, rtol=1e-5, atol=1e-6)
+        for grad, expected in zip(grads, textbook_grads, strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(hidden=a["hidden"][0]), "hidden must be 2-D"),
+        (lambda a: a.update(weight=a["weight"][:, :5]), "weight must be"),
+        (lambda a: a.update(weight=a["weight"].double()), "must share a dtype"),
+        (lambda a: a.update(hidden=a["hidden"].int(), weight=a["weight"].int()), "dtype torch.int32"),
+        (lambda a: a.update(labels=a["labels"][:3]), "labels must have shape"),
+        (lambda a: a.update(labels=a["labels"].float()), "labels must be an integer"),
+        (lambda a: a["labels"].__setitem__(2, 999), r"labels has values outside \[0, 50\)"),
+        (lambda a: a["labels"].__setitem__(2, -1), "first offenders"),
+        (lambda a: a.update(bias=a["bias"][:4]), "bias must have shape"),
+        (lambda a: a.update(seq_ids=a["seq_ids"] + 5), r"seq_ids has values outside \[0, 2\)"),
+        (lambda a: a.update(impl="cuda"), "impl must be one of"),
+        (lambda a: a.update(chunk_size=0), "chunk_size must be a positive"),
+        (lambda a: a.update(num_seqs=2.0), "num_seqs must be"),
+    ],
+)
+def test_bad_input_raises_clear_error(change, message):
+    hidden, weight, bias, labels = make_inputs(10, 8, 50, torch.float32, "cpu", ignored_fraction=0.0)
+    args = dict(hidden=hidden, weight=weight, labels=labels, seq_ids=torch.zeros(10, dtype=torch.long), num_seqs=2,
+                bias=bias, impl="torch", chunk_size=None)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        dama_kernels.sequence_logps(args["hidden"], args["weight"], args["labels"], args["seq_ids"], args["num_seqs"],
+                                    bias=args["bias"], impl=args["impl"], chunk_size=args["chunk_size"])
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, _, labels = make_inputs(4, 8, 20, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        dama_kernels.token_logps(hidden, weight, labels, impl="triton")
+
+
+def test_triton_rejects_float64():
+    hidden, weight, _, labels = make_inputs(4, 8, 20, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="impl='triton' takes float16, bfloat16, float32"):
+        dama_kernels.token_logps(hidden, weight, labels, impl="triton")
