@@ -1,0 +1,119 @@
+"""Every option of the DAMA method (spec sections 1-4), as one dataclass the trainer's arguments inherit from.
+
+The field names avoid those of transformers.TrainingArguments (hence `filter_seed`, not `seed`), so that
+`class DamaTrainingArguments(TrainingArguments, DamaMethodConfig)` is a valid dataclass that HfArgumentParser
+parses. TrainingArguments.__post_init__ shadows ours in that subclass: its own __post_init__ must call
+`self.validate_method_options()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+VARIANTS = ("release", "paper")
+EMA_UPDATES = ("micro_batch", "optimizer_step")
+LOSS_IMPLS = ("auto", "triton", "torch")
+
+
+@dataclass
+class DamaMethodConfig:
+    # DPO core (spec section 1) and the combination (section 4)
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Base DPO temperature beta; DAMA scales it per pair by alpha_D * alpha_M. Must be > 0."},
+    )
+    beta_min: float = field(
+        default=1e-3,
+        metadata={"help": "Floor of the combined per-pair beta: beta_C = max(beta * alpha_D * alpha_M, beta_min)."},
+    )
+    variant: Literal["release", "paper"] = field(
+        default="release",
+        metadata={
+            "help": "Where the paper and the authors' release differ (alpha_M, EMA target): 'release' averages "
+            "sigmoid(A) over the selected pairs and updates R with the mean over all pairs; 'paper' takes "
+            "sigmoid of the selected mean and updates R with the selected mean."
+        },
+    )
+    average_logps: bool = field(
+        default=False,
+        metadata={"help": "Use the mean of the response's token log-probs instead of their sum."},
+    )
+    loss_impl: Literal["auto", "triton", "torch"] = field(
+        default="auto",
+        metadata={"help": "Loss implementation: 'auto' (Triton on CUDA, PyTorch otherwise), 'triton' or 'torch'."},
+    )
+
+    # Data-aware strategy (spec section 2): alpha_D = sigmoid(hardness) / sigmoid(hardness_mean)
+    data_aware: bool = field(
+        default=True,
+        metadata={"help": "Scale beta per pair by the offline data hardness (alpha_D); off means alpha_D = 1."},
+    )
+    hardness_mean: float | None = field(
+        default=None,
+        metadata={"help": "Override of the dataset mean hardness; None takes it from the dataset's metadata."},
+    )
+
+    # Model-aware strategy (spec section 3): alpha_M from a running mean R of the reward margin
+    model_aware: bool = field(
+        default=True,
+        metadata={"help": "Scale beta by the online model response (alpha_M) and filter outliers; off: alpha_M = 1."},
+    )
+    outlier_filter: bool = field(
+        default=True,
+        metadata={"help": "Keep a draw of keep_ratio of the pairs, weighted by closeness of their margin to R."},
+    )
+    keep_ratio: float = field(
+        default=0.8,
+        metadata={"help": "Fraction of the global batch the outlier filter keeps: K = floor(keep_ratio * N). (0, 1]."},
+    )
+    filter_width: float = field(
+        default=1.0,
+        metadata={"help": "Width of the Gaussian filter weights exp(-((margin - R) / width)^2 / 2). Must be > 0."},
+    )
+    filter_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the outlier filter's draw; each step draws from (filter_seed, step)."},
+    )
+    gamma: float = field(
+        default=0.9,
+        metadata={"help": "EMA factor of the running margin: R <- gamma * R + (1 - gamma) * batch mean. [0, 1]."},
+    )
+    ema_update: Literal["micro_batch", "optimizer_step"] = field(
+        default="micro_batch",
+        metadata={
+            "help": "When the running statistics move with gradient accumulation: after every micro-batch (the "
+            "release) or once per optimizer step over all its micro-batches."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_method_options()
+
+    def validate_method_options(self) -> None:
+        """Raises ValueError naming the first invalid option and its allowed range."""
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("ema_update", self.ema_update, EMA_UPDATES)
+        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
+        # beta_min above beta would clamp even plain DPO (alpha = 1) away from beta.
+        if not (0 <= self.beta_min <= self.beta):
+            raise ValueError(f"beta_min must lie in [0, beta={self.beta}], got {self.beta_min}")
+        if not (0 < self.keep_ratio <= 1):
+            raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
+        if not (math.isfinite(self.filter_width) and self.filter_width > 0):
+            raise ValueError(f"filter_width must be a finite number > 0, got {self.filter_width}")
+        if not (0 <= self.gamma <= 1):
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+        if isinstance(self.filter_seed, bool) or not isinstance(self.filter_seed, int) or self.filter_seed < 0:
+            raise ValueError(f"filter_seed must be a non-negative int, got {self.filter_seed!r}")
+        if self.hardness_mean is not None and not math.isfinite(self.hardness_mean):
+            raise ValueError(f"hardness_mean must be a finite float or None (take it from the data), got "
+                             f"{self.hardness_mean}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
