@@ -10,6 +10,8 @@ import importlib
 import sys
 
 COMMANDS = {
+    "make-demo-data": ("dama.demo_data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
+    "hardness": ("dama.hardness", "score each preference pair's hardness with CLIP (offline, once per dataset)"),
 }
 
 

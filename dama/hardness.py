@@ -1,0 +1,425 @@
+"""`dama hardness`: score each preference pair's hardness with CLIP, offline, once per dataset (DAMA section 2).
+
+For a pair with image I, chosen response y_w and rejected response y_l:
+
+1. Split both responses into sub-sentences S_w and S_l (`dama.splitting`).
+2. Score every sub-sentence against the image: ℓ(I, s) = exp(logit_scale) · cos(f_img(I), f_txt(s)), exactly
+   CLIPModel's `logits_per_image`. The image is encoded once per pair; texts are truncated to CLIP's positions.
+3. p(s) = softmax of ℓ over ALL sub-sentences of BOTH responses (S_w ∪ S_l); with `raw`, p(s) = ℓ(I, s).
+4. Store p(S_w) and p(S_l) as `chosen_logits` and `rejected_logits` (the authors' column names) and the hardness
+   δ = Σ_{S_w} p − Σ_{S_l} p as `hardness`. Small δ: hard to tell apart; large δ: easy.
+5. δ̄, the mean of δ over the scored pairs, goes to `<output>.meta.json` beside the output, with the run's
+   settings and the list of skipped rows. The trainer reads it from there; it is never hard-coded.
+
+Pairs are scored in batches (the images of `batch_size` pairs and all their sub-sentences at once). The run is
+resumable: each finished batch is appended to `<output>.partial.jsonl` (flushed and fsynced), a rerun skips the
+rows found there, and the file is removed once the output and metadata are written (both atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from .rlaif_io import (
+    PairRow,
+    PartialResults,
+    count_rows,
+    detect_format,
+    iter_pairs,
+    metadata_path,
+    write_dataset,
+    write_metadata,
+)
+from .splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
+
+BAD_ROW_POLICIES = ("error", "skip")
+SPLITTERS = ("rule", "lm")
+
+
+class BadRowError(ValueError):
+    """A row that cannot be scored (missing or corrupt image, empty response), raised under --on-bad-row error."""
+
+
+class ImageTextScorer(Protocol):
+    """Scores each pair's texts against that pair's image."""
+
+    def score(self, images: list[Image.Image], texts: list[list[str]]) -> list[torch.Tensor]:
+        """ℓ(I_p, s) for every text s of pair p. Shapes: P images, P lists of T_p texts -> P tensors (T_p,)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PairHardness:
+    """p(S_w), p(S_l) (softmax probabilities, or raw ℓ) and δ = Σ p(S_w) − Σ p(S_l) for one pair."""
+
+    chosen_logits: list[float]
+    rejected_logits: list[float]
+    hardness: float
+
+
+def pair_hardness(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, raw: bool = False) -> PairHardness:
+    """Turn one pair's CLIP scores into its stored values (paper Eq. 3-5).
+
+    Shapes: chosen_scores (S_w,), rejected_scores (S_l,), both non-empty. The softmax runs over the S_w + S_l
+    scores together, in float64 so that δ is not dominated by rounding when the two sums are close.
+    """
+    if chosen_scores.dim() != 1 or rejected_scores.dim() != 1:
+        raise ValueError(
+            f"scores must be 1-D, got chosen {tuple(chosen_scores.shape)} and rejected {tuple(rejected_scores.shape)}"
+        )
+    if chosen_scores.numel() == 0 or rejected_scores.numel() == 0:
+        raise ValueError("each response needs at least one sub-sentence score")
+    scores = torch.cat([chosen_scores, rejected_scores]).to(torch.float64)  # (S_w + S_l,)
+    values = scores if raw else torch.softmax(scores, dim=0)
+    chosen, rejected = values[: chosen_scores.numel()], values[chosen_scores.numel() :]
+    return PairHardness(chosen.tolist(), rejected.tolist(), float(chosen.sum() - rejected.sum()))
+
+
+class ClipScorer:
+    """ℓ(I, s) with a transformers CLIPModel and CLIPProcessor loaded from a local folder.
+
+    Args:
+        model_path: folder with the CLIP weights, config, tokenizer and image processor (e.g. LLaVA-1.5's
+            clip-vit-large-patch14-336 tower).
+        device: where CLIP runs ("cpu", "cuda", "cuda:1", ...).
+        text_batch_size: most texts encoded in one forward pass (bounds memory for pairs with many sub-sentences).
+    """
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", text_batch_size: int = 256):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).to(self.device).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+        self.max_text_tokens = self.model.config.text_config.max_position_embeddings
+        self.text_batch_size = text_batch_size
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        embeds = []
+        for start in range(0, len(texts), self.text_batch_size):
+            tokens = self.tokenizer(
+                texts[start : start + self.text_batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            embeds.append(self.model.get_text_features(**tokens).pooler_output)  # (chunk, D)
+        return torch.nn.functional.normalize(torch.cat(embeds), dim=-1)  # (T, D)
+
+    def score(self, images: list[Image.Image], texts: list[list[str]]) -> list[torch.Tensor]:
+        """See `ImageTextScorer.score`. Shapes: P images -> pixel_values (P, 3, H, W); ΣT_p texts -> (ΣT_p, D)."""
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} lists of texts; give one list per image")
+        with torch.no_grad():
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            image_features = self.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+            image_embeds = torch.nn.functional.normalize(image_features, dim=-1)  # (P, D)
+            text_embeds = self._encode_texts([text for pair_texts in texts for text in pair_texts])  # (ΣT_p, D)
+            scale = self.model.logit_scale.exp()
+            scores, start = [], 0
+            for pair, pair_texts in enumerate(texts):
+                pair_embeds = text_embeds[start : start + len(pair_texts)]  # (T_p, D)
+                start += len(pair_texts)
+                scores.append((scale * pair_embeds @ image_embeds[pair]).float().cpu())  # (T_p,)
+        return scores
+
+
+@dataclass
+class _Prepared:
+    row: PairRow
+    image: Image.Image
+    chosen: list[str]
+    rejected: list[str]
+
+
+def _prepare(row: PairRow, splitter: Splitter) -> tuple[_Prepared | None, str | None]:
+    """The row ready to score, or the reason it cannot be scored."""
+    sub_sentences = {}
+    for side, text in (("chosen", row.chosen), ("rejected", row.rejected)):
+        if not text.strip():
+            return None, f"empty {side} response"
+        sub_sentences[side] = splitter.split(text)
+        if not sub_sentences[side]:
+            return None, f"{side} response has no sub-sentence to score ({text[:60]!r})"
+    try:
+        image = row.load_image()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return None, f"missing or unreadable image ({type(error).__name__}: {error})"
+    return _Prepared(row, image, sub_sentences["chosen"], sub_sentences["rejected"]), None
+
+
+@dataclass
+class ScoringOutcome:
+    """What `score_pairs` returns: finished rows by id (new and resumed), skipped rows, and counts."""
+
+    results: dict[str, dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    resumed: int
+    scored: int
+
+
+def score_pairs(
+    rows: Iterable[PairRow],
+    splitter: Splitter,
+    scorer: ImageTextScorer,
+    partial: PartialResults,
+    batch_size: int = 16,
+    raw: bool = False,
+    on_bad_row: str = "error",
+    total: int | None = None,
+) -> ScoringOutcome:
+    """Score every row not already in `partial`, `batch_size` pairs per scorer call, appending each batch to it.
+
+    A bad row raises BadRowError naming it (on_bad_row="error") or is recorded in `skipped` ("skip"). Skipped
+    rows are not written to `partial`: a rerun examines them again, so a fixed image is picked up.
+    """
+    from tqdm.auto import tqdm
+
+    outcome = ScoringOutcome(results={}, skipped=[], resumed=0, scored=0)
+    batch: list[_Prepared] = []
+
+    def flush() -> None:
+        scores = scorer.score([item.image for item in batch], [item.chosen + item.rejected for item in batch])
+        records = []
+        for item, pair_scores in zip(batch, scores, strict=True):
+            split = len(item.chosen)
+            values = pair_hardness(pair_scores[:split], pair_scores[split:], raw=raw)
+            records.append({"row_id": item.row.row_id, "fingerprint": item.row.fingerprint, **asdict(values)})
+        partial.append(records)
+        outcome.results.update((record["row_id"], record) for record in records)
+        outcome.scored += len(records)
+        batch.clear()
+
+    with tqdm(total=total, desc="hardness", unit="pair", disable=None) as progress:
+        for row in rows:
+            progress.update(1)
+            finished = partial.done.get(row.row_id)
+            if finished is not None:
+                if finished["fingerprint"] != row.fingerprint:
+                    raise ValueError(
+                        f"{row.describe()} differs from the one in {partial.path}: the input changed since the "
+                        "interrupted run. Delete that file to start over."
+                    )
+                outcome.results[row.row_id] = finished
+                outcome.resumed += 1
+                continue
+            prepared, problem = _prepare(row, splitter)
+            if prepared is None:
+                if on_bad_row == "error":
+                    raise BadRowError(
+                        f"{row.describe()}: {problem}. Fix the row, or pass --on-bad-row skip to leave it out "
+                        "(skipped rows are listed in the metadata)."
+                    )
+                outcome.skipped.append({"row_id": row.row_id, "idx": row.idx, "reason": problem})
+                continue
+            batch.append(prepared)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    return outcome
+
+
+def partial_path(output: str | Path) -> Path:
+    return Path(f"{output}.partial.jsonl")
+
+
+def build_splitter(
+    name: str, clip_path: str | Path, splitter_model: str | None = None, device: str = "cpu"
+) -> RuleSplitter | LMSplitter:
+    """The rule splitter measuring length with CLIP's own tokenizer and limit, or the LM splitter around it."""
+    from transformers import AutoTokenizer, CLIPConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(clip_path, local_files_only=True)
+    limit = CLIPConfig.from_pretrained(clip_path, local_files_only=True).text_config.max_position_embeddings
+    rule = RuleSplitter(count_tokens=clip_token_counter(tokenizer), max_tokens=limit)
+    if name == "rule":
+        return rule
+    return LMSplitter(splitter_model, fallback=rule, device=device)
+
+
+def _check_arguments(
+    input_path: Path,
+    output_path: Path,
+    clip_path: str | Path,
+    batch_size: int,
+    on_bad_row: str,
+    splitter: str,
+    splitter_model: str | None,
+    limit: int | None,
+) -> None:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    if splitter not in SPLITTERS:
+        raise ValueError(f"--splitter must be one of {SPLITTERS}, got {splitter!r}")
+    if splitter == "lm" and not splitter_model:
+        raise ValueError("--splitter lm needs --splitter-model PATH (a local causal LM folder)")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    if not input_path.exists():
+        raise FileNotFoundError(f"--input {input_path} does not exist")
+    for flag, folder in (("--clip", clip_path), ("--splitter-model", splitter_model)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder} is not a folder: give the local folder of the model (no downloads)")
+    input_format = detect_format(input_path)
+    expected = ".parquet" if input_format == "parquet" else ".json"
+    if output_path.suffix != expected:
+        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+
+
+def compute_hardness(
+    input_path: str | Path,
+    output_path: str | Path,
+    clip_path: str | Path,
+    image_folder: str | Path | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    raw: bool = False,
+    splitter: str = "rule",
+    splitter_model: str | None = None,
+    on_bad_row: str = "error",
+    limit: int | None = None,
+    scorer: ImageTextScorer | None = None,
+) -> dict[str, Any]:
+    """The whole pass: read, split, score, write the output and `<output>.meta.json`; returns the metadata.
+
+    `scorer` replaces the CLIP scorer built from `clip_path` (tests wrap the real one); the splitter still uses
+    the tokenizer at `clip_path` to measure lengths.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    _check_arguments(input_path, output_path, clip_path, batch_size, on_bad_row, splitter, splitter_model, limit)
+    clip_path = Path(clip_path).resolve()
+    text_splitter = build_splitter(splitter, clip_path, splitter_model, device)
+    scorer = scorer if scorer is not None else ClipScorer(clip_path, device=device)
+    settings = {
+        "clip": str(clip_path),
+        "raw": raw,
+        "splitter": splitter,
+        "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
+    }
+    with PartialResults(partial_path(output_path), settings) as partial:
+        outcome = score_pairs(
+            iter_pairs(input_path, image_folder, limit),
+            text_splitter,
+            scorer,
+            partial,
+            batch_size=batch_size,
+            raw=raw,
+            on_bad_row=on_bad_row,
+            total=count_rows(input_path, limit),
+        )
+        write_dataset(input_path, output_path, outcome.results, limit)
+        hardness = [record["hardness"] for record in outcome.results.values()]
+        metadata = {
+            "hardness_mean": math.fsum(hardness) / len(hardness) if hardness else None,
+            "count": len(hardness),
+            "skipped_count": len(outcome.skipped),
+            "skipped": outcome.skipped,
+            "rows": len(hardness) + len(outcome.skipped),
+            "resumed": outcome.resumed,
+            "input": str(input_path),
+            "output": output_path.name,
+            "format": detect_format(input_path),
+            "limit": limit,
+            **settings,
+            "lm_fallbacks": text_splitter.fallbacks if isinstance(text_splitter, LMSplitter) else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_metadata(output_path, metadata)
+    partial.remove()
+    return metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dama hardness",
+        description=(
+            "Score each preference pair's hardness with CLIP (DAMA's data-aware strategy; run once per dataset). "
+            "Both responses are split into sub-sentences, each is scored against the image with CLIP, the scores "
+            "are turned into probabilities by one softmax over the pair's sub-sentences, and hardness = sum over "
+            "the chosen response - sum over the rejected one. The output is the input plus the columns "
+            "chosen_logits, rejected_logits and hardness (parquet in, parquet out; json in, json out); the mean "
+            "hardness, the settings and the skipped rows go to OUTPUT.meta.json. An interrupted run resumes where "
+            "it stopped when rerun with the same arguments."
+        ),
+    )
+    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
+    parser.add_argument(
+        "--image-folder", default=None, help="folder that image paths are relative to (default for json: its folder)"
+    )
+    parser.add_argument("--clip", required=True, help="local folder of a CLIPModel with its processor")
+    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs (images) per CLIP call (default: 16)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device for CLIP and the LM splitter (default: cuda when available, else cpu)",
+    )
+    parser.add_argument("--raw", action="store_true", help="store the raw CLIP scores instead of softmax probabilities")
+    parser.add_argument(
+        "--splitter",
+        choices=SPLITTERS,
+        default="rule",
+        help="sub-sentence splitter: deterministic rules, or prompting a local causal LM (default: %(default)s)",
+    )
+    parser.add_argument("--splitter-model", default=None, help="local causal LM folder for --splitter lm")
+    parser.add_argument(
+        "--on-bad-row",
+        choices=BAD_ROW_POLICIES,
+        default="error",
+        help="a row with a missing/corrupt image or an empty response: stop with an error naming it, or skip it "
+        "and list it in the metadata (default: %(default)s)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        metadata = compute_hardness(
+            args.input,
+            args.output,
+            args.clip,
+            image_folder=args.image_folder,
+            batch_size=args.batch_size,
+            device=args.device,
+            raw=args.raw,
+            splitter=args.splitter,
+            splitter_model=args.splitter_model,
+            on_bad_row=args.on_bad_row,
+            limit=args.limit,
+        )
+    except (ValueError, OSError) as error:
+        print(f"dama hardness: error: {error}", file=sys.stderr)
+        return 1
+    mean = metadata["hardness_mean"]
+    print(
+        f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
+        f"{metadata['skipped_count']}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
+        f"wrote {args.output} and {metadata_path(args.output)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

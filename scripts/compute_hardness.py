@@ -1,0 +1,8 @@
+"""Launcher for `dama hardness` (see `python scripts/compute_hardness.py --help`): CLIP hardness of every pair."""
+
+import sys
+
+from dama.hardness import main
+
+if __name__ == "__main__":
+    sys.exit(main())
