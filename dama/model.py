@@ -1,0 +1,152 @@
+"""LLaVA wiring: load and freeze, and DamaPolicy, the module that turns a preference batch into sequence log-probs.
+
+DamaPolicy.forward(batch) -> (S,) runs the vision tower once per pair, the language model over the batch's layout
+(packed: one row, varlen attention; padded: (S, T) with a mask), takes the last hidden states at the supervised
+positions only and scores them with the fused head, which never builds the (tokens x vocab) logits.
+
+The head is a module of its own that shares the lm_head's Parameters: engines that hook modules (DeepSpeed ZeRO-3
+gathers a module's partitioned weights around its forward, and again before its backward) then gather the head's
+weight exactly when the fused kernels use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+import dama_kernels
+
+from .attention import use_packed_attention
+from .collator import PackedBatch, PreferenceBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_llava(path: str | Path, dtype: str = "float32") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LLaVA model and its processor from a local folder (never the hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def configure_trainable(
+    model: LlavaForConditionalGeneration,
+    *,
+    freeze_vision_tower: bool = True,
+    freeze_projector: bool = False,
+    freeze_language_model: bool = False,
+) -> dict[str, int]:
+    """Sets requires_grad per part; returns the trainable parameter count of each part."""
+    parts = {
+        "vision_tower": (model.model.vision_tower, freeze_vision_tower),
+        "projector": (model.model.multi_modal_projector, freeze_projector),
+        "language_model": (model.model.language_model, freeze_language_model),
+        "lm_head": (model.lm_head, freeze_language_model),
+    }
+    counts = {}
+    for name, (module, frozen) in parts.items():
+        module.requires_grad_(not frozen)
+        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if not any(counts.values()):
+        raise ValueError("every part of the model is frozen: nothing would train")
+    return counts
+
+
+def apply_lora(model: LlavaForConditionalGeneration, rank: int, alpha: float) -> LlavaForConditionalGeneration:
+    """LoRA adapters on the language model's attention and MLP projections (peft, an optional extra)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as missing:
+        raise ValueError("lora_rank > 0 needs peft: pip install '.[lora]'") from missing
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    return inject_adapter_in_model(config, model)
+
+
+def apply_liger_patches(model: LlavaForConditionalGeneration) -> None:
+    """liger-kernel's Llama kernels (RMSNorm, SwiGLU, RoPE) on the language model; they need a GPU."""
+    if not torch.cuda.is_available():
+        raise ValueError("liger_patches needs a CUDA GPU (liger's Triton kernels do not run on the CPU)")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model.model.language_model, rms_norm=True, swiglu=True, rope=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+class SequenceLogpsHead(nn.Module):
+    """The lm_head as a scorer: sums of label log-probs per sequence from hidden states, without logits.
+
+    Shares the Parameters of `lm_head` (no copy). forward(hidden (M, H), target_ids (M,), seq_ids (M,), num_seqs)
+    -> (S,) fp32.
+    """
+
+    def __init__(self, lm_head: nn.Linear, impl: str = "auto") -> None:
+        super().__init__()
+        self.weight = lm_head.weight
+        self.bias = lm_head.bias
+        self.impl = impl
+
+    def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor, seq_ids: torch.Tensor,
+                num_seqs: int) -> torch.Tensor:
+        return dama_kernels.sequence_logps(hidden, self.weight, target_ids, seq_ids, num_seqs, bias=self.bias,
+                                           impl=self.impl)
+
+
+class DamaPolicy(nn.Module):
+    """LLaVA + the fused head. forward(batch) -> (policy log-probs (S,) fp32, supervised token counts (S,)).
+
+    head="fused" scores only supervised positions from hidden states; head="full_logits" runs the model's lm_head
+    over every position, log-softmax and gather (the usual DPO trainer, kept as the baseline it is measured against).
+    The log-probs are sums over each response, or means when average_logps.
+    """
+
+    def __init__(self, llava: LlavaForConditionalGeneration, *, head: str = "fused", impl: str = "auto",
+                 average_logps: bool = False, packed_attention: bool = True) -> None:
+        super().__init__()
+        if head not in ("fused", "full_logits"):
+            raise ValueError(f"head must be 'fused' or 'full_logits', got {head!r}")
+        self.llava = llava
+        self.head = SequenceLogpsHead(llava.lm_head, impl)
+        self.head_kind = head
+        self.average_logps = average_logps
+        if packed_attention:
+            use_packed_attention(llava)
+
+    def forward(self, batch: PreferenceBatch) -> torch.Tensor:
+        hidden = self._last_hidden_states(batch)  # (1, N, H) packed or (S, T, H) padded
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        positions = batch.supervised_positions
+        if self.head_kind == "fused":
+            logps = self.head(hidden.index_select(0, positions), batch.supervised_target_ids,
+                              batch.supervised_seq_ids, batch.num_seqs)
+        else:
+            logits = self.llava.lm_head(hidden).float()  # (N, V): what the fused head avoids
+            token_logps = logits.log_softmax(-1).index_select(0, positions)
+            token_logps = token_logps.gather(1, batch.supervised_target_ids.unsqueeze(1)).squeeze(1)
+            logps = token_logps.new_zeros(batch.num_seqs).index_add(0, batch.supervised_seq_ids, token_logps)
+        if self.average_logps:
+            logps = logps / batch.supervised_counts.clamp(min=1).to(logps.dtype)
+        return logps
+
+    def _last_hidden_states(self, batch: PreferenceBatch) -> torch.Tensor:
+        backbone = self.llava.model
+        # Each pair's image once through the vision tower; image slot k then shows image image_index[k].
+        vision_dtype = next(backbone.vision_tower.parameters()).dtype
+        image_outputs = backbone.get_image_features(pixel_values=batch.pixel_values.to(vision_dtype), return_dict=True)
+        features = image_outputs.pooler_output
+        image_outputs.pooler_output = [features[k] for k in batch.image_index.tolist()]
+        inputs = batch.model_inputs()
+        if isinstance(batch, PackedBatch) and self.llava.config.text_config._attn_implementation not in (
+            "dama_packed", "flash_attention_2"
+        ):
+            raise ValueError("a packed batch needs packed attention: build DamaPolicy with packed_attention=True")
+        outputs = backbone(**inputs, mm_encoder_outputs={"image": image_outputs})
+        return outputs.last_hidden_state
