@@ -10,8 +10,10 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": ("dama.train", "align a LLaVA model with DAMA (dama train --config configs/<name>.yaml [--field value])"),
     "make-demo-data": ("dama.demo_data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
     "hardness": ("dama.hardness", "score each preference pair's hardness with CLIP (offline, once per dataset)"),
+    "precompute-ref": ("dama.reference", "run the reference model over a dataset and store its log-probs (offline)"),
 }
 
 

@@ -120,6 +120,10 @@ class DamaPolicy(nn.Module):
         if packed_attention:
             use_packed_attention(llava)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute the language model's activations in the backward (the Trainer calls this)."""
+        self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         hidden = self._last_hidden_states(batch)  # (1, N, H) packed or (S, T, H) padded
         hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -1,0 +1,269 @@
+"""DamaTrainer: transformers.Trainer with the DAMA loss over packed preference batches.
+
+compute_loss: DamaPolicy(batch) -> policy log-probs (S,) -> chosen/rejected -> DamaLoss (with the reference
+log-probs from the batch, or from a frozen reference policy when reference="online"). What it adds to the Trainer:
+- the DAMA metrics (TRL's names plus dama/*), averaged over each logging window;
+- the DamaLoss running state in every checkpoint (dama_state.pt), restored on resume;
+- atomic checkpoints: a checkpoint is written under a staging folder and renamed into place once complete, so a
+  crash mid-save never leaves a half-written checkpoint-N;
+- non-finite guard: a micro-batch whose policy log-probs are not finite (on any rank) is skipped before backward and
+  counted (dama/nonfinite_steps); max_nonfinite_steps in a row stop the run with NonFiniteLossError.
+  Under DeepSpeed a skipped micro-batch also shifts the gradient-accumulation boundary by one micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .collator import PreferenceBatch, TokenBudgetBatchSampler
+from .distributed import all_reduce_sum
+from .loss import DamaLoss
+from .model import DamaPolicy
+
+logger = logging.getLogger(__name__)
+
+DAMA_STATE_NAME = "dama_state.pt"
+STAGING_DIR = ".staging"
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after max_nonfinite_steps consecutive micro-batches with non-finite policy log-probs."""
+
+
+class _EndOptimizerStep(TrainerCallback):
+    """ema_update="optimizer_step": the running statistics move once per optimizer step."""
+
+    def __init__(self, dama_loss: DamaLoss) -> None:
+        self.dama_loss = dama_loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.dama_loss.end_optimizer_step()
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint-N folder with the largest N in output_dir, or None."""
+    candidates = []
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / COMPLETE_MARKER).is_file():
+            candidates.append((int(step), folder))
+    return max(candidates)[1] if candidates else None
+
+
+def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
+    """Loads the weights of a save_pretrained folder into `llava` in place, every key accounted for.
+
+    Goes through from_pretrained: transformers renames LLaVA's keys on save (to the original checkpoint layout) and
+    only its loader maps them back.
+    """
+    if not Path(folder, "config.json").is_file():
+        raise ValueError(f"{folder}: no saved model to resume from")
+    dtype = next(llava.parameters()).dtype
+    saved = type(llava).from_pretrained(folder, dtype=dtype, local_files_only=True)
+    llava.load_state_dict(saved.state_dict(), strict=True)
+
+
+class DamaTrainer(Trainer):
+    """Trainer for DamaPolicy models; see the module docstring. `args` is a DamaTrainingArguments."""
+
+    def __init__(self, *, model: DamaPolicy, dama_loss: DamaLoss, ref_policy: DamaPolicy | None = None,
+                 **trainer_kwargs) -> None:
+        super().__init__(model=model, **trainer_kwargs)
+        if self.args.reference == "online" and ref_policy is None:
+            raise ValueError("reference='online' needs a ref_policy (a frozen DamaPolicy of the starting model)")
+        # The loss is normalised by the global selected count inside DamaLoss; the Trainer only divides by the
+        # number of accumulated micro-batches.
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
+        self.dama_loss = dama_loss.to(self.args.device)
+        self.ref_policy = None
+        if ref_policy is not None:
+            self.ref_policy = ref_policy.to(self.args.device).eval().requires_grad_(False)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
+        self._window_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list),
+                                                                   "eval": defaultdict(list)}
+        if self.args.ema_update == "optimizer_step":
+            self.add_callback(_EndOptimizerStep(self.dama_loss))
+
+    # ---- data ----
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.shuffle:
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.args.max_tokens_per_batch:
+            return super().get_train_dataloader()
+        sampler = TokenBudgetBatchSampler(self.train_dataset.pair_lengths, self.args.max_tokens_per_batch,
+                                          shuffle=self.args.shuffle, seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
+
+    def _prepare_inputs(self, inputs: PreferenceBatch) -> PreferenceBatch:
+        return inputs.to(self.args.device)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return None  # DamaLoss normalises by the selected pairs itself; there is no token count to pass on
+
+    def floating_point_ops(self, inputs: PreferenceBatch) -> int:
+        """The usual 6 x parameters x tokens estimate of a training step's FLOPs (for the Trainer's total_flos)."""
+        if not hasattr(self, "_num_parameters"):
+            self._num_parameters = sum(p.numel() for p in self.model.llava.parameters())
+        return 6 * self._num_parameters * inputs.input_ids.numel()
+
+    # ---- loss ----
+
+    def _reference_logps(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref_policy is not None:
+            with torch.no_grad():
+                return batch.split_chosen_rejected(self.ref_policy(batch))
+        if self.args.average_logps:
+            chosen, rejected = batch.ref_chosen_mean_logps, batch.ref_rejected_mean_logps
+        else:
+            chosen, rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
+        if bool(torch.isnan(chosen).any() | torch.isnan(rejected).any()):
+            raise ValueError(
+                f"rows {batch.row_ids[:3]}... have no reference log-probs: run `dama precompute-ref` on the data "
+                "first, or train with --reference online"
+            )
+        return chosen, rejected
+
+    def compute_loss(self, model, inputs: PreferenceBatch, return_outputs: bool = False, num_items_in_batch=None):
+        policy_logps = model(inputs)  # (S,)
+        # Decided on the global batch, so every rank skips (or not) together and DamaLoss's collectives stay paired.
+        nonfinite = all_reduce_sum((~torch.isfinite(policy_logps.detach())).sum().double())
+        if float(nonfinite) > 0:
+            loss = torch.full((), math.nan, device=policy_logps.device)
+            return (loss, None) if return_outputs else loss
+        policy_chosen, policy_rejected = inputs.split_chosen_rejected(policy_logps)
+        ref_chosen, ref_rejected = self._reference_logps(inputs)
+        hardness = inputs.hardness if self.args.data_aware else None
+        output = self.dama_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, hardness=hardness)
+        mode = "train" if self.model.training else "eval"
+        for name, value in output.metrics.items():
+            self._window_metrics[mode][name].append(float(value))
+        # Engines average gradients over ranks; DamaLoss's per-rank losses must be summed (see dama.loss).
+        loss = output.loss_for_ddp
+        return (loss, output) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        if not torch.isfinite(loss):
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            logger.warning("non-finite policy log-probs at step %d (rows %s): micro-batch skipped (%d in a row)",
+                           self.state.global_step, inputs.row_ids[:4], self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} micro-batches in a row had non-finite log-probs (step "
+                    f"{self.state.global_step}); stopping. The last checkpoint in {self.args.output_dir} is intact: "
+                    "lower the learning rate or check the data, then resume with --resume."
+                )
+            return torch.zeros((), device=self.args.device)
+        self.nonfinite_in_a_row = 0
+        loss = loss / self.current_gradient_accumulation_steps
+        kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+        self.accelerator.backward(loss, **kwargs)
+        return loss.detach()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        # Evaluation must not move the running statistics.
+        self.dama_loss.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+        finally:
+            self.dama_loss.train()
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        window = self._window_metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{name}": sum(values) / len(values) for name, values in window.items() if values})
+        if mode == "train":
+            logs["dama/nonfinite_steps"] = float(self.nonfinite_steps)
+        window.clear()
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is not None:
+            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
+        self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)  # left over from a crash during an earlier save of this step
+        # The parent writes into <run_dir>/.staging/checkpoint-N; renaming it afterwards makes the save atomic.
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.args.should_save:
+            torch.save(self.dama_loss.state_dict(), os.path.join(staged, DAMA_STATE_NAME))
+            marker = {"global_step": self.state.global_step, "nonfinite_steps": self.nonfinite_steps}
+            Path(staged, COMPLETE_MARKER).write_text(json.dumps(marker))
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            self._rotate_complete_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_complete_checkpoints(self, run_dir: str) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        complete = sorted((int(p.name.rsplit("-", 1)[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if (p / COMPLETE_MARKER).is_file())
+        for _, folder in complete[:-limit]:
+            shutil.rmtree(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_llava_weights((model or self.model).llava, resume_from_checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            state_file = Path(resume_from_checkpoint, DAMA_STATE_NAME)
+            if not state_file.is_file():
+                raise ValueError(f"{resume_from_checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
+            self.dama_loss.load_state_dict(torch.load(state_file, map_location=self.args.device))
+            marker = json.loads(Path(resume_from_checkpoint, COMPLETE_MARKER).read_text())
+            self.nonfinite_steps = int(marker.get("nonfinite_steps", 0))
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
