@@ -99,6 +99,10 @@ class SequenceLogpsHead(nn.Module):
         return dama_kernels.sequence_logps(hidden, self.weight, target_ids, seq_ids, num_seqs, bias=self.bias,
                                            impl=self.impl)
 
+    def token_logps(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs (M,) fp32 of the same head, for passes that store them (reference precompute)."""
+        return dama_kernels.token_logps(hidden, self.weight, target_ids, bias=self.bias, impl=self.impl)
+
 
 class DamaPolicy(nn.Module):
     """LLaVA + the fused head. forward(batch) -> (policy log-probs (S,) fp32, supervised token counts (S,)).
@@ -120,25 +124,33 @@ class DamaPolicy(nn.Module):
         if packed_attention:
             use_packed_attention(llava)
 
+    @property
+    def config(self):
+        """The LLaVA's config: engines read sizes from it (DeepSpeed fills its "auto" bucket sizes this way)."""
+        return self.llava.config
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute the language model's activations in the backward (the Trainer calls this)."""
         self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
-        hidden = self._last_hidden_states(batch)  # (1, N, H) packed or (S, T, H) padded
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        positions = batch.supervised_positions
         if self.head_kind == "fused":
-            logps = self.head(hidden.index_select(0, positions), batch.supervised_target_ids,
+            logps = self.head(self.supervised_hidden_states(batch), batch.supervised_target_ids,
                               batch.supervised_seq_ids, batch.num_seqs)
         else:
-            logits = self.llava.lm_head(hidden).float()  # (N, V): what the fused head avoids
-            token_logps = logits.log_softmax(-1).index_select(0, positions)
+            hidden = self._last_hidden_states(batch)
+            logits = self.llava.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()  # (N, V): what fused avoids
+            token_logps = logits.log_softmax(-1).index_select(0, batch.supervised_positions)
             token_logps = token_logps.gather(1, batch.supervised_target_ids.unsqueeze(1)).squeeze(1)
             logps = token_logps.new_zeros(batch.num_seqs).index_add(0, batch.supervised_seq_ids, token_logps)
         if self.average_logps:
             logps = logps / batch.supervised_counts.clamp(min=1).to(logps.dtype)
         return logps
+
+    def supervised_hidden_states(self, batch: PreferenceBatch) -> torch.Tensor:
+        """Last hidden states (M, H) at the batch's supervised positions: the only rows the head scores."""
+        hidden = self._last_hidden_states(batch)  # (1, N, H) packed or (S, T, H) padded
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.supervised_positions)
 
     def _last_hidden_states(self, batch: PreferenceBatch) -> torch.Tensor:
         backbone = self.llava.model

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json with the whole log history, beside the final model
     if trainer.eval_dataset is not None:
         trainer.evaluate()
     return 0

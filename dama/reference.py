@@ -1,0 +1,531 @@
+"""`dama precompute-ref`: run the reference model once over a dataset and store its log-probs (spec section 5).
+
+The reference model π_ref is scored through the code path training scores the policy with: rows are read and
+tokenized by PreferenceDataset (same template, CLIP image processing and max_length; nothing is truncated), laid out
+by PackedCollator and run through DamaPolicy's backbone, and the supervised positions are scored by the fused head
+(`dama_kernels.token_logps`: no (tokens x vocab) logits, no autograd). A policy that starts from the reference weights
+then has z = (π_c − ref_c) − (π_r − ref_r) = 0 at step 0, up to float rounding, whatever its batches look like.
+
+Stored per pair, in both layouts the data loader reads back (dama.data):
+- the project's columns ref_chosen_logps, ref_rejected_logps (sums over the response and its "</s>"),
+  ref_chosen_mean_logps, ref_rejected_mean_logps (sum / supervised tokens), ref_chosen_token_logps,
+  ref_rejected_token_logps (one value per supervised token, in token order);
+- the RLAIF-V / authors' `logps` = [chosen_sum, chosen_mean, chosen_per_token, rejected_sum, rejected_mean,
+  rejected_per_token]: a list in a JSON output, its JSON text in a parquet output (Arrow cannot type a list that
+  mixes numbers and lists; dama.data reads both).
+A sum is the fp32 index_add over the per-token values that DamaPolicy.forward computes for the same batch; every
+value is written as float64 (parquet) or its shortest repr (JSON), so reading it back gives the same number.
+
+The output is the input in its own format (parquet in, parquet out; JSON in, JSON out) with every column kept and
+the reference columns added (earlier ones replaced); pairs left out as over-long get nulls. The run's settings and
+counts go to `<output>.meta.json`. When the input has hardness metadata beside it (`<input>.meta.json`, written by
+`dama hardness`), its hardness_mean (δ̄, over the pairs the hardness pass scored) is copied into the output's
+metadata, so the trainer finds δ̄ beside the file it trains on.
+
+Resumable and atomic like the hardness pass: each finished batch is appended to `<output>.partial.jsonl` (flushed
+and fsynced); a rerun with the same model, dtype and max_length skips the rows found there (batch size, token budget
+and device may differ); the output and its metadata appear only complete, then the partial file is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from .collator import PackedCollator, PreferenceBatch, TokenBudgetBatchSampler
+from .data import (
+    AUTHORS_LOGPS_SLOTS,
+    OVERLONG_POLICIES,
+    REF_LOGPS_COLUMNS,
+    REF_MEAN_COLUMNS,
+    REF_TOKEN_COLUMNS,
+    PreferenceDataset,
+    load_preference_rows,
+)
+from .model import DTYPES, DamaPolicy, load_llava
+from .rlaif_io import (
+    PARQUET_READ_ROWS,
+    PairRow,
+    PartialResults,
+    _cast_like,
+    _read_json_list,
+    atomic_path,
+    detect_format,
+    metadata_path,
+    parquet_files,
+    read_metadata,
+    write_json_atomic,
+    write_metadata,
+)
+
+# The columns this pass writes; an input that has them already (an earlier run, the authors' data) gets them replaced.
+OUTPUT_COLUMNS = ("logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class PairReference:
+    """The reference log-probs of one pair: sums, means (sum / supervised tokens) and per-token lists."""
+
+    chosen_logps: float
+    rejected_logps: float
+    chosen_mean_logps: float
+    rejected_mean_logps: float
+    chosen_token_logps: list[float]
+    rejected_token_logps: list[float]
+
+
+def supervised_token_logps(policy: DamaPolicy, batch: PreferenceBatch) -> torch.Tensor:
+    """Log-prob of each supervised token of the batch under the policy's fused head, without logits.
+
+    The hidden states and head of DamaPolicy.forward (head="fused"), kept per token: their index_add per sequence is
+    exactly what forward returns for the same batch.
+
+    Shapes: -> (M,) fp32, in batch.supervised_positions order; token m belongs to sequence supervised_seq_ids[m].
+    """
+    return policy.head.token_logps(policy.supervised_hidden_states(batch), batch.supervised_target_ids)
+
+
+def pair_references(batch: PreferenceBatch, token_logps: torch.Tensor) -> list[PairReference]:
+    """Each pair's sums, means and per-token lists from the per-token log-probs of its batch.
+
+    Shapes: token_logps (M,) as supervised_token_logps returns it -> P PairReference, in batch.row_ids order.
+    """
+    seq_ids = batch.supervised_seq_ids
+    # The reduction dama_kernels.sequence_logps ends with, so a sum is what training computes for the same batch.
+    sums = token_logps.new_zeros(batch.num_seqs).index_add(0, seq_ids, token_logps)  # (S,)
+    # A stable sort groups each sequence's tokens and keeps their order, whatever the token layout.
+    grouped = token_logps.index_select(0, torch.argsort(seq_ids, stable=True)).cpu()  # (M,)
+    counts = batch.supervised_counts.tolist()
+    per_sequence = [values.tolist() for values in grouped.split(counts)]
+    sums = sums.tolist()
+    num_pairs = batch.num_pairs
+    references = []
+    for pair in range(num_pairs):
+        chosen, rejected = pair, num_pairs + pair
+        references.append(PairReference(
+            chosen_logps=sums[chosen],
+            rejected_logps=sums[rejected],
+            # max(.., 1) as DamaPolicy(average_logps=True) clamps: a sequence without a supervised token has sum 0.
+            chosen_mean_logps=sums[chosen] / max(counts[chosen], 1),
+            rejected_mean_logps=sums[rejected] / max(counts[rejected], 1),
+            chosen_token_logps=per_sequence[chosen],
+            rejected_token_logps=per_sequence[rejected],
+        ))
+    return references
+
+
+def plan_batches(
+    indices: Sequence[int], pair_lengths: Sequence[int], batch_size: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Dataset indices grouped into micro-batches, in order: `batch_size` pairs each, or as many as fit in
+    `max_tokens` packed tokens (at most `batch_size`) when a token budget is given."""
+    if max_tokens is None:
+        return [list(indices[start:start + batch_size]) for start in range(0, len(indices), batch_size)]
+    sampler = TokenBudgetBatchSampler(
+        [pair_lengths[i] for i in indices], max_tokens, max_pairs=batch_size, shuffle=False
+    )
+    return [[indices[k] for k in group] for group in sampler]
+
+
+@dataclass
+class ReferenceOutcome:
+    """What `score_dataset` returns: finished rows by id (new and resumed) and counts."""
+
+    results: dict[str, dict[str, Any]]
+    resumed: int
+    computed: int
+
+
+def score_dataset(
+    policy: DamaPolicy,
+    dataset: PreferenceDataset,
+    row_ids: Sequence[str],
+    fingerprints: Mapping[str, str],
+    partial: PartialResults,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+) -> ReferenceOutcome:
+    """Score every pair of `dataset` not already in `partial`, appending each finished batch to it.
+
+    row_ids[i] is the row id of dataset[i] and `fingerprints` maps a row id to its PairRow fingerprint: a row found
+    in `partial` with another fingerprint means the input changed since the interrupted run, which is an error.
+    """
+    outcome = ReferenceOutcome(results={}, resumed=0, computed=0)
+    todo = []
+    for index, row_id in enumerate(row_ids):
+        finished = partial.done.get(row_id)
+        if finished is None:
+            todo.append(index)
+            continue
+        if finished["fingerprint"] != fingerprints[row_id]:
+            raise ValueError(
+                f"row {row_id} differs from the one in {partial.path}: the input changed since the interrupted run. "
+                "Delete that file to start over."
+            )
+        outcome.results[row_id] = finished
+    outcome.resumed = len(outcome.results)
+    collator = PackedCollator()
+    batches = plan_batches(todo, dataset.pair_lengths, batch_size, max_tokens)
+    with tqdm(total=len(row_ids), initial=outcome.resumed, desc="reference", unit="pair", disable=None) as progress:
+        for indices in batches:
+            batch = collator([dataset[i] for i in indices]).to(device)
+            with torch.inference_mode():
+                references = pair_references(batch, supervised_token_logps(policy, batch))
+            records = [
+                {"row_id": row_id, "fingerprint": fingerprints[row_id], **asdict(reference)}
+                for row_id, reference in zip(batch.row_ids, references, strict=True)
+            ]
+            partial.append(records)
+            outcome.results.update((record["row_id"], record) for record in records)
+            outcome.computed += len(records)
+            progress.update(len(records))
+    return outcome
+
+
+def output_values(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The OUTPUT_COLUMNS values of one row from its finished record; nulls for a row that was left out."""
+    if record is None:
+        return dict.fromkeys(OUTPUT_COLUMNS)
+    logps: list[Any] = [None] * 6
+    values = {}
+    for side, slots, sum_column, mean_column, token_column in zip(
+        ("chosen", "rejected"), AUTHORS_LOGPS_SLOTS, REF_LOGPS_COLUMNS, REF_MEAN_COLUMNS, REF_TOKEN_COLUMNS,
+        strict=True,
+    ):
+        side_values = (record[f"{side}_logps"], record[f"{side}_mean_logps"], record[f"{side}_token_logps"])
+        for slot, value in zip(slots, side_values, strict=True):
+            logps[slot] = value
+        values.update(zip((sum_column, mean_column, token_column), side_values, strict=True))
+    return {"logps": logps, **values}
+
+
+def write_reference_dataset(
+    input_path: str | Path, output_path: str | Path, results: Mapping[str, Mapping[str, Any]], limit: int | None = None
+) -> None:
+    """Write the input rows (the first `limit`) plus OUTPUT_COLUMNS, atomically, in the input's format.
+
+    Parquet is streamed shard by shard into one file (sums and means float64, per-token lists list<double>,
+    `logps` as JSON text); JSON is written as one list with `logps` and the per-token values as JSON lists.
+    """
+    input_path = Path(input_path)
+    if detect_format(input_path) == "json":
+        records = _read_json_list(input_path)
+        records = records if limit is None else records[:limit]
+        for number, record in enumerate(records):
+            record.update(output_values(results.get(f"{input_path.name}:{number}")))
+        write_json_atomic(output_path, records)
+        return
+    _write_parquet(input_path, Path(output_path), results, limit)
+
+
+def _write_parquet(
+    input_path: Path, output_path: Path, results: Mapping[str, Mapping[str, Any]], limit: int | None
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kinds = {
+        "logps": pa.string(),
+        **dict.fromkeys((*REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS), pa.float64()),
+        **dict.fromkeys(REF_TOKEN_COLUMNS, pa.list_(pa.float64())),
+    }
+    remaining = limit
+    with atomic_path(output_path) as temporary:
+        writer = None
+        try:
+            for file in parquet_files(input_path):
+                number = 0
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_READ_ROWS):
+                    if remaining is not None:
+                        if remaining <= 0:
+                            break
+                        batch = batch.slice(0, remaining)
+                        remaining -= batch.num_rows
+                    table = pa.Table.from_batches([batch])
+                    table = table.drop_columns([name for name in OUTPUT_COLUMNS if name in table.column_names])
+                    rows = [output_values(results.get(f"{file.name}:{number + i}")) for i in range(table.num_rows)]
+                    number += table.num_rows
+                    for name, kind in kinds.items():
+                        cells = [row[name] for row in rows]
+                        if name == "logps":
+                            cells = [None if cell is None else json.dumps(cell) for cell in cells]
+                        table = table.append_column(name, pa.array(cells, type=kind))
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, table.schema)
+                    elif table.schema != writer.schema:
+                        table = _cast_like(table, writer.schema, file)
+                    writer.write_table(table)
+            if writer is None:
+                # No rows at all: still a valid, empty file with the input's columns and the new ones.
+                schema = pq.ParquetFile(parquet_files(input_path)[0]).schema_arrow
+                schema = pa.schema([field for field in schema if field.name not in OUTPUT_COLUMNS])
+                for name, kind in kinds.items():
+                    schema = schema.append(pa.field(name, kind))
+                writer = pq.ParquetWriter(temporary, schema)
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def partial_path(output: str | Path) -> Path:
+    return Path(f"{output}.partial.jsonl")
+
+
+def input_hardness(input_path: str | Path) -> dict[str, Any]:
+    """hardness_mean from the hardness metadata beside the input (and where it came from), or {} without one."""
+    path = metadata_path(input_path)
+    if not path.is_file():
+        return {}
+    metadata = read_metadata(input_path)
+    if "hardness_mean" not in metadata:
+        return {}
+    return {"hardness_mean": metadata["hardness_mean"], "hardness_metadata": str(path.resolve())}
+
+
+def _fingerprints(rows: datasets.Dataset) -> dict[str, str]:
+    """Row id -> the hash of its texts that the hardness pass also uses to check a resumed row."""
+    texts = rows.select_columns(["row_id", "question", "chosen", "rejected"])
+    fingerprints = {}
+    for batch in texts.iter(batch_size=PARQUET_READ_ROWS):
+        for row_id, question, chosen, rejected in zip(
+            batch["row_id"], batch["question"], batch["chosen"], batch["rejected"], strict=True
+        ):
+            row = PairRow(row_id=row_id, question=question or "", chosen=chosen or "", rejected=rejected or "",
+                          idx=None, image_bytes=None, image_file=None)
+            fingerprints[row_id] = row.fingerprint
+    return fingerprints
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """The model dtype: the one given, else bfloat16 on CUDA (the training recipe's) and float32 elsewhere."""
+    if dtype is None:
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return dtype
+
+
+def _check_arguments(
+    input_path: Path,
+    output_path: Path,
+    model_path: Path,
+    batch_size: int,
+    max_tokens_per_batch: int | None,
+    max_length: int,
+    overlong: str,
+    device: str,
+    dtype: str | None,
+    limit: int | None,
+) -> None:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise ValueError(f"--max-tokens-per-batch must be a positive number of tokens, got {max_tokens_per_batch}")
+    if max_length < 1:
+        raise ValueError(f"--max-length must be a positive number of tokens, got {max_length}")
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"--overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")
+    if not input_path.exists():
+        raise FileNotFoundError(f"--input {input_path} does not exist")
+    if not (model_path / "config.json").is_file():
+        raise ValueError(
+            f"--model {model_path} holds no config.json: give the local folder of a saved LLaVA (no downloads)"
+        )
+    input_format = detect_format(input_path)
+    expected = ".parquet" if input_format == "parquet" else ".json"
+    if output_path.suffix != expected:
+        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+
+
+def precompute_reference(
+    input_path: str | Path,
+    output_path: str | Path,
+    model_path: str | Path,
+    *,
+    image_folder: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens_per_batch: int | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    overlong: str = "error",
+    device: str = "cpu",
+    dtype: str | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The whole pass: read, score with the reference model, write the output and `<output>.meta.json`.
+
+    Returns the metadata. `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in,
+    so that the policy at step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's
+    folder (the input itself when it is a folder of shards), as in PreferenceDataset.from_path.
+    """
+    input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
+    _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
+                     device, dtype, limit)
+    dtype = resolve_dtype(dtype, device)
+    model_path = model_path.resolve()
+    # Read before the model loads, so that a broken metadata file fails the run at once.
+    hardness = input_hardness(input_path)
+    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
+    # with another tokenizer, so they are not read at all.
+    rows = rows.remove_columns([name for name in OUTPUT_COLUMNS if name in rows.column_names])
+    if image_folder is None:
+        image_folder = input_path if input_path.is_dir() else input_path.parent
+    llava, processor = load_llava(model_path, dtype)
+    dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong)
+    skipped = set(dataset.skipped_row_ids)
+    row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
+    policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
+    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length}
+    with PartialResults(partial_path(output_path), settings) as partial:
+        outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
+                                max_tokens=max_tokens_per_batch, device=device)
+        write_reference_dataset(input_path, output_path, outcome.results, limit)
+        metadata = {
+            **settings,
+            "count": len(outcome.results),
+            "computed": outcome.computed,
+            "resumed": outcome.resumed,
+            "skipped_count": len(dataset.skipped_row_ids),
+            "skipped": dataset.skipped_row_ids,
+            "overlong": overlong,
+            "rows": rows.num_rows,
+            "input": str(input_path),
+            "output": output_path.name,
+            "format": detect_format(input_path),
+            "limit": limit,
+            "device": str(device),
+            "batch_size": batch_size,
+            "max_tokens_per_batch": max_tokens_per_batch,
+            **hardness,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_metadata(output_path, metadata)
+    partial.remove()
+    return metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dama precompute-ref",
+        description=(
+            "Run the reference model once over a preference dataset and store its log-probs, so that training holds "
+            "no reference model. Pairs are tokenized, their images processed and over-long pairs handled exactly as "
+            "in training, and scored by the fused head (no logits, no gradients). Per pair: sums, means and "
+            "per-token log-probs of both responses, as the columns ref_chosen_logps, ref_rejected_logps, "
+            "ref_chosen_mean_logps, ref_rejected_mean_logps, ref_chosen_token_logps, ref_rejected_token_logps and "
+            "as the authors' `logps` list. The output is the input plus these columns (parquet in, parquet out; json "
+            "in, json out); settings, counts and the input's mean hardness (from INPUT.meta.json, if any) go to "
+            "OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same arguments."
+        ),
+    )
+    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
+    parser.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder that image paths are relative to (default: the input's folder, or the input folder of shards)",
+    )
+    parser.add_argument("--model", required=True, help="local folder of the reference LLaVA (model and processor)")
+    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="pairs per packed forward; with --max-tokens-per-batch, the most pairs per forward (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        help="group pairs, in file order, into forwards of at most this many packed tokens (prompt and response of "
+        "both sequences of each pair) instead of a fixed number of pairs (default: off)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help="the training max_length: a pair whose prompt (image tokens included) plus longer response exceeds it "
+        "is never truncated, see --overlong (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overlong",
+        choices=OVERLONG_POLICIES,
+        default="error",
+        help="a pair longer than --max-length: stop with an error naming it, or skip it (null log-probs, listed in "
+        "the metadata), as training does with the same setting (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device for the model (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="model dtype; use the dtype training runs in, so the policy reproduces these log-probs at step 0 "
+        "(default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        metadata = precompute_reference(
+            args.input,
+            args.output,
+            args.model,
+            image_folder=args.image_folder,
+            batch_size=args.batch_size,
+            max_tokens_per_batch=args.max_tokens_per_batch,
+            max_length=args.max_length,
+            overlong=args.overlong,
+            device=args.device,
+            dtype=args.dtype,
+            limit=args.limit,
+            cache_dir=args.cache_dir,
+        )
+    except (ValueError, OSError) as error:
+        print(f"dama precompute-ref: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
+        f"{metadata['skipped_count']} over-long; {metadata['dtype']} on {metadata['device']}\n"
+        f"wrote {args.output} and {metadata_path(args.output)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

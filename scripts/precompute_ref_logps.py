@@ -1,0 +1,8 @@
+"""Launcher for `dama precompute-ref` (see `python scripts/precompute_ref_logps.py --help`): reference log-probs."""
+
+import sys
+
+from dama.reference import main
+
+if __name__ == "__main__":
+    sys.exit(main())
