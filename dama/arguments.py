@@ -175,3 +175,13 @@ def resolved_config(arguments: DamaTrainingArguments) -> dict[str, Any]:
         plain = isinstance(value, str | int | float | bool | type(None) | list | dict)
         resolved[f.name] = value if plain else str(value)
     return resolved
+
+
+def fields_markdown() -> str:
+    """A Markdown table of the fields this project adds to TrainingArguments, from their help texts."""
+    own = [f for f in fields(DamaTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}]
+    lines = ["| field | default | what it does |", "|---|---|---|"]
+    for f in own:
+        default = f.default if f.default is not None else "None"
+        lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("dama.demo", "the whole pipeline on a tiny LLaVA and synthetic data, on the CPU, in a few minutes"),
     "train": ("dama.train", "align a LLaVA model with DAMA (dama train --config configs/<name>.yaml [--field value])"),
     "make-demo-data": ("dama.demo_data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
     "hardness": ("dama.hardness", "score each preference pair's hardness with CLIP (offline, once per dataset)"),
