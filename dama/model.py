@@ -52,7 +52,8 @@ def configure_trainable(
     counts = {}
     for name, (module, frozen) in parts.items():
         module.requires_grad_(not frozen)
-        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        # Under ZeRO-3 a parameter is partitioned at load time and its full size is kept in ds_numel.
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
     if not any(counts.values()):
         raise ValueError("every part of the model is frozen: nothing would train")
     return counts

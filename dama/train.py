@@ -9,6 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
 from .arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
 from .collator import PackedCollator, PaddedCollator
 from .data import PreferenceDataset
@@ -45,6 +47,9 @@ def dataset_hardness_mean(args: DamaTrainingArguments) -> float | None:
 def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     if not args.model_name_or_path or not args.train_file:
         raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
+    if args.reference == "online" and is_deepspeed_zero3_enabled():
+        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
+                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
     reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
     configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower, freeze_projector=args.freeze_projector,

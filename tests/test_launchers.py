@@ -1,5 +1,5 @@
-"""`dama train` under launchers on the CPU: 2-process data parallel (torchrun, gloo) and DeepSpeed ZeRO-2 in one
-process both reproduce the single-process run on the same global batches."""
+"""`dama train` under launchers on the CPU: 2-process data parallel (torchrun, gloo) and DeepSpeed ZeRO-2 / ZeRO-3
+in one process reproduce the single-process run on the same global batches."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dama.demo_data import make_demo_data
+from dama.reference import precompute_reference
 from dama.tiny import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     build_tiny_llava(root / "model", seed=0)
-    paths = make_demo_data(root / "data", num_train=16, num_eval=0, image_size=32)
+    raw = make_demo_data(root / "data", num_train=16, num_eval=0, image_size=32)
+    # Precomputed reference log-probs: the default, and the only reference that ZeRO-3 supports.
+    paths = {"train": root / "data" / "train.ref.parquet"}
+    precompute_reference(raw["train"], paths["train"], root / "model", cache_dir=root / "cache")
     return root, paths
 
 
@@ -35,7 +39,7 @@ def free_port() -> int:
 def train_argv(root: Path, paths: dict, output_dir: Path, per_device_batch: int, *extra: str) -> list[str]:
     return [
         "train", "--output_dir", str(output_dir), "--model_name_or_path", str(root / "model"),
-        "--train_file", str(paths["train"]), "--reference", "online", "--data_aware", "false",
+        "--train_file", str(paths["train"]), "--data_aware", "false",
         "--per_device_train_batch_size", str(per_device_batch), "--learning_rate", "5e-3", "--max_steps", "3",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
         "--shuffle", "false", "--seed", "5", "--keep_ratio", "0.5", *extra,
@@ -69,11 +73,12 @@ def test_two_process_data_parallel_matches_one_process(tiny_setup, single_proces
     assert logged_losses(tmp_path) == pytest.approx(single_process, rel=1e-5, abs=1e-6)
 
 
-def test_deepspeed_zero2_matches_plain_training(tiny_setup, single_process, tmp_path):
+@pytest.mark.parametrize("zero_config", ["zero2.json", "zero3.json"])
+def test_deepspeed_zero_matches_plain_training(zero_config, tiny_setup, single_process, tmp_path):
     pytest.importorskip("deepspeed")
     root, paths = tiny_setup
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    argv = train_argv(root, paths, tmp_path, 4, "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"))
+    argv = train_argv(root, paths, tmp_path, 4, "--deepspeed", str(REPO / "configs/deepspeed" / zero_config))
     run([sys.executable, "-m", "dama.cli", *argv], env)
     assert logged_losses(tmp_path) == pytest.approx(single_process, rel=1e-5, abs=1e-6)
