@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .launch_config import LinearLogprobBlocks
 from .linear_logprob_forward import dot_settings
+from .linear_logprob_tiles import logit_tile
 
 
 @triton.jit
@@ -70,26 +71,12 @@ def _linear_logprob_bwd_kernel(
     grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     grad = tl.where(labels != ignore_index, grad, 0.0)
 
-    logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k_start in range(0, hidden_size, BLOCK_H):
-        ks = k_start + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        hidden_tile = tl.load(
-            hidden_ptr + rows[:, None] * stride_hidden_n + ks[None, :] * stride_hidden_h,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_H)
-        weight_tile_t = tl.load(
-            weight_ptr + ks[:, None] * stride_weight_h + cols[None, :] * stride_weight_v,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_H, BLOCK_V)
-        if UPCAST_DOT:
-            hidden_tile = hidden_tile.to(tl.float32)
-            weight_tile_t = weight_tile_t.to(tl.float32)
-        logits = tl.dot(hidden_tile, weight_tile_t, logits, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    logits = logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+        stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h, hidden_size,
+        HAS_BIAS=HAS_BIAS, UPCAST_DOT=UPCAST_DOT, INPUT_PRECISION=INPUT_PRECISION,
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
+    )  # (BLOCK_N, BLOCK_V)
 
     probs = tl.exp((logits - max_logit[:, None]) - log_norm[:, None])
     onehot = (cols[None, :] == labels[:, None]).to(tl.float32)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import LinearLogprobBlocks, running_in_interpreter, vocab_split_count
+from .linear_logprob_tiles import logit_tile
 
 
 @triton.jit
@@ -68,26 +69,12 @@ def _linear_logprob_fwd_kernel(
     for tile_start in range(vocab_start, vocab_end, BLOCK_V):
         cols = tile_start + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_end
-        logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for k_start in range(0, hidden_size, BLOCK_H):
-            ks = k_start + tl.arange(0, BLOCK_H)
-            k_ok = ks < hidden_size
-            hidden_tile = tl.load(
-                hidden_ptr + rows[:, None] * stride_hidden_n + ks[None, :] * stride_hidden_h,
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )  # (BLOCK_N, BLOCK_H)
-            weight_tile_t = tl.load(
-                weight_ptr + ks[:, None] * stride_weight_h + cols[None, :] * stride_weight_v,
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )  # (BLOCK_H, BLOCK_V)
-            if UPCAST_DOT:
-                hidden_tile = hidden_tile.to(tl.float32)
-                weight_tile_t = weight_tile_t.to(tl.float32)
-            logits = tl.dot(hidden_tile, weight_tile_t, logits, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        logits = logit_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+            stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h, hidden_size,
+            HAS_BIAS=HAS_BIAS, UPCAST_DOT=UPCAST_DOT, INPUT_PRECISION=INPUT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
+        )  # (BLOCK_N, BLOCK_V)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
 
         # Every tile holds at least one valid column, so new_max is finite and exp(-inf - new_max) = 0 on entry.
