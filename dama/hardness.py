@@ -21,27 +21,37 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from .rlaif_io import (
+    AddedColumn,
     PairRow,
     PartialResults,
+    check_output_path,
     count_rows,
     detect_format,
     iter_pairs,
     metadata_path,
+    partial_path,
     write_dataset,
     write_metadata,
 )
 from .splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
 
+# The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
+HARDNESS_COLUMNS = (
+    AddedColumn("chosen_logits", pa.list_(pa.float64())),
+    AddedColumn("rejected_logits", pa.list_(pa.float64())),
+    AddedColumn("hardness", pa.float64()),
+)
 BAD_ROW_POLICIES = ("error", "skip")
 SPLITTERS = ("rule", "lm")
 
@@ -208,13 +218,8 @@ def score_pairs(
     with tqdm(total=total, desc="hardness", unit="pair", disable=None) as progress:
         for row in rows:
             progress.update(1)
-            finished = partial.done.get(row.row_id)
+            finished = partial.finished(row.row_id, row.fingerprint, row.describe())
             if finished is not None:
-                if finished["fingerprint"] != row.fingerprint:
-                    raise ValueError(
-                        f"{row.describe()} differs from the one in {partial.path}: the input changed since the "
-                        "interrupted run. Delete that file to start over."
-                    )
                 outcome.results[row.row_id] = finished
                 outcome.resumed += 1
                 continue
@@ -235,8 +240,9 @@ def score_pairs(
     return outcome
 
 
-def partial_path(output: str | Path) -> Path:
-    return Path(f"{output}.partial.jsonl")
+def output_values(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The HARDNESS_COLUMNS values of one row from its finished record; nulls for a skipped row."""
+    return {column.name: None if record is None else record[column.name] for column in HARDNESS_COLUMNS}
 
 
 def build_splitter(
@@ -278,12 +284,7 @@ def _check_arguments(
     for flag, folder in (("--clip", clip_path), ("--splitter-model", splitter_model)):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder} is not a folder: give the local folder of the model (no downloads)")
-    input_format = detect_format(input_path)
-    expected = ".parquet" if input_format == "parquet" else ".json"
-    if output_path.suffix != expected:
-        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+    check_output_path(input_path, output_path)
 
 
 def compute_hardness(
@@ -327,7 +328,9 @@ def compute_hardness(
             on_bad_row=on_bad_row,
             total=count_rows(input_path, limit),
         )
-        write_dataset(input_path, output_path, outcome.results, limit)
+        write_dataset(
+            input_path, output_path, HARDNESS_COLUMNS, lambda row_id: output_values(outcome.results.get(row_id)), limit
+        )
         hardness = [record["hardness"] for record in outcome.results.values()]
         metadata = {
             "hardness_mean": math.fsum(hardness) / len(hardness) if hardness else None,

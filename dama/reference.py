@@ -30,7 +30,6 @@ and device may differ); the output and its metadata appear only complete, then t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -55,21 +55,26 @@ from .data import (
 from .model import DTYPES, DamaPolicy, load_llava
 from .rlaif_io import (
     PARQUET_READ_ROWS,
+    AddedColumn,
     PairRow,
     PartialResults,
-    _cast_like,
-    _read_json_list,
-    atomic_path,
+    check_output_path,
     detect_format,
     metadata_path,
-    parquet_files,
+    partial_path,
     read_metadata,
-    write_json_atomic,
+    write_dataset,
     write_metadata,
 )
 
-# The columns this pass writes; an input that has them already (an earlier run, the authors' data) gets them replaced.
-OUTPUT_COLUMNS = ("logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS)
+# The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
+# them replaced. `logps` mixes numbers and lists, which Arrow cannot type, so parquet holds its JSON text.
+REFERENCE_COLUMNS = (
+    AddedColumn("logps", pa.string(), json_text_in_parquet=True),
+    *(AddedColumn(name, pa.float64()) for name in (*REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS)),
+    *(AddedColumn(name, pa.list_(pa.float64())) for name in REF_TOKEN_COLUMNS),
+)
+OUTPUT_COLUMNS = tuple(column.name for column in REFERENCE_COLUMNS)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048
 
@@ -167,15 +172,10 @@ def score_dataset(
     outcome = ReferenceOutcome(results={}, resumed=0, computed=0)
     todo = []
     for index, row_id in enumerate(row_ids):
-        finished = partial.done.get(row_id)
+        finished = partial.finished(row_id, fingerprints[row_id], f"row {row_id}")
         if finished is None:
             todo.append(index)
             continue
-        if finished["fingerprint"] != fingerprints[row_id]:
-            raise ValueError(
-                f"row {row_id} differs from the one in {partial.path}: the input changed since the interrupted run. "
-                "Delete that file to start over."
-            )
         outcome.results[row_id] = finished
     outcome.resumed = len(outcome.results)
     collator = PackedCollator()
@@ -218,71 +218,10 @@ def write_reference_dataset(
 ) -> None:
     """Write the input rows (the first `limit`) plus OUTPUT_COLUMNS, atomically, in the input's format.
 
-    Parquet is streamed shard by shard into one file (sums and means float64, per-token lists list<double>,
-    `logps` as JSON text); JSON is written as one list with `logps` and the per-token values as JSON lists.
+    Parquet: sums and means float64, per-token lists list<double>, `logps` as JSON text; JSON: `logps` and the
+    per-token values as JSON lists. Rows without a result (pairs left out as over-long) get nulls.
     """
-    input_path = Path(input_path)
-    if detect_format(input_path) == "json":
-        records = _read_json_list(input_path)
-        records = records if limit is None else records[:limit]
-        for number, record in enumerate(records):
-            record.update(output_values(results.get(f"{input_path.name}:{number}")))
-        write_json_atomic(output_path, records)
-        return
-    _write_parquet(input_path, Path(output_path), results, limit)
-
-
-def _write_parquet(
-    input_path: Path, output_path: Path, results: Mapping[str, Mapping[str, Any]], limit: int | None
-) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    kinds = {
-        "logps": pa.string(),
-        **dict.fromkeys((*REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS), pa.float64()),
-        **dict.fromkeys(REF_TOKEN_COLUMNS, pa.list_(pa.float64())),
-    }
-    remaining = limit
-    with atomic_path(output_path) as temporary:
-        writer = None
-        try:
-            for file in parquet_files(input_path):
-                number = 0
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_READ_ROWS):
-                    if remaining is not None:
-                        if remaining <= 0:
-                            break
-                        batch = batch.slice(0, remaining)
-                        remaining -= batch.num_rows
-                    table = pa.Table.from_batches([batch])
-                    table = table.drop_columns([name for name in OUTPUT_COLUMNS if name in table.column_names])
-                    rows = [output_values(results.get(f"{file.name}:{number + i}")) for i in range(table.num_rows)]
-                    number += table.num_rows
-                    for name, kind in kinds.items():
-                        cells = [row[name] for row in rows]
-                        if name == "logps":
-                            cells = [None if cell is None else json.dumps(cell) for cell in cells]
-                        table = table.append_column(name, pa.array(cells, type=kind))
-                    if writer is None:
-                        writer = pq.ParquetWriter(temporary, table.schema)
-                    elif table.schema != writer.schema:
-                        table = _cast_like(table, writer.schema, file)
-                    writer.write_table(table)
-            if writer is None:
-                # No rows at all: still a valid, empty file with the input's columns and the new ones.
-                schema = pq.ParquetFile(parquet_files(input_path)[0]).schema_arrow
-                schema = pa.schema([field for field in schema if field.name not in OUTPUT_COLUMNS])
-                for name, kind in kinds.items():
-                    schema = schema.append(pa.field(name, kind))
-                writer = pq.ParquetWriter(temporary, schema)
-        finally:
-            if writer is not None:
-                writer.close()
-
-
-def partial_path(output: str | Path) -> Path:
-    return Path(f"{output}.partial.jsonl")
+    write_dataset(input_path, output_path, REFERENCE_COLUMNS, lambda row_id: output_values(results.get(row_id)), limit)
 
 
 def input_hardness(input_path: str | Path) -> dict[str, Any]:
@@ -353,12 +292,7 @@ def _check_arguments(
         raise ValueError(
             f"--model {model_path} holds no config.json: give the local folder of a saved LLaVA (no downloads)"
         )
-    input_format = detect_format(input_path)
-    expected = ".parquet" if input_format == "parquet" else ".json"
-    if output_path.suffix != expected:
-        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+    check_output_path(input_path, output_path)
 
 
 def precompute_reference(

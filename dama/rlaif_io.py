@@ -1,4 +1,4 @@
-"""Reading and writing preference datasets for the offline hardness pass (DAMA section 5's input formats).
+"""Reading and writing preference datasets for the offline passes (`dama hardness`, `dama precompute-ref`).
 
 Two input formats:
 - parquet: the RLAIF-V shards (one file, or a folder of `*.parquet` shards read in name order), with columns
@@ -8,7 +8,9 @@ Two input formats:
   `image_path` is resolved under the image folder (default: the JSON file's folder).
 
 Every row gets a stable id, "<file name>:<row number in that file>", used for resuming and in every message.
-Outputs are written atomically (`atomic_path`): a crash leaves the previous file, never half of a new one.
+A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns
+as `AddedColumn`s). Outputs are written atomically (`atomic_path`): a crash leaves the previous file, never half of a
+new one.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 FORMATS = ("parquet", "json")
-# Columns the hardness pass adds; an input that already has them (a re-run on a scored file) gets them replaced.
-NEW_COLUMNS = ("chosen_logits", "rejected_logits", "hardness")
 # Rows per Arrow record batch when streaming parquet: bounds memory, since each row carries its image bytes.
 PARQUET_READ_ROWS = 256
 
@@ -212,43 +215,64 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         json.dump(data, handle, ensure_ascii=False)
 
 
-def _new_values(row_id: str, results: Mapping[str, Mapping[str, Any]]) -> tuple[Any, Any, Any]:
-    result = results.get(row_id)
-    if result is None:
-        return None, None, None
-    return result["chosen_logits"], result["rejected_logits"], result["hardness"]
+@dataclass(frozen=True)
+class AddedColumn:
+    """A column a pass adds to every row of its output; a column of the same name in the input is replaced.
+
+    `arrow_type` is the column's type in a parquet output. With `json_text_in_parquet`, parquet holds each value's
+    JSON text instead (for values Arrow cannot type, such as a list mixing numbers and lists); a JSON output always
+    holds the values themselves.
+    """
+
+    name: str
+    arrow_type: pa.DataType
+    json_text_in_parquet: bool = False
+
+    def arrow_array(self, values: list[Any]) -> pa.Array:
+        """One parquet batch of this column: `values` (one per row, None for a null) as an array of `arrow_type`."""
+        import pyarrow as pa
+
+        if self.json_text_in_parquet:
+            values = [None if value is None else json.dumps(value) for value in values]
+        return pa.array(values, type=self.arrow_type)
 
 
 def write_dataset(
     input_path: str | Path,
     output_path: str | Path,
-    results: Mapping[str, Mapping[str, Any]],
+    columns: Sequence[AddedColumn],
+    values_for_row: Callable[[str], Mapping[str, Any]],
     limit: int | None = None,
 ) -> None:
-    """Write the input rows (the first `limit`) plus `chosen_logits`, `rejected_logits` and `hardness`, atomically.
+    """Write the input rows (the first `limit`) plus `columns`, atomically, in the input's format.
 
-    Rows without a result (skipped bad rows) get nulls. Parquet is streamed shard by shard into one output file
-    (the logits as list<double> columns); JSON is written as one list with the logits as JSON lists.
+    `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
+    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
+    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
+    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
     """
     input_path = Path(input_path)
     if detect_format(input_path) == "json":
         records = _read_json_list(input_path)
         records = records if limit is None else records[:limit]
         for number, record in enumerate(records):
-            values = _new_values(f"{input_path.name}:{number}", results)
-            record.update(zip(NEW_COLUMNS, values, strict=True))
+            record.update(values_for_row(f"{input_path.name}:{number}"))
         write_json_atomic(output_path, records)
         return
-    _write_parquet(input_path, Path(output_path), results, limit)
+    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit)
 
 
 def _write_parquet(
-    input_path: Path, output_path: Path, results: Mapping[str, Mapping[str, Any]], limit: int | None
+    input_path: Path,
+    output_path: Path,
+    columns: Sequence[AddedColumn],
+    values_for_row: Callable[[str], Mapping[str, Any]],
+    limit: int | None,
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    new_types = (pa.list_(pa.float64()), pa.list_(pa.float64()), pa.float64())
+    names = {column.name for column in columns}
     remaining = limit
     with atomic_path(output_path) as temporary:
         writer = None
@@ -262,22 +286,22 @@ def _write_parquet(
                         batch = batch.slice(0, remaining)
                         remaining -= batch.num_rows
                     table = pa.Table.from_batches([batch])
-                    table = table.drop_columns([name for name in NEW_COLUMNS if name in table.column_names])
-                    values = [_new_values(f"{file.name}:{number + i}", results) for i in range(table.num_rows)]
+                    table = table.drop_columns([name for name in table.column_names if name in names])
+                    rows = [values_for_row(f"{file.name}:{number + i}") for i in range(table.num_rows)]
                     number += table.num_rows
-                    for column, (name, kind) in enumerate(zip(NEW_COLUMNS, new_types, strict=True)):
-                        table = table.append_column(name, pa.array([row[column] for row in values], type=kind))
+                    for column in columns:
+                        table = table.append_column(column.name, column.arrow_array([row[column.name] for row in rows]))
                     if writer is None:
                         writer = pq.ParquetWriter(temporary, table.schema)
                     elif table.schema != writer.schema:
                         table = _cast_like(table, writer.schema, file)
                     writer.write_table(table)
             if writer is None:
-                # No rows at all: still write a valid, empty file with the input's columns and the new ones.
+                # No rows at all: still write a valid, empty file with the input's columns and the added ones.
                 schema = pq.ParquetFile(parquet_files(input_path)[0]).schema_arrow
-                schema = pa.schema([field for field in schema if field.name not in NEW_COLUMNS])
-                for name, kind in zip(NEW_COLUMNS, new_types, strict=True):
-                    schema = schema.append(pa.field(name, kind))
+                schema = pa.schema([field for field in schema if field.name not in names])
+                for column in columns:
+                    schema = schema.append(pa.field(column.name, column.arrow_type))
                 writer = pq.ParquetWriter(temporary, schema)
         finally:
             if writer is not None:
@@ -292,6 +316,16 @@ def _cast_like(table: Any, schema: Any, file: Path) -> Any:
             f"{file.name}: its columns do not match the earlier shards and cannot be cast to them ({error}); "
             "score the shards separately"
         ) from error
+
+
+def check_output_path(input_path: Path, output_path: Path) -> None:
+    """ValueError unless the output is in the input's format and is another file (the passes' --input / --output)."""
+    input_format = detect_format(input_path)
+    expected = ".parquet" if input_format == "parquet" else ".json"
+    if output_path.suffix != expected:
+        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError("--output must differ from --input: the input is read again while the output is written")
 
 
 def metadata_path(dataset_path: str | Path) -> Path:
@@ -331,6 +365,11 @@ def parse_logits(value: Any) -> list[float] | None:
     if isinstance(value, str):
         value = json.loads(value)
     return [float(item) for item in value]
+
+
+def partial_path(output_path: str | Path) -> Path:
+    """Where a pass keeps its finished rows (`PartialResults`) until its output is written: beside the output."""
+    return Path(f"{output_path}.partial.jsonl")
 
 
 class PartialResults:
@@ -379,6 +418,19 @@ class PartialResults:
         for line in lines[1:]:
             record = json.loads(line)
             self.done[record["row_id"]] = record
+
+    def finished(self, row_id: str, fingerprint: str, description: str) -> dict[str, Any] | None:
+        """The record of a row an earlier run finished, or None; `description` names the row in the error.
+
+        ValueError when that row then held another pair (another `fingerprint`): the input changed since.
+        """
+        record = self.done.get(row_id)
+        if record is not None and record["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{description} differs from the one in {self.path}: the input changed since the interrupted run. "
+                "Delete that file to start over."
+            )
+        return record
 
     def append(self, records: list[dict[str, Any]]) -> None:
         for record in records:
