@@ -143,7 +143,7 @@ class DamaPolicy(nn.Module):
             logits = self.llava.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()  # (N, V): what fused avoids
             token_logps = logits.log_softmax(-1).index_select(0, batch.supervised_positions)
             token_logps = token_logps.gather(1, batch.supervised_target_ids.unsqueeze(1)).squeeze(1)
-            logps = token_logps.new_zeros(batch.num_seqs).index_add(0, batch.supervised_seq_ids, token_logps)
+            logps = dama_kernels.sum_per_sequence(token_logps, batch.supervised_seq_ids, batch.num_seqs)
         if self.average_logps:
             logps = logps / batch.supervised_counts.clamp(min=1).to(logps.dtype)
         return logps

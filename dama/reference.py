@@ -13,7 +13,7 @@ Stored per pair, in both layouts the data loader reads back (dama.data):
 - the RLAIF-V / authors' `logps` = [chosen_sum, chosen_mean, chosen_per_token, rejected_sum, rejected_mean,
   rejected_per_token]: a list in a JSON output, its JSON text in a parquet output (Arrow cannot type a list that
   mixes numbers and lists; dama.data reads both).
-A sum is the fp32 index_add over the per-token values that DamaPolicy.forward computes for the same batch; every
+A sum is dama_kernels.sum_per_sequence over the per-token values, as DamaPolicy.forward computes it; every
 value is written as float64 (parquet) or its shortest repr (JSON), so reading it back gives the same number.
 
 The output is the input in its own format (parquet in, parquet out; JSON in, JSON out) with every column kept and
@@ -41,6 +41,8 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+
+import dama_kernels
 
 from .collator import PackedCollator, PreferenceBatch, TokenBudgetBatchSampler
 from .data import (
@@ -94,7 +96,7 @@ class PairReference:
 def supervised_token_logps(policy: DamaPolicy, batch: PreferenceBatch) -> torch.Tensor:
     """Log-prob of each supervised token of the batch under the policy's fused head, without logits.
 
-    The hidden states and head of DamaPolicy.forward (head="fused"), kept per token: their index_add per sequence is
+    The hidden states and head of DamaPolicy.forward (head="fused"), kept per token: their sum per sequence is
     exactly what forward returns for the same batch.
 
     Shapes: -> (M,) fp32, in batch.supervised_positions order; token m belongs to sequence supervised_seq_ids[m].
@@ -109,7 +111,7 @@ def pair_references(batch: PreferenceBatch, token_logps: torch.Tensor) -> list[P
     """
     seq_ids = batch.supervised_seq_ids
     # The reduction dama_kernels.sequence_logps ends with, so a sum is what training computes for the same batch.
-    sums = token_logps.new_zeros(batch.num_seqs).index_add(0, seq_ids, token_logps)  # (S,)
+    sums = dama_kernels.sum_per_sequence(token_logps, seq_ids, batch.num_seqs)  # (S,)
     # A stable sort groups each sequence's tokens and keeps their order, whatever the token layout.
     grouped = token_logps.index_select(0, torch.argsort(seq_ids, stable=True)).cpu()  # (M,)
     counts = batch.supervised_counts.tolist()

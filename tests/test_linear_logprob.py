@@ -270,3 +270,14 @@ def test_triton_rejects_float64():
     hidden, weight, _, labels = make_inputs(4, 8, 20, torch.float64, "cpu")
     with pytest.raises(ValueError, match="impl='triton' takes float16, bfloat16, float32"):
         dama_kernels.token_logps(hidden, weight, labels, impl="triton")
+
+
+def test_sequence_sums_accumulate_in_float64():
+    """Hundreds of token log-probs per response: the sum must not drift like an fp32 running sum does."""
+    token_values = -torch.rand(3000) * 12  # (M,) fp32, like real per-token log-probs
+    seq_ids = torch.randint(0, 3, (3000,))
+    exact = torch.zeros(3, dtype=torch.float64).index_add(0, seq_ids, token_values.double())
+    sums = dama_kernels.sum_per_sequence(token_values, seq_ids, 3)
+    assert sums.dtype == torch.float32
+    # One fp32 rounding of the exact sum (|sum| ~ 6000, ulp ~ 5e-4).
+    torch.testing.assert_close(sums.double(), exact, rtol=1e-7, atol=0)

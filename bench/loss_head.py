@@ -1,0 +1,567 @@
+"""Loss-head benchmark: hidden states -> DPO sigmoid loss, forward + backward, three providers side by side.
+
+Providers
+  naive  full logits -> log_softmax -> gather -> per-sequence sums -> DPO sigmoid loss, as LLaVA DPO trainers do it,
+         over every position of the padded (2P, T) batch.
+  liger  liger-kernel's chunked fused-linear DPO (LigerFusedLinearDPOFunction, the Function behind
+         LigerFusedLinearDPOLoss) with its defaults: one pair per chunk, summed log-probs, eager (compiled=False).
+         Chosen and rejected are stacked as (2P, T, H) with labels -100 where unsupervised. The reference log-probs
+         are an input, as for the other providers, instead of liger's no-grad head pass over reference hidden states
+         (a fourth matmul the others would not pay).
+  dama   dama_kernels.sequence_logps over the packed (N, H) tokens (it scores only the supervised rows), then
+         dama_kernels.dama_sigmoid_loss; impl="auto": chunked torch on the CPU, Triton on CUDA.
+
+Regimes (P = 4 pairs, S = 8 sequences, V = 32000)
+  a  every token supervised: sequences of T = 1024 tokens, N = 8192.
+  b  LLaVA-like: 576 image + 60 prompt tokens unsupervised, then 150 response tokens supervised; N = 6288, 1200
+     supervised.
+
+Each case (provider, regime, H) runs in a fresh process of this module (--worker), so that its peak RSS is its own:
+one warm-up forward + backward, then --repeats timed ones, of which the median is reported. Working memory is the peak
+of tensor bytes allocated during forward + backward, not counting the inputs and the gradients returned
+(bench/memory.py); on the CPU it is read during the warm-up (under the profiler), on CUDA over the timed steps.
+Useful TFLOP/s counts 6 x supervised tokens x H x V per step, whatever a provider computes beyond that; on a GPU,
+% peak compares it with a large matmul in the same dtype timed in the same run.
+
+Output: a table (ratios are a row over naive's and liger's; RSS+ is peak RSS over the RSS with the inputs built),
+dama's working memory at N and 2N tokens (regime a, H 256; it should not grow), the targets met or missed, and the
+records as JSON in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from dama_kernels import dama_sigmoid_loss, sequence_logps
+from dama_kernels.functional import CHUNK_ELEMENTS
+
+from .memory import PeakReading, current_rss_bytes, peak_rss_bytes, track_peak
+
+PROVIDERS = ("naive", "liger", "dama")
+REGIMES = {"a": {"prefix_len": 0, "response_len": 1024}, "b": {"prefix_len": 576 + 60, "response_len": 150}}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPE_SETS = {"quick": (256,), "cpu": (256, 1024), "all": (256, 1024, 4096)}
+VOCAB_SIZE = 32000
+NUM_PAIRS = 4
+BETA = 0.1
+IGNORE_INDEX = -100
+# liger's default: each chunk holds one chosen and one rejected sequence at full length.
+LIGER_CHUNK_PAIRS = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "loss_head.json"
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement. Every sequence is prefix_len unsupervised tokens followed by response_len supervised ones."""
+
+    provider: str
+    regime: str
+    hidden_size: int
+    dtype: str = "fp32"
+    vocab_size: int = VOCAB_SIZE
+    num_pairs: int = NUM_PAIRS
+    prefix_len: int = 0
+    response_len: int = 1024
+    purpose: str = "comparison"
+
+    @property
+    def num_seqs(self) -> int:
+        return 2 * self.num_pairs
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.response_len
+
+    @property
+    def tokens(self) -> int:
+        return self.num_seqs * self.seq_len
+
+    @property
+    def supervised_tokens(self) -> int:
+        return self.num_seqs * self.response_len
+
+
+def regime_case(provider: str, regime: str, hidden_size: int, dtype: str, length_scale: int = 1) -> Case:
+    """The case of a regime; length_scale multiplies the supervised length (the N -> 2N memory check)."""
+    layout = REGIMES[regime]
+    return Case(
+        provider=provider, regime=regime, hidden_size=hidden_size, dtype=dtype, prefix_len=layout["prefix_len"],
+        response_len=layout["response_len"] * length_scale,
+        purpose="comparison" if length_scale == 1 else "n_scaling",
+    )
+
+
+@dataclass
+class LossInputs:
+    """hidden (S, T, H) and weight (V, H) require grad; labels (S, T), -100 where unsupervised; seq_ids (S*T,) the
+    sequence of each packed token; ref_chosen_logps, ref_rejected_logps (P,) fixed. Chosen sequences come first."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    seq_ids: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> LossInputs:
+    """Random inputs, the same for every provider given the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    num_seqs, seq_len, hidden_size, vocab_size = case.num_seqs, case.seq_len, case.hidden_size, case.vocab_size
+    hidden = torch.randn(num_seqs, seq_len, hidden_size, generator=gen)  # (S, T, H)
+    # Scaled so that logits have unit spread, as a trained head's roughly do; the softmax is then far from one-hot.
+    weight = torch.randn(vocab_size, hidden_size, generator=gen) / math.sqrt(hidden_size)  # (V, H)
+    labels = torch.randint(0, vocab_size, (num_seqs, seq_len), generator=gen)  # (S, T)
+    labels[:, : case.prefix_len] = IGNORE_INDEX
+    # Near what a head of unit-spread logits gives (about -log V per token), with the spread of a sum of such terms.
+    ref_logps = -case.response_len * (math.log(vocab_size) + 0.5) + math.sqrt(case.response_len) * torch.randn(
+        num_seqs, generator=gen
+    )  # (S,)
+    return LossInputs(
+        hidden=hidden.to(device, dtype).requires_grad_(),
+        weight=weight.to(device, dtype).requires_grad_(),
+        labels=labels.to(device),
+        seq_ids=torch.arange(num_seqs, device=device).repeat_interleave(seq_len),
+        ref_chosen_logps=ref_logps[: case.num_pairs].to(device),
+        ref_rejected_logps=ref_logps[case.num_pairs :].to(device),
+    )
+
+
+def _dpo_sigmoid_loss(seq_logps: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+    """seq_logps (S,), chosen first -> mean over pairs of -log sigmoid(beta * margin)."""
+    num_pairs = inputs.ref_chosen_logps.shape[0]
+    chosen_logratios = seq_logps[:num_pairs] - inputs.ref_chosen_logps
+    rejected_logratios = seq_logps[num_pairs:] - inputs.ref_rejected_logps
+    return -F.logsigmoid(BETA * (chosen_logratios - rejected_logratios)).mean()
+
+
+def naive_loss(inputs: LossInputs) -> torch.Tensor:
+    """The full-logits loss head of a DPO trainer."""
+    logits = inputs.hidden @ inputs.weight.T  # (S, T, V)
+    # Trainers upcast before the softmax so that 16-bit models get fp32 log-probs; a no-op in fp32.
+    log_probs = logits.float().log_softmax(dim=-1)  # (S, T, V)
+    supervised = inputs.labels != IGNORE_INDEX
+    safe_labels = torch.where(supervised, inputs.labels, 0)
+    token_logps = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (S, T)
+    return _dpo_sigmoid_loss((token_logps * supervised).sum(-1), inputs)
+
+
+@functools.cache
+def _liger_dpo_function() -> type[torch.autograd.Function]:
+    """Imported on first use: liger-kernel is optional, and a failed import must only skip its provider."""
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+    from liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+
+    class LigerDPOWithRefLogps(LigerFusedLinearDPOFunction):
+        """liger's chunked DPO with precomputed reference log-probs, handed to each chunk's loss in turn."""
+
+        @staticmethod
+        def preference_loss_fn(chosen_logps, rejected_logps, full_target, ref_chunks=None, **loss_kwargs):
+            ref_chosen_logps, ref_rejected_logps = next(ref_chunks)
+            return LigerFusedLinearDPOFunction.preference_loss_fn(
+                chosen_logps, rejected_logps, full_target, ref_chosen_logps, ref_rejected_logps, **loss_kwargs
+            )
+
+        @classmethod
+        def forward(cls, ctx, hidden, weight, target, ref_chosen_logps, ref_rejected_logps):
+            # The base class cuts the pairs into this many chunks with torch.chunk and scores them once each, in
+            # order (eager mode), so the same cut of the reference log-probs lines up with them.
+            num_chunks = max(1, hidden.shape[0] // (2 * LIGER_CHUNK_PAIRS))
+            chosen_chunks, rejected_chunks = ref_chosen_logps.chunk(num_chunks), ref_rejected_logps.chunk(num_chunks)
+            ref_chunks = iter(zip(chosen_chunks, rejected_chunks, strict=True))
+            return LigerFusedLinearPreferenceBase.forward(
+                cls=cls, ctx=ctx, _input=hidden, weight=weight, target=target, chunk_size=LIGER_CHUNK_PAIRS,
+                ignore_index=IGNORE_INDEX, beta=BETA, compute_nll_loss=False, compiled=False, use_ref_model=False,
+                average_log_prob=False, ref_chunks=ref_chunks, loss_type="sigmoid",
+            )
+
+        @staticmethod
+        def backward(ctx, *grad_output):
+            # liger's base backward takes the tuple of output gradients as one argument.
+            grad_hidden, grad_weight = LigerFusedLinearPreferenceBase.backward(ctx, grad_output)[:2]
+            return grad_hidden, grad_weight, None, None, None
+
+    return LigerDPOWithRefLogps
+
+
+def liger_loss(inputs: LossInputs) -> torch.Tensor:
+    """liger-kernel's chunked DPO over the stacked (2P, T, H) batch."""
+    loss, _ = _liger_dpo_function().apply(
+        inputs.hidden, inputs.weight, inputs.labels, inputs.ref_chosen_logps, inputs.ref_rejected_logps
+    )
+    return loss
+
+
+def dama_loss(inputs: LossInputs) -> torch.Tensor:
+    """The fused head: sequence log-probs of the supervised tokens, then the DAMA sigmoid loss (uniform beta)."""
+    num_seqs, seq_len, hidden_size = inputs.hidden.shape
+    seq_logps = sequence_logps(
+        inputs.hidden.reshape(num_seqs * seq_len, hidden_size), inputs.weight, inputs.labels.reshape(-1),
+        inputs.seq_ids, num_seqs,
+    )  # (S,)
+    num_pairs = num_seqs // 2
+    return dama_sigmoid_loss(
+        seq_logps[:num_pairs], seq_logps[num_pairs:], inputs.ref_chosen_logps, inputs.ref_rejected_logps, BETA
+    ).loss
+
+
+LOSSES = {"naive": naive_loss, "liger": liger_loss, "dama": dama_loss}
+
+
+def _provider_notes(case: Case, device: torch.device) -> str:
+    if case.provider == "liger":
+        return f"eager, {LIGER_CHUNK_PAIRS} pair per chunk"
+    if case.provider == "dama":
+        if device.type == "cuda":
+            return "impl=triton"
+        return f"impl=torch, {max(16, CHUNK_ELEMENTS // case.vocab_size)} rows per chunk"
+    return "full logits"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _case_fields(case: Case) -> dict:
+    return {
+        "provider": case.provider, "regime": case.regime, "purpose": case.purpose, "H": case.hidden_size,
+        "V": case.vocab_size, "pairs": case.num_pairs, "seq_len": case.seq_len, "tokens": case.tokens,
+        "supervised_tokens": case.supervised_tokens, "dtype": case.dtype, "time_s": None, "peak_bytes": None,
+    }
+
+
+def run_case(case: Case, repeats: int, device: torch.device) -> dict:
+    """Measures one case in this process and returns its record (without ratios or the environment)."""
+    inputs = make_inputs(case, device)
+    loss_fn = LOSSES[case.provider]
+    params = (inputs.hidden, inputs.weight)
+
+    def clear_grads() -> None:
+        for param in params:
+            param.grad = None
+
+    def step() -> torch.Tensor:
+        clear_grads()
+        loss = loss_fn(inputs)
+        loss.backward()
+        return loss.detach()
+
+    def timed_steps(count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def memory_fields(reading: PeakReading) -> dict:
+        grads = [param.grad for param in params]
+        return {
+            "peak_bytes": reading.working_bytes(grads),
+            "peak_total_bytes": reading.working_bytes(),
+            "grad_bytes": sum(grad.untyped_storage().nbytes() for grad in grads),
+        }
+
+    rss_inputs = current_rss_bytes()
+    if device.type == "cuda":
+        # Triton compiles and autotunes on the first call, so the peak is read over the timed steps.
+        loss = step()
+        clear_grads()  # else the warm-up's gradients sit in the baseline and their reallocation is not counted
+        with track_peak(device) as reading:
+            times = timed_steps(max(repeats, 1))
+        memory = memory_fields(reading)
+    else:
+        with track_peak(device) as reading:
+            loss = step()  # also the warm-up: the profiler slows it, and its time is not used
+        # Read now: the outputs left out must be this step's gradients.
+        memory = memory_fields(reading)
+        times = timed_steps(repeats)
+    rss_peak = peak_rss_bytes()
+    time_s = statistics.median(times) if repeats > 0 else None
+    useful_flops = 6 * case.supervised_tokens * case.hidden_size * case.vocab_size
+    return {
+        **_case_fields(case),
+        "status": "ok",
+        "time_s": time_s,
+        "times_s": times[:repeats],
+        "tflops": useful_flops / time_s / 1e12 if time_s else None,
+        **memory,
+        "rss_peak_bytes": rss_peak,
+        "rss_extra_bytes": rss_peak - rss_inputs,
+        "loss": loss.item(),
+        "notes": _provider_notes(case, device),
+        "device": device.type,
+        "device_name": _device_name(device),
+    }
+
+
+def run_isolated(case: Case, repeats: int) -> dict:
+    """run_case in a fresh process of this module; a failure becomes a skipped record with the reason."""
+    command = [sys.executable, "-m", "bench.loss_head", "--worker", json.dumps(asdict(case)), "--repeats", str(repeats)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    # The last stderr line of a Python failure is the exception; the profiler's own chatter comes before it.
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    reason = lines[-1] if lines else f"exit status {done.returncode}"
+    return {**_case_fields(case), "status": "skipped", "reason": f"{case.provider} failed: {reason}"}
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 20) -> float:
+    """Best rate of a large square matmul: the practical peak the loss head's matmuls are measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def _ratio(record: dict, peer: dict | None, key: str) -> float | None:
+    if peer is None or peer.get(key) is None or record.get(key) is None:
+        return None
+    return record[key] / peer[key]
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Adds record["ratios"]: time and working memory over naive's and liger's for the same regime and shape."""
+    measured = [r for r in records if r["status"] == "ok" and r["purpose"] == "comparison"]
+    ok = {(r["provider"], r["regime"], r["H"]): r for r in measured}
+    for record in records:
+        if record["purpose"] != "comparison":
+            continue
+        ratios = {}
+        for peer_name in ("naive", "liger"):
+            peer = ok.get((peer_name, record["regime"], record["H"]))
+            ratios[f"time_vs_{peer_name}"] = _ratio(record, peer, "time_s")
+            ratios[f"peak_vs_{peer_name}"] = _ratio(record, peer, "peak_bytes")
+        record["ratios"] = ratios
+
+
+# Targets set for the CPU in fp32: (ratio key, limit, label).
+TARGETS = {
+    "a": [("peak_vs_naive", 0.05, "working memory <= 5% of naive"), ("time_vs_naive", 1.3, "time <= 1.3x naive")],
+    "b": [
+        ("time_vs_naive", 0.5, ">= 2x faster than naive"),
+        ("time_vs_liger", 0.5, ">= 2x faster than liger"),
+        ("peak_vs_naive", 0.05, "working memory <= 5% of naive"),
+        ("peak_vs_liger", 0.05, "working memory <= 5% of liger"),
+    ],
+}
+
+
+def add_targets(records: list[dict]) -> None:
+    """Adds record["targets"] to each measured dama comparison record: value, limit and whether it is met."""
+    for record in records:
+        if record["provider"] != "dama" or record["status"] != "ok" or record["purpose"] != "comparison":
+            continue
+        record["targets"] = [
+            {"target": label, "ratio": key, "value": record["ratios"][key], "limit": limit,
+             "met": None if record["ratios"][key] is None else record["ratios"][key] <= limit}
+            for key, limit, label in TARGETS[record["regime"]]
+        ]
+
+
+def environment() -> dict:
+    """Versions and the commit, stored in every record."""
+    try:
+        liger_version = version("liger-kernel")
+    except PackageNotFoundError:
+        liger_version = None
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "torch": torch.__version__, "triton": triton.__version__, "liger_kernel": liger_version,
+        "python": platform.python_version(), "git_commit": commit.strip() if commit else None,
+        # Uncommitted changes to tracked files (kernels/ included) mean the commit alone does not name the code run.
+        "git_dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(records: list[dict]) -> str:
+    """One row per provider, grouped by regime and shape; ratios are this row over naive's and liger's."""
+    gpu = any(r.get("device") == "cuda" for r in records)
+    header = ["regime", "H", "tokens", "superv", "provider", "time s", "/naive", "/liger", "work MiB", "/naive",
+              "/liger", "RSS+ MiB", "TFLOP/s"] + (["% peak"] if gpu else [])
+    rows = [header]
+    for r in records:
+        if r["purpose"] != "comparison":
+            continue
+        ratios = r.get("ratios", {})
+        if r["status"] != "ok":
+            rows.append([r["regime"], str(r["H"]), str(r["tokens"]), str(r["supervised_tokens"]), r["provider"],
+                         f"skipped: {r['reason']}"])
+            continue
+        row = [r["regime"], str(r["H"]), str(r["tokens"]), str(r["supervised_tokens"]), r["provider"],
+               _fmt(r["time_s"], ".3f"), _fmt(ratios.get("time_vs_naive"), ".2f"),
+               _fmt(ratios.get("time_vs_liger"), ".2f"), f"{r['peak_bytes'] / MIB:.1f}",
+               _fmt(ratios.get("peak_vs_naive"), ".3f"), _fmt(ratios.get("peak_vs_liger"), ".3f"),
+               f"{r['rss_extra_bytes'] / MIB:.0f}", _fmt(r["tflops"], ".3f")]
+        if gpu:
+            row.append(_fmt(r.get("peak_fraction") and 100 * r["peak_fraction"], ".0f"))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows if i < len(row) and len(row) == len(header)) for i in range(len(header))]
+    # A skipped row is shorter: its reason fills the cells from the time onwards.
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
+
+
+def format_targets(records: list[dict]) -> str:
+    lines = ["Targets (set for the CPU in fp32):"]
+    for r in records:
+        for target in r.get("targets", []):
+            value = "-" if target["value"] is None else f"{target['value']:.3f}"
+            verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+            lines.append(f"  regime {r['regime']}, H {r['H']}: {target['target']}: ratio {value} "
+                         f"(limit {target['limit']}) -> {verdict}")
+    return "\n".join(lines)
+
+
+def format_scaling(records: list[dict]) -> str:
+    """dama's working memory at N and 2N tokens in regime a: it should not grow with N."""
+    by_tokens = {r["tokens"]: r for r in records if r["provider"] == "dama" and r["regime"] == "a"
+                 and r["H"] == 256 and r["status"] == "ok"}
+    if len(by_tokens) < 2:
+        return ""
+    parts = [f"N={tokens}: {r['peak_bytes'] / MIB:.1f} MiB" for tokens, r in sorted(by_tokens.items())]
+    return "dama working memory, regime a, H 256: " + ", ".join(parts)
+
+
+def plan_cases(hidden_sizes: tuple[int, ...], regimes: list[str], providers: list[str], dtype: str) -> list[Case]:
+    cases = [regime_case(p, regime, h, dtype) for h in hidden_sizes for regime in regimes for p in providers]
+    if 256 in hidden_sizes and "a" in regimes and "dama" in providers:
+        cases.append(regime_case("dama", "a", 256, dtype, length_scale=2))
+    return cases
+
+
+def _hidden_sizes(shapes: str, quick: bool, on_gpu: bool) -> tuple[int, ...]:
+    if shapes is None:
+        shapes = "quick" if quick else ("all" if on_gpu else "cpu")
+    if shapes in SHAPE_SETS:
+        return SHAPE_SETS[shapes]
+    try:
+        return tuple(int(h) for h in shapes.split(","))
+    except ValueError:
+        choices = ", ".join(SHAPE_SETS)
+        raise SystemExit(f"--shapes takes {choices} or hidden sizes like 256,1024; got {shapes!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.loss_head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="H 256 only and 1 timed step per case: the CPU smoke run of `make bench QUICK=1`, under "
+                             "2 minutes on 2 cores")
+    parser.add_argument("--shapes", default=None,
+                        help="hidden sizes H (V is 32000): 'quick' (256), 'cpu' (256,1024), 'all' (256,1024,4096; "
+                             "4096 is LLaVA-1.5-7B) or a comma list such as 256,1024. Default: 'cpu' on the CPU, "
+                             "'all' on a GPU, 'quick' with --quick")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                        help="implementations to run (default: all three)")
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=sorted(REGIMES),
+                        help="a: every token supervised, N = 8192; b: LLaVA-like, only 150 of 786 tokens per "
+                             "sequence supervised (default: both)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed forward + backward steps after the warm-up; the median is reported "
+                             "(default 3, 1 with --quick)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of hidden states and weight (default fp32 on the CPU, bf16 on a GPU)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"JSON file for the records (default {DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
+    parser.add_argument("--worker", metavar="CASE_JSON", default=None,
+                        help="internal: measure the one case given as JSON in this process and print its record as "
+                             "JSON; the main run starts one such process per case so that peak RSS is per case")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 0:
+        parser.error("--repeats must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if args.worker is not None:
+        print(json.dumps(run_case(Case(**json.loads(args.worker)), repeats, device)))
+        return
+
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    cases = plan_cases(_hidden_sizes(args.shapes, args.quick, device.type == "cuda"), args.regimes,
+                       args.providers, dtype)
+    started = time.perf_counter()
+    records = []
+    for index, case in enumerate(cases, 1):
+        # The N -> 2N check needs only the memory reading, which the warm-up step gives.
+        record = run_isolated(case, repeats if case.purpose == "comparison" else 0)
+        records.append(record)
+        shown = "skipped" if record["status"] != "ok" else f"{_fmt(record['time_s'], '.3f')} s, " + (
+            f"{record['peak_bytes'] / MIB:.1f} MiB")
+        print(f"[{index}/{len(cases)}] {case.provider} regime {case.regime} H {case.hidden_size} "
+              f"N {case.tokens}: {shown}", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        peak = matmul_peak_tflops(device, DTYPES[dtype])
+        for record in records:
+            record["matmul_peak_tflops"] = peak
+            record["peak_fraction"] = record.get("tflops") and record["tflops"] / peak
+    add_ratios(records)
+    add_targets(records)
+    env = environment()
+    records = [{**record, **env} for record in records]
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = args.output.with_name(args.output.name + ".tmp")
+    partial_path.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(partial_path, args.output)
+
+    print(format_table(records))
+    scaling = format_scaling(records)
+    if scaling:
+        print(scaling)
+    print(format_targets(records))
+    print(f"{len(cases)} cases in {time.perf_counter() - started:.0f} s on {device.type} ({dtype}); "
+          f"torch {env['torch']}, triton {env['triton']}, liger-kernel {env['liger_kernel']}, "
+          f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The loss-head benchmark under pytest-benchmark, on small shapes, and the checks that keep it honest.
+
+Run: .venv/bin/python -m pytest bench/test_loss_head.py [--benchmark-enable]. The benchmarks are grouped by regime so
+that pytest-benchmark shows naive, liger and dama side by side. The checks: the three providers compute the same loss
+and gradients (else the benchmark would compare different computations), the memory reading is exact on known
+allocations, and the CLI records a failing provider as skipped instead of stopping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from bench.loss_head import LOSSES, PROVIDERS, Case, add_ratios, add_targets, main, make_inputs, run_case, run_isolated
+from bench.memory import track_peak
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
+# Small enough for the whole file to run in seconds; regime b keeps its shape: a long unsupervised prefix.
+SMALL_LAYOUTS = {"a": {"prefix_len": 0, "response_len": 96}, "b": {"prefix_len": 80, "response_len": 16}}
+MB = 10_000_000
+# Bytes the tracker may see beyond a test's own blocks: scalar tensors that torch wraps around Python numbers.
+SLACK = 1024
+
+
+def small_case(provider: str, regime: str) -> Case:
+    return Case(provider=provider, regime=regime, hidden_size=64, vocab_size=2003, num_pairs=2, **SMALL_LAYOUTS[regime])
+
+
+def skip_if_unavailable(provider: str) -> None:
+    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
+
+
+def forward_backward(provider: str, regime: str, seed: int = 0):
+    inputs = make_inputs(small_case(provider, regime), DEVICE, seed=seed)
+    loss = LOSSES[provider](inputs)
+    loss.backward()
+    return inputs, loss.detach()
+
+
+@pytest.mark.parametrize("regime", ["a", "b"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_loss_head_speed(benchmark, provider: str, regime: str) -> None:
+    skip_if_unavailable(provider)
+    inputs = make_inputs(small_case(provider, regime), DEVICE)
+    loss_fn = LOSSES[provider]
+    benchmark.group = f"loss head forward + backward, regime {regime}"
+
+    def clear_grads() -> None:
+        inputs.hidden.grad = inputs.weight.grad = None
+
+    def step() -> None:
+        loss_fn(inputs).backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    benchmark.pedantic(step, setup=clear_grads, rounds=5, warmup_rounds=1)
+    assert torch.isfinite(inputs.hidden.grad).all() and torch.isfinite(inputs.weight.grad).all()
+
+
+@pytest.mark.parametrize("regime", ["a", "b"])
+def test_providers_give_the_same_loss_and_gradients(regime: str) -> None:
+    gold_inputs, gold_loss = forward_backward("naive", regime)
+    hidden_scale = gold_inputs.hidden.grad.abs().max().item()
+    # A saturated sigmoid would make every gradient near zero and the comparison empty.
+    assert hidden_scale > 1e-4
+    prefix_len = SMALL_LAYOUTS[regime]["prefix_len"]
+    for provider in ("liger", "dama"):
+        if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            continue
+        inputs, loss = forward_backward(provider, regime)
+        torch.testing.assert_close(loss, gold_loss, rtol=1e-5, atol=0, msg=f"{provider} loss")
+        torch.testing.assert_close(inputs.hidden.grad, gold_inputs.hidden.grad, rtol=0, atol=1e-5 * hidden_scale,
+                                   msg=f"{provider} hidden grad")
+        weight_scale = gold_inputs.weight.grad.abs().max().item()
+        torch.testing.assert_close(inputs.weight.grad, gold_inputs.weight.grad, rtol=0, atol=1e-5 * weight_scale,
+                                   msg=f"{provider} weight grad")
+        if prefix_len:
+            # Unsupervised positions take no part in the loss, whether a provider computes their logits or skips them.
+            assert inputs.hidden.grad[:, :prefix_len].abs().max().item() == 0, provider
+
+
+def test_track_peak_reports_a_known_allocation() -> None:
+    with track_peak(CPU) as reading:
+        block = torch.empty(MB, dtype=torch.uint8)
+        del block
+    assert MB <= reading.working_bytes() <= MB + SLACK
+
+
+def test_track_peak_replays_frees_in_order() -> None:
+    with track_peak(CPU) as reading:
+        for _ in range(3):
+            # The new block is allocated before the old one is released: two are live at once, never three.
+            block = torch.ones(MB // 4)
+        del block
+    assert 2 * MB <= reading.working_bytes() <= 2 * MB + SLACK
+
+
+def test_track_peak_ignores_tensors_from_before_the_region() -> None:
+    earlier = torch.ones(MB // 4)
+    with track_peak(CPU) as reading:
+        doubled = earlier * 2
+    assert MB <= reading.working_bytes() <= MB + SLACK
+    assert doubled.shape == earlier.shape
+
+
+def test_working_bytes_leaves_out_outputs_even_when_allocated_after_the_peak() -> None:
+    with track_peak(CPU) as reading:
+        scratch = torch.ones(MB // 4)
+        del scratch
+        output = torch.ones(MB // 8)
+    assert MB <= reading.working_bytes() <= MB + SLACK
+    # Subtracting the output from the peak would give 5 MB; the scratch block alone was 10 MB.
+    assert MB <= reading.working_bytes([output]) <= MB + SLACK
+
+
+def test_run_case_measures_the_fused_head_below_the_naive_one() -> None:
+    records = {p: run_case(small_case(p, "b"), repeats=1, device=DEVICE) for p in ("naive", "dama")}
+    for record in records.values():
+        assert record["time_s"] > 0 and record["peak_bytes"] > 0 and record["grad_bytes"] > 0
+    # naive holds (S, T, V) logits; dama one chunk of the 32 supervised rows: far less.
+    assert records["dama"]["peak_bytes"] < records["naive"]["peak_bytes"] / 4
+
+
+def test_targets_follow_the_ratios() -> None:
+    def record(provider: str, time_s: float, peak_bytes: int) -> dict:
+        return {"provider": provider, "regime": "b", "H": 256, "purpose": "comparison", "status": "ok",
+                "time_s": time_s, "peak_bytes": peak_bytes}
+
+    records = [record("naive", 4.0, 1000), record("liger", 1.0, 100), record("dama", 0.4, 10)]
+    add_ratios(records)
+    add_targets(records)
+    verdicts = {t["target"]: t["met"] for t in records[2]["targets"]}
+    assert verdicts == {
+        ">= 2x faster than naive": True,
+        ">= 2x faster than liger": True,
+        "working memory <= 5% of naive": True,
+        "working memory <= 5% of liger": False,
+    }
+
+
+def test_a_failing_provider_is_recorded_as_skipped() -> None:
+    record = run_isolated(Case(provider="missing", regime="b", hidden_size=8, vocab_size=16), repeats=1)
+    assert record["status"] == "skipped" and "missing" in record["reason"]
+
+
+def test_cli_writes_the_records(tmp_path) -> None:
+    output = tmp_path / "loss_head.json"
+    main(["--providers", "dama", "--regimes", "b", "--shapes", "64", "--repeats", "1", "--output", str(output)])
+    (record,) = json.loads(output.read_text())
+    for key in ("provider", "regime", "H", "V", "tokens", "supervised_tokens", "time_s", "peak_bytes",
+                "rss_peak_bytes", "ratios", "device", "dtype", "torch", "triton", "liger_kernel", "git_commit"):
+        assert key in record, key
+    assert (record["provider"], record["regime"], record["tokens"], record["supervised_tokens"]) == ("dama", "b", 6288,
+                                                                                                     1200)
