@@ -120,17 +120,19 @@ def packed_attention(
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    # (heads, N, D): sdpa attends over the second-to-last axis.
-    query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    # (1, heads, N, D): sdpa attends over the second-to-last axis. The batch axis matters: with 4-D inputs the CPU
+    # takes its flash kernel, with 3-D the math one, which keeps a heads x L x L probability tensor for the backward
+    # (fwd + bwd of one causal (4 heads, 800, 64) sequence on 2 idle cores: 0.026 s -> 0.011 s).
+    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
     bounds = cu_seqlens.tolist()
     outputs = [
         F.scaled_dot_product_attention(
-            query[:, start:end], key[:, start:end], value[:, start:end],
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
             dropout_p=dropout, is_causal=causal, scale=scaling,
         )
         for start, end in pairwise(bounds)
     ]
-    return torch.cat(outputs, dim=1).transpose(0, 1)  # (N, Hq, D)
+    return torch.cat(outputs, dim=2).squeeze(0).transpose(0, 1)  # (N, Hq, D)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

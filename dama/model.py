@@ -106,7 +106,7 @@ class SequenceLogpsHead(nn.Module):
 
 
 class DamaPolicy(nn.Module):
-    """LLaVA + the fused head. forward(batch) -> (policy log-probs (S,) fp32, supervised token counts (S,)).
+    """LLaVA + the fused head. forward(batch) -> policy log-probs (S,) fp32.
 
     head="fused" scores only supervised positions from hidden states; head="full_logits" runs the model's lm_head
     over every position, log-softmax and gather (the usual DPO trainer, kept as the baseline it is measured against).

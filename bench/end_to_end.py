@@ -1,0 +1,617 @@
+"""End-to-end benchmark: full DAMA training steps of a shape-faithful small LLaVA-1.5, packed + fused against padded +
+full logits, on one machine, in one run.
+
+Providers (P pairs per micro-batch, S = 2P sequences)
+  dama                PackedCollator + DamaPolicy(head="fused", packed attention): the S sequences end to end in one
+                      row without padding, each pair's image encoded once, and only the supervised positions scored,
+                      so the (tokens x V) logits are never built.
+  padded_full_logits  the authors' trainer: PaddedCollator (right padding to the longest of the S sequences), the
+                      language model on "sdpa" attention with a padding mask, DamaPolicy(head="full_logits") (lm_head
+                      over all S * T positions, log_softmax, gather), and each image encoded once per sequence: chosen
+                      and rejected are one batch of S rows with the pixels repeated, so each pair's image goes through
+                      the vision tower twice.
+A step is the same for both after the log-probs: DamaLoss (data-aware with a synthetic hardness and hardness_mean,
+model-aware, outlier filter on), backward, torch AdamW step. bench/test_end_to_end.py checks that both providers give
+the same loss and gradients, so that the benchmark compares one computation done two ways.
+
+Model: LLaVA-1.5's shapes where they set the cost of a step, small widths elsewhere. CLIP at 336 px with patch 14
+(576 image tokens per sequence, as LLaVA-1.5-7B), read at layer -2; a GELU projector; a Llama language model with
+LLaVA's vocabulary of 32000 and an untied head, hidden size and layer count from the command line (head dim 64, MLP
+width 11008 / 4096 of the hidden size as in Llama-2-7B). The vision tower is frozen, as in LLaVA DPO training.
+fp32 on the CPU.
+
+Data: PreferenceExample objects are synthesized directly, without a tokenizer or images on disk, since only the token
+counts and the layout matter to speed and memory. Each sequence is "<s>", 37 tokens of the vicuna v1 system line and
+"USER:", 576 image tokens, a question of 8 to 24 tokens and 6 tokens of "ASSISTANT:" (about 60 text tokens of prompt,
+as RLAIF-V), then the response ending in "</s>". Token ids are uniform random. Response lengths are drawn from a seeded
+distribution: a pair's base length is 150 * exp(N(0, 0.2^2)) and each response's is the base times exp(N(0, 0.2^2)),
+so 80% of responses run 104 to 216 tokens and chosen and rejected differ in length as real pairs do. Labels are -100
+on the prompt. Reference log-probs are about those of a uniform model (-ln V per token, plus noise) and the hardness is
+N(0, 1): they only feed the loss, whose cost does not depend on them.
+
+Measurement: each provider runs in a fresh process of this module (--worker), so that its peak RSS is its own, in
+--rounds rounds that alternate between the providers; per provider the round with the shortest median step is kept
+(other work on a shared machine only slows a run down), with every round's median in the record. The micro-batches
+(warm-up + timed steps) are the same for both. Reported: pairs per second from the median time of the timed steps
+(forward + loss + backward + optimizer step; collation is done beforehand, as data-loader workers would);
+peak working memory, the most tensor bytes live at once during one step beyond what was resident before it (weights,
+optimizer state, the batch), read by bench/memory.py's allocator replay in one more step under the profiler, on the
+run's micro-batch with the largest padded size S x T; and the process's peak RSS, read before that profiled step
+(the profiler itself keeps memory resident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from dama.collator import PackedCollator, PaddedBatch, PaddedCollator, PreferenceBatch
+from dama.config import DamaMethodConfig
+from dama.data import IGNORE_INDEX, PreferenceExample
+from dama.loss import DamaLoss, DamaLossResult
+from dama.model import DamaPolicy, configure_trainable
+from dama_kernels.functional import CHUNK_ELEMENTS
+
+from .memory import current_rss_bytes, peak_rss_bytes, track_peak
+
+PROVIDERS = ("dama", "padded_full_logits")
+BASELINE = "padded_full_logits"
+# Llama's special ids; the image token takes the last id so that the vocabulary stays LLaVA's 32000.
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+PAD_ID = UNK_ID  # LLaVA-1.5 pads with <unk>
+FIRST_TEXT_ID = 3
+SYSTEM_TOKENS = 38  # "<s>" + the vicuna v1 system line + " USER:" in Llama tokens
+ASSISTANT_TOKENS = 6  # " ASSISTANT:" after the question
+QUESTION_TOKENS = (8, 24)
+LENGTH_SPREAD = 0.2  # std of the log of a pair's base length and of each response around it
+HARDNESS_MEAN = 0.0
+HEAD_DIM = 64
+LEARNING_RATE = 1e-6
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "end_to_end.json"
+MIB = 1 << 20
+# A step whose CPU time per wall second falls below this fraction of the thread count did not have the cores to itself.
+CONTENDED = 0.75
+# (ratio key, limit, label, True when the ratio must be at least the limit)
+TARGETS = (
+    ("pairs_per_s_vs_baseline", 1.5, ">= 1.5x pairs/s", True),
+    ("peak_vs_baseline", 0.5, "<= 0.5x peak working memory", False),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and data sizes of a run; the defaults are the shape-faithful benchmark's (P = 4 pairs)."""
+
+    num_pairs: int = 4
+    hidden_size: int = 256
+    num_layers: int = 2
+    steps: int = 6
+    warmup: int = 2
+    vocab_size: int = 32000
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden_size: int = 64
+    response_mean: int = 150
+    seed: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def num_heads(self) -> int:
+        return max(2, self.hidden_size // HEAD_DIM)
+
+    @property
+    def intermediate_size(self) -> int:
+        # Llama-2-7B's MLP ratio 11008 / 4096, rounded to a multiple of 8.
+        return 8 * round(self.hidden_size * 11008 / 4096 / 8)
+
+
+def llava_config(shape: Shape) -> LlavaConfig:
+    """LLaVA-1.5's architecture (CLIP read at layer -2, CLS dropped, GELU projector, untied head) at `shape`'s sizes."""
+    if shape.image_size % shape.patch_size or shape.hidden_size % shape.num_heads:
+        raise ValueError(f"image_size must be a multiple of patch_size, and hidden_size of the {shape.num_heads} "
+                         f"heads; got {shape.image_size}, {shape.patch_size} and {shape.hidden_size}")
+    vision_config = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden_size, intermediate_size=4 * shape.vision_hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, image_size=shape.image_size, patch_size=shape.patch_size,
+        projection_dim=shape.vision_hidden_size,
+    )
+    text_config = LlamaConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
+        max_position_embeddings=4096, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=shape.image_token_id,
+        image_seq_length=shape.num_image_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+
+
+def synthetic_pair(shape: Shape, generator: torch.Generator, row_id: str) -> PreferenceExample:
+    """One pair laid out as LLaVA-1.5's template lays it out (module docstring), with random token ids."""
+
+    def text_ids(count: int) -> torch.Tensor:
+        return torch.randint(FIRST_TEXT_ID, shape.image_token_id, (count,), generator=generator)  # (count,)
+
+    def lognormal() -> float:
+        return math.exp(LENGTH_SPREAD * float(torch.randn((), generator=generator)))
+
+    question = int(torch.randint(QUESTION_TOKENS[0], QUESTION_TOKENS[1] + 1, (), generator=generator))
+    prompt = torch.cat([
+        torch.tensor([BOS_ID]), text_ids(SYSTEM_TOKENS - 1),
+        torch.full((shape.num_image_tokens,), shape.image_token_id), text_ids(question + ASSISTANT_TOKENS),
+    ])  # (Lp,)
+    base_length = shape.response_mean * lognormal()
+
+    def sequence() -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """(input ids, labels) of prompt + response, its reference log-prob and its response length."""
+        length = max(2, round(base_length * lognormal()))
+        response = torch.cat([text_ids(length - 1), torch.tensor([EOS_ID])])  # (length,)
+        labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), response])
+        # Near a uniform model's log-prob, -ln V per token, so the margins start close to 0.
+        ref_logps = -math.log(shape.vocab_size) * length + float(torch.randn((), generator=generator))
+        return torch.cat([prompt, response]), labels, ref_logps, length
+
+    chosen_ids, chosen_labels, ref_chosen, chosen_length = sequence()
+    rejected_ids, rejected_labels, ref_rejected, rejected_length = sequence()
+    return PreferenceExample(
+        row_id=row_id,
+        prompt_length=prompt.shape[0],
+        chosen_input_ids=chosen_ids,
+        chosen_labels=chosen_labels,
+        rejected_input_ids=rejected_ids,
+        rejected_labels=rejected_labels,
+        pixel_values=torch.randn(3, shape.image_size, shape.image_size, generator=generator),
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+        ref_chosen_mean_logps=ref_chosen / chosen_length,
+        ref_rejected_mean_logps=ref_rejected / rejected_length,
+        hardness=float(torch.randn((), generator=generator)),
+    )
+
+
+def micro_batches(shape: Shape) -> list[list[PreferenceExample]]:
+    """The warm-up and timed micro-batches of a run, P pairs each; a function of shape (its seed included) only."""
+    generator = torch.Generator().manual_seed(shape.seed)
+    return [
+        [synthetic_pair(shape, generator, f"synthetic:{step * shape.num_pairs + k}") for k in range(shape.num_pairs)]
+        for step in range(shape.warmup + shape.steps)
+    ]
+
+
+def padded_tokens(examples: Sequence[PreferenceExample]) -> int:
+    """S x T: the tokens of the padded layout of these pairs."""
+    longest = max(max(e.chosen_input_ids.shape[0], e.rejected_input_ids.shape[0]) for e in examples)
+    return 2 * len(examples) * longest
+
+
+class ImagePerSequenceCollator:
+    """PaddedCollator, then one image per sequence: the authors' trainer concatenates chosen and rejected into one
+    batch of S = 2P rows and repeats the pixels, so the vision tower encodes each pair's image twice.
+
+    pixel_values (P, 3, h, w) -> (S, 3, h, w) and image_index -> arange(S): sequence k (chosen block, then rejected
+    block) reads image k, a copy of pair k mod P's.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.padded = PaddedCollator(pad_token_id)
+
+    def __call__(self, examples: Sequence[PreferenceExample]) -> PaddedBatch:
+        batch = self.padded(examples)
+        return dataclasses.replace(batch, pixel_values=batch.pixel_values.repeat(2, 1, 1, 1),
+                                   image_index=torch.arange(batch.num_seqs))
+
+
+@dataclass
+class TrainingSetup:
+    """What one provider trains with; params are the trainable ones, in the model's parameter order."""
+
+    provider: str
+    policy: DamaPolicy
+    collate: Callable[[Sequence[PreferenceExample]], PreferenceBatch]
+    loss_fn: DamaLoss
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+
+
+def build_setup(provider: str, shape: Shape) -> TrainingSetup:
+    """A fresh model (weights a function of shape.seed), policy, collator, loss and optimizer for `provider`."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(shape.seed)
+    try:
+        llava = LlavaForConditionalGeneration(llava_config(shape)).train()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    configure_trainable(llava)
+    if provider == "dama":
+        policy = DamaPolicy(llava, head="fused", packed_attention=True)
+        collate = PackedCollator()
+    else:
+        llava.set_attn_implementation({"text_config": "sdpa"})
+        policy = DamaPolicy(llava, head="full_logits", packed_attention=False)
+        collate = ImagePerSequenceCollator(PAD_ID)
+    params = [p for p in policy.llava.parameters() if p.requires_grad]
+    loss_fn = DamaLoss(DamaMethodConfig(beta=0.1), hardness_mean=HARDNESS_MEAN)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    return TrainingSetup(provider, policy, collate, loss_fn, optimizer, params)
+
+
+def forward_backward(setup: TrainingSetup, batch: PreferenceBatch) -> DamaLossResult:
+    """Policy log-probs (S,), the DAMA loss of the P pairs, and its backward into the trainable parameters."""
+    logps = setup.policy(batch)  # (S,)
+    chosen_logps, rejected_logps = batch.split_chosen_rejected(logps)  # (P,), (P,)
+    result = setup.loss_fn(chosen_logps, rejected_logps, batch.ref_chosen_logps, batch.ref_rejected_logps,
+                           batch.hardness)
+    result.loss.backward()
+    return result
+
+
+def train_step(setup: TrainingSetup, batch: PreferenceBatch) -> float:
+    """forward_backward and an optimizer step; the gradients are cleared before, not after (they stay readable)."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    result = forward_backward(setup, batch)
+    setup.optimizer.step()
+    return result.loss.item()
+
+
+def matmul_flops(shape: Shape, tokens: int, scored_rows: int, head: str) -> dict[str, int]:
+    """Matmul FLOPs of a step, forward + backward: the language model's linear layers and the lm_head.
+
+    Counts 6 x rows x in x out per linear layer (2 forward, 4 backward); the fused head adds 2 more per row, since its
+    backward recomputes the logits. Attention scores and the frozen vision tower are left out.
+    """
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    body = 6 * tokens * shape.num_layers * (4 * hidden * hidden + 3 * hidden * inter)
+    head_rows = scored_rows if head == "fused" else tokens
+    per_row = 8 if head == "fused" else 6
+    return {"body": body, "head": per_row * head_rows * hidden * shape.vocab_size}
+
+
+def run_provider(provider: str, shape: Shape) -> dict:
+    """Measures one provider in this process and returns its record (without ratios or the environment)."""
+    examples = micro_batches(shape)
+    setup = build_setup(provider, shape)
+    batches = [setup.collate(pairs) for pairs in examples]
+    rss_ready = current_rss_bytes()
+    times, cpu_times, losses = [], [], []
+    for index, batch in enumerate(batches):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(train_step(setup, batch))
+        if index >= shape.warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    # Read before the profiled step: the profiler keeps a few hundred MB resident.
+    rss_peak = peak_rss_bytes()
+    profiled = max(range(len(batches)), key=lambda k: padded_tokens(examples[k]))
+    setup.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    with track_peak(torch.device("cpu")) as reading:
+        forward_backward(setup, batches[profiled])
+        setup.optimizer.step()
+    grads = [p.grad for p in setup.params]
+    state_bytes = sum(t.untyped_storage().nbytes() for state in setup.optimizer.state.values()
+                      for t in state.values() if isinstance(t, torch.Tensor))
+
+    timed = batches[shape.warmup:]
+    layout_tokens = [b.input_ids.numel() for b in timed]
+    sequence_tokens = [sum(e.chosen_input_ids.shape[0] + e.rejected_input_ids.shape[0] for e in pairs)
+                       for pairs in examples[shape.warmup:]]
+    scored = [b.supervised_positions.numel() for b in timed]
+    head = setup.policy.head_kind
+    step_time = statistics.median(times)
+    mean_tokens = statistics.mean(layout_tokens)
+    flops = matmul_flops(shape, round(mean_tokens), round(statistics.mean(scored)), head)
+    return {
+        "provider": provider,
+        "status": "ok",
+        "layout": "packed" if provider == "dama" else "padded",
+        "head": head,
+        "attention": setup.policy.llava.config.text_config._attn_implementation,
+        "images_encoded_per_step": int(timed[0].pixel_values.shape[0]),
+        "pairs": shape.num_pairs,
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "pairs_per_s": shape.num_pairs / step_time,
+        "pairs_per_s_overall": shape.num_pairs * len(times) / sum(times),
+        # CPU seconds of this process, all its threads together.
+        "step_cpu_s": statistics.median(cpu_times),
+        "step_cpu_times_s": cpu_times,
+        # About the thread count when the step had the cores to itself, nearer 1 when other work took a core.
+        "cpu_per_wall": statistics.median(c / t for c, t in zip(cpu_times, times, strict=True)),
+        "threads": torch.get_num_threads(),
+        "peak_bytes": reading.working_bytes(),
+        "peak_bytes_without_grads": reading.working_bytes(grads),
+        "grad_bytes": sum(g.untyped_storage().nbytes() for g in grads),
+        "weights_bytes": sum(p.untyped_storage().nbytes() for p in setup.policy.llava.parameters()),
+        "optimizer_state_bytes": state_bytes,
+        "profiled_step": profiled,
+        "rss_ready_bytes": rss_ready,
+        "rss_peak_bytes": rss_peak,
+        "rss_extra_bytes": rss_peak - rss_ready,
+        "layout_tokens_mean": mean_tokens,
+        "sequence_tokens_mean": statistics.mean(sequence_tokens),
+        "padding_fraction": 1 - statistics.mean(sequence_tokens) / mean_tokens,
+        "scored_tokens_mean": statistics.mean(scored),
+        "logits_rows": round(mean_tokens) if head == "full_logits" else max(16, CHUNK_ELEMENTS // shape.vocab_size),
+        "matmul_gflops_per_step": {part: value / 1e9 for part, value in flops.items()},
+        "losses": losses,
+        "device": "cpu",
+        "device_name": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} threads",
+        "dtype": "fp32",
+        # Other work on a shared machine slows a provider down; the load average over the last minute says how much.
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def run_isolated(provider: str, shape: Shape) -> dict:
+    """run_provider in a fresh process of this module; a failure becomes a skipped record with the reason."""
+    command = [sys.executable, "-m", "bench.end_to_end", "--worker", json.dumps({"provider": provider,
+                                                                                  **asdict(shape)})]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    reason = lines[-1] if lines else f"exit status {done.returncode}"
+    return {"provider": provider, "status": "skipped", "reason": f"{provider} failed: {reason}", "pairs_per_s": None,
+            "peak_bytes": None, "rss_peak_bytes": None}
+
+
+def best_round(rounds: list[dict]) -> dict:
+    """The round with the shortest median step among a provider's measured rounds, with every round's median.
+
+    Other work on a shared machine only ever slows a run down, so the fastest round is the least disturbed one.
+    """
+    measured = [r for r in rounds if r["status"] == "ok"]
+    if not measured:
+        return rounds[0]
+    best = min(measured, key=lambda r: r["step_time_s"])
+    return {**best, "rounds": len(rounds), "round_step_times_s": [r["step_time_s"] for r in measured]}
+
+
+def shape_fields(shape: Shape, examples: list[list[PreferenceExample]]) -> dict:
+    """The shape of a run as stored in every record: sizes, and the token counts its data actually has."""
+    pairs = [e for batch in examples[shape.warmup:] for e in batch]
+    responses = [ids.shape[0] - e.prompt_length for e in pairs for ids in (e.chosen_input_ids, e.rejected_input_ids)]
+    return {
+        **asdict(shape),
+        "num_heads": shape.num_heads,
+        "intermediate_size": shape.intermediate_size,
+        "image_tokens_per_sequence": shape.num_image_tokens,
+        "prompt_text_tokens_mean": statistics.mean(e.prompt_length - shape.num_image_tokens for e in pairs),
+        "response_tokens": {"min": min(responses), "mean": statistics.mean(responses), "max": max(responses)},
+        "chosen_minus_rejected_abs_mean": statistics.mean(
+            abs(e.chosen_input_ids.shape[0] - e.rejected_input_ids.shape[0]) for e in pairs),
+    }
+
+
+def _ratio(value: float | None, peer: float | None) -> float | None:
+    return None if value is None or not peer else value / peer
+
+
+def add_ratios_and_targets(records: list[dict]) -> None:
+    """Adds ratios over the baseline to every measured record, and the targets to dama's."""
+    baseline = next((r for r in records if r["provider"] == BASELINE), {})
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        record["ratios"] = {
+            "pairs_per_s_vs_baseline": _ratio(record["pairs_per_s"], baseline.get("pairs_per_s")),
+            "cpu_s_per_step_vs_baseline": _ratio(record["step_cpu_s"], baseline.get("step_cpu_s")),
+            "peak_vs_baseline": _ratio(record["peak_bytes"], baseline.get("peak_bytes")),
+            "rss_peak_vs_baseline": _ratio(record["rss_peak_bytes"], baseline.get("rss_peak_bytes")),
+            "rss_extra_vs_baseline": _ratio(record["rss_extra_bytes"], baseline.get("rss_extra_bytes")),
+        }
+        if record["provider"] != "dama":
+            continue
+        record["targets"] = []
+        for key, limit, label, at_least in TARGETS:
+            value = record["ratios"][key]
+            met = None if value is None else (value >= limit if at_least else value <= limit)
+            record["targets"].append({"target": label, "ratio": key, "value": value, "limit": limit, "met": met})
+
+
+def environment() -> dict:
+    """Versions and the commit, stored in every record."""
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "git_commit": commit.strip() if commit else None,
+        # Uncommitted changes to tracked files mean the commit alone does not name the code that ran.
+        "git_dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(records: list[dict]) -> str:
+    """A markdown table, one row per provider; ratios are over the baseline."""
+    header = ["provider", "layout", "tokens/step", "padding", "pairs/s", "x base", "step s", "CPU s/step", "CPU/wall",
+              "peak work MiB", "x base", "peak RSS MiB", "x base", "RSS+ MiB"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        if r["status"] != "ok":
+            rows.append(f"| {r['provider']} | skipped: {r['reason']} |")
+            continue
+        ratios = r["ratios"]
+        cells = [r["provider"], f"{r['layout']}, {r['head']}, {r['attention']}", f"{r['layout_tokens_mean']:.0f}",
+                 f"{100 * r['padding_fraction']:.1f}%", f"{r['pairs_per_s']:.3f}",
+                 _fmt(ratios["pairs_per_s_vs_baseline"], ".2f"), f"{r['step_time_s']:.2f}", f"{r['step_cpu_s']:.2f}",
+                 f"{r['cpu_per_wall']:.2f}",
+                 f"{r['peak_bytes'] / MIB:.0f}", _fmt(ratios["peak_vs_baseline"], ".3f"),
+                 f"{r['rss_peak_bytes'] / MIB:.0f}", _fmt(ratios["rss_peak_vs_baseline"], ".3f"),
+                 f"{r['rss_extra_bytes'] / MIB:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_targets(records: list[dict]) -> str:
+    """The targets' verdicts, after a warning for each provider whose steps shared the cores with other work."""
+    lines = [f"- WARNING: {r['provider']} ran at {r['cpu_per_wall']:.2f} CPU s per wall s with {r['threads']} threads: "
+             "other work shared the cores, which slows the many small operations of a step most; re-run on a quiet "
+             "machine" for r in records if r["status"] == "ok" and r["cpu_per_wall"] < CONTENDED * r["threads"]]
+    for r in records:
+        for target in r.get("targets", []):
+            verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+            lines.append(f"- {target['target']}: {_fmt(target['value'], '.3f')} (limit {target['limit']}) -> {verdict}")
+    return "\n".join(lines)
+
+
+def write_chart(records: list[dict], path: Path) -> None:
+    """Bars of pairs/s, peak working memory and peak RSS for each provider, with ours-over-baseline ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in records if r["status"] == "ok"]
+    names = [r["provider"] for r in measured]
+    colors = ["tab:green" if name == "dama" else "tab:gray" for name in names]
+    panels = (("pairs_per_s", 1, ".3f", "pairs / s (higher is better)", "pairs_per_s_vs_baseline"),
+              ("peak_bytes", MIB, ".0f", "peak working memory, MiB", "peak_vs_baseline"),
+              ("rss_peak_bytes", MIB, ".0f", "peak RSS, MiB", "rss_peak_vs_baseline"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(12, 4))
+    for axis, (key, unit, spec, title, ratio_key) in zip(axes, panels, strict=True):
+        values = [r[key] / unit for r in measured]
+        bars = axis.bar(names, values, color=colors)
+        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)" if r["provider"] != BASELINE else "")
+                  for v, r in zip(values, measured, strict=True)]
+        axis.bar_label(bars, labels=labels, fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.margins(y=0.25)
+        axis.tick_params(axis="x", labelsize=8)
+    shape = measured[0]["shape"] if measured else {}
+    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V 32000), H {shape.get('hidden_size')}, "
+                    f"{shape.get('num_layers')} layers, P {shape.get('num_pairs')}; {measured[0]['device_name']}"
+                    if measured else "no provider measured", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.end_to_end", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="hidden size 128, 1 warm-up + 2 timed steps and 1 round unless given: the smoke run, "
+                             "under 2 minutes on 2 cores")
+    parser.add_argument("--pairs", type=int, default=Shape.num_pairs,
+                        help=f"pairs per micro-batch, P (S = 2P sequences; default {Shape.num_pairs})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed training steps per provider after the warm-up; the median is reported "
+                             f"(default {Shape.steps}, 2 with --quick)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help=f"hidden size of the language model, head dim {HEAD_DIM} (default {Shape.hidden_size}, "
+                             "128 with --quick; LLaVA-1.5-7B has 4096)")
+    parser.add_argument("--layers", type=int, default=Shape.num_layers,
+                        help=f"decoder layers of the language model (default {Shape.num_layers}; LLaVA-1.5-7B has 32)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed training steps before the timed ones (default {Shape.warmup}, 1 with --quick): "
+                             "the first step maps its memory in for the first time")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="fresh processes per provider, alternating between the providers; the round with the "
+                             "shortest median step is kept, since other work on a shared machine only slows a run "
+                             "down (default 2, 1 with --quick)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"JSON file for the records; the chart goes next to it with a .png suffix (default "
+                             f"{DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
+    parser.add_argument("--worker", metavar="JSON", default=None,
+                        help="internal: measure the one provider and shape given as JSON in this process and print "
+                             "its record as JSON; the main run starts one such process per provider")
+    args = parser.parse_args(argv)
+    for name in ("pairs", "steps", "hidden_size", "layers", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        fields = json.loads(args.worker)
+        provider = fields.pop("provider")
+        print(json.dumps(run_provider(provider, Shape(**fields))))
+        return
+
+    shape = Shape(
+        num_pairs=args.pairs,
+        hidden_size=args.hidden_size or (128 if args.quick else Shape.hidden_size),
+        num_layers=args.layers,
+        steps=args.steps or (2 if args.quick else Shape.steps),
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else Shape.warmup),
+    )
+    rounds = args.rounds or (1 if args.quick else 2)
+    started = time.perf_counter()
+    env = environment()
+    fields = shape_fields(shape, micro_batches(shape))
+    runs = {provider: [] for provider in (BASELINE, "dama")}
+    for round_index in range(rounds):
+        for provider, provider_runs in runs.items():
+            record = run_isolated(provider, shape)
+            provider_runs.append(record)
+            shown = (f"{record['pairs_per_s']:.3f} pairs/s, {record['peak_bytes'] / MIB:.0f} MiB, load "
+                     f"{record['load_average_1min']:.1f}" if record["status"] == "ok" else record["reason"])
+            print(f"round {round_index + 1}/{rounds}, {provider}: {shown}", file=sys.stderr, flush=True)
+    records = [{**best_round(provider_runs), "shape": fields} for provider_runs in runs.values()]
+    add_ratios_and_targets(records)
+    records = [{**record, **env} for record in records]
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = args.output.with_name(args.output.name + ".tmp")
+    partial_path.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(partial_path, args.output)
+    chart = args.output.with_suffix(".png")
+    write_chart(records, chart)
+
+    print(format_table(records))
+    print(format_targets(records))
+    print(f"H {shape.hidden_size}, {shape.num_layers} layers, P {shape.num_pairs}, {shape.warmup} + {shape.steps} "
+          f"steps, best of {rounds} rounds; "
+          f"{time.perf_counter() - started:.0f} s; torch {env['torch']}, transformers {env['transformers']}, commit "
+          f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}, chart in {chart}")
+
+
+if __name__ == "__main__":
+    main()
