@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "passed to the training config (configs/tiny_demo.yaml), e.g. `-- --num_train_epochs 1`.",
     )
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
-    parser.add_argument("--num-train", type=int, default=384, help="training pairs (default: %(default)s)")
-    parser.add_argument("--num-eval", type=int, default=96, help="held-out pairs (default: %(default)s)")
+    parser.add_argument("--num-train", type=int, default=1024, help="training pairs (default: %(default)s)")
+    parser.add_argument("--num-eval", type=int, default=200, help="held-out pairs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and training")
     parser.add_argument("--warm-up-steps", type=int, default=300,
                         help="supervised steps on the chosen answers before DAMA (default: %(default)s)")
