@@ -69,6 +69,7 @@ from dama.loss import DamaLoss, DamaLossResult
 from dama.model import DamaPolicy, configure_trainable
 from dama_kernels.functional import CHUNK_ELEMENTS
 
+from .environment import REPO_ROOT, git_state
 from .memory import current_rss_bytes, peak_rss_bytes, track_peak
 
 PROVIDERS = ("dama", "padded_full_logits")
@@ -84,7 +85,6 @@ LENGTH_SPREAD = 0.2  # std of the log of a pair's base length and of each respon
 HARDNESS_MEAN = 0.0
 HEAD_DIM = 64
 LEARNING_RATE = 1e-6
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "end_to_end.json"
 MIB = 1 << 20
 # A step whose CPU time per wall second falls below this fraction of the thread count did not have the cores to itself.
@@ -441,20 +441,9 @@ def add_ratios_and_targets(records: list[dict]) -> None:
 
 def environment() -> dict:
     """Versions and the commit, stored in every record."""
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "git_commit": commit.strip() if commit else None,
-        # Uncommitted changes to tracked files mean the commit alone does not name the code that ran.
-        "git_dirty": bool(status.strip()) if status is not None else None,
+        **git_state(),
     }
 
 

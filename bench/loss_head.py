@@ -51,6 +51,7 @@ import triton
 from dama_kernels import dama_sigmoid_loss, sequence_logps
 from dama_kernels.functional import CHUNK_ELEMENTS
 
+from .environment import REPO_ROOT, git_state
 from .memory import PeakReading, current_rss_bytes, peak_rss_bytes, track_peak
 
 PROVIDERS = ("naive", "liger", "dama")
@@ -63,7 +64,6 @@ BETA = 0.1
 IGNORE_INDEX = -100
 # liger's default: each chunk holds one chosen and one rejected sequence at full length.
 LIGER_CHUNK_PAIRS = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "loss_head.json"
 MIB = 1 << 20
 
@@ -398,19 +398,9 @@ def environment() -> dict:
     except PackageNotFoundError:
         liger_version = None
 
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "torch": torch.__version__, "triton": triton.__version__, "liger_kernel": liger_version,
-        "python": platform.python_version(), "git_commit": commit.strip() if commit else None,
-        # Uncommitted changes to tracked files (kernels/ included) mean the commit alone does not name the code run.
-        "git_dirty": bool(status.strip()) if status is not None else None,
+        "python": platform.python_version(), **git_state(),
     }
 
 

@@ -45,7 +45,7 @@ import datasets
 import torch
 from PIL import Image
 
-from dama.rlaif_io import detect_format, parquet_files
+from dama.rlaif_io import detect_format, parquet_files, read_json_list
 
 IGNORE_INDEX = -100
 VICUNA_V1_SYSTEM = (
@@ -207,12 +207,7 @@ def load_preference_rows(
 
 
 def _json_rows(path: Path) -> datasets.Dataset:
-    if not path.is_file():
-        raise FileNotFoundError(f"input {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{path}: expected a JSON list of objects (the authors' format)")
+    records = read_json_list(path)
     present = [c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if any(c in r for r in records)]
     columns: dict[str, list] = {c: [r.get(c) for r in records] for c in present}
     # The authors' `logps` mixes numbers and lists, which Arrow cannot type; its JSON text keeps it intact.

@@ -92,7 +92,8 @@ def parquet_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _read_json_list(path: Path) -> list[dict]:
+def read_json_list(path: Path) -> list[dict]:
+    """The records of an authors'-format JSON file (a list of objects), with a clear error for anything else."""
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     with open(path, encoding="utf-8") as handle:
@@ -109,7 +110,7 @@ def count_rows(path: str | Path, limit: int | None = None) -> int:
 
         total = sum(pq.ParquetFile(file).metadata.num_rows for file in parquet_files(path))
     else:
-        total = len(_read_json_list(Path(path)))
+        total = len(read_json_list(Path(path)))
     return total if limit is None else min(total, limit)
 
 
@@ -160,7 +161,7 @@ def iter_pairs(path: str | Path, image_folder: str | Path | None = None, limit: 
     folder = Path(image_folder) if image_folder is not None else None
     remaining = limit
     if detect_format(path) == "json":
-        records = _read_json_list(path)
+        records = read_json_list(path)
         if remaining is not None:
             records = records[:remaining]
         for number, record in enumerate(records):
@@ -253,7 +254,7 @@ def write_dataset(
     """
     input_path = Path(input_path)
     if detect_format(input_path) == "json":
-        records = _read_json_list(input_path)
+        records = read_json_list(input_path)
         records = records if limit is None else records[:limit]
         for number, record in enumerate(records):
             record.update(values_for_row(f"{input_path.name}:{number}"))
