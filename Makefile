@@ -17,7 +17,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests bench
 
 demo: $(STAMP)
 	$(PY) -m dama.cli demo --output-dir outputs/demo
