@@ -1,0 +1,194 @@
+"""Block-size sweep of the fused linear log-prob kernels on the GPU at hand (needs CUDA).
+
+For each candidate tile configuration it times the forward kernel alone and the backward kernel alone at a shape of
+LLaVA-1.5-7B's head (H 4096, V 32064), and, side by side in the same run, the chunked torch path (cuBLAS matmuls over
+row chunks of logits) and the full-logits head. Rates are useful TFLOP/s: 2 N H V for the forward, 4 N H V for the
+backward (its recomputation of the logits is not counted), against a large matmul in the same dtype timed in the same
+run. A configuration that does not compile or launch on this device is reported with the reason.
+
+Output: a table per (dtype, N) and the records as JSON in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from dama_kernels.functional import CHUNK_ELEMENTS
+from dama_kernels.launch_config import LinearLogprobBlocks
+from dama_kernels.linear_logprob_backward import linear_logprob_bwd_triton
+from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
+from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
+
+from .environment import REPO_ROOT, git_state
+
+IGNORE_INDEX = -100
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CANDIDATES = [
+    LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=4, num_stages=3),
+    LinearLogprobBlocks(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
+    LinearLogprobBlocks(block_n=64, block_v=256, block_h=64, num_warps=4, num_stages=4),
+    LinearLogprobBlocks(block_n=128, block_v=128, block_h=128, num_warps=8, num_stages=2),
+    LinearLogprobBlocks(block_n=256, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, num_warps=4, num_stages=4),
+    LinearLogprobBlocks(block_n=128, block_v=64, block_h=64, num_warps=4, num_stages=4),
+    LinearLogprobBlocks(block_n=64, block_v=64, block_h=64, num_warps=4, num_stages=3),
+]
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "tune_blocks.json"
+
+
+def matmul_peak_tflops(dtype: torch.dtype, size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    return 2 * size**3 / triton.testing.do_bench(lambda: a @ b, return_mode="median") / 1e9
+
+
+def make_inputs(num_tokens: int, hidden_size: int, vocab_size: int, dtype: torch.dtype):
+    hidden = torch.randn(num_tokens, hidden_size, device="cuda").to(dtype)  # (N, H)
+    weight = (torch.randn(vocab_size, hidden_size, device="cuda") / math.sqrt(hidden_size)).to(dtype)  # (V, H)
+    labels = torch.randint(0, vocab_size, (num_tokens,), device="cuda")  # (N,)
+    grad = torch.randn(num_tokens, device="cuda")  # (N,)
+    return hidden, weight, labels, grad
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def full_logits_ms(hidden, weight, labels, grad) -> tuple[float, float]:
+    """Forward and forward + backward of log_softmax(h @ W.T).gather, the naive head."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+
+    def forward():
+        return torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, labels[:, None])[:, 0]
+
+    def forward_backward():
+        hidden.grad = weight.grad = None
+        forward().backward(grad)
+
+    return time_ms(forward), time_ms(forward_backward)
+
+
+CUBLAS_CHUNK_ROWS = 4096
+
+
+def cublas_chunked_ms(hidden, weight, labels, grad) -> tuple[float, float]:
+    """The chunked head as a GPU trainer would write it with cuBLAS: input-dtype matmuls over row chunks, fp32
+    softmax, d_logits rounded to the input dtype (the alternative to a fused backward kernel)."""
+
+    def forward():
+        out = []
+        for start in range(0, hidden.shape[0], CUBLAS_CHUNK_ROWS):
+            logits = (hidden[start:start + CUBLAS_CHUNK_ROWS] @ weight.T).float()
+            out.append(logits.gather(1, labels[start:start + CUBLAS_CHUNK_ROWS, None])[:, 0] - logits.logsumexp(-1))
+        return torch.cat(out)
+
+    def backward():
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], CUBLAS_CHUNK_ROWS):
+            rows = slice(start, start + CUBLAS_CHUNK_ROWS)
+            d_logits = (hidden[rows] @ weight.T).float().softmax(-1).neg_()
+            d_logits.scatter_add_(1, labels[rows, None], torch.ones_like(d_logits[:, :1]))
+            d_logits = (d_logits * grad[rows, None]).to(hidden.dtype)
+            d_hidden[rows] = d_logits @ weight
+            d_weight.add_((d_logits.T @ hidden[rows]).float())
+        return d_hidden, d_weight
+
+    return time_ms(forward), time_ms(backward)
+
+
+def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, peak: float) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    hidden, weight, labels, grad = make_inputs(num_tokens, hidden_size, vocab_size, dtype)
+    fwd_flops, bwd_flops = 2 * num_tokens * hidden_size * vocab_size, 4 * num_tokens * hidden_size * vocab_size
+    common = {"dtype": dtype_name, "N": num_tokens, "H": hidden_size, "V": vocab_size, "matmul_peak_tflops": peak}
+    records = []
+
+    def record(name: str, fwd_ms: float | None, bwd_ms: float | None, **extra) -> None:
+        records.append({
+            **common, "provider": name, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+            "fwd_tflops": fwd_ms and fwd_flops / fwd_ms / 1e9, "bwd_tflops": bwd_ms and bwd_flops / bwd_ms / 1e9,
+            **extra,
+        })
+
+    reference = linear_logprob_fwd_torch(hidden, weight, labels, None, IGNORE_INDEX, 256)  # (logps, max, log_norm)
+    for blocks in CANDIDATES:
+        fields = {"blocks": blocks.__dict__}
+        try:
+            token_logps, max_logit, log_norm = linear_logprob_fwd_triton(
+                hidden, weight, labels, None, IGNORE_INDEX, blocks)
+            torch.cuda.synchronize()
+            fields["max_abs_err_vs_torch"] = (token_logps - reference[0]).abs().max().item()
+            fwd_ms = time_ms(lambda b=blocks: linear_logprob_fwd_triton(hidden, weight, labels, None, IGNORE_INDEX, b))
+            bwd_ms = time_ms(lambda b=blocks, m=max_logit, n=log_norm: linear_logprob_bwd_triton(
+                grad, hidden, weight, labels, None, m, n, IGNORE_INDEX, b, (True, True, False)))
+            record("triton", fwd_ms, bwd_ms, **fields)
+        except Exception as error:  # an out-of-resources launch is a result of the sweep, not a failure of it
+            record("triton", None, None, **fields, error=f"{type(error).__name__}: {str(error)[:200]}")
+    chunk = max(16, CHUNK_ELEMENTS // vocab_size)
+    _, max_logit, log_norm = reference
+    fwd_ms = time_ms(lambda: linear_logprob_fwd_torch(hidden, weight, labels, None, IGNORE_INDEX, chunk))
+    bwd_ms = time_ms(lambda: linear_logprob_bwd_torch(
+        grad, hidden, weight, labels, None, max_logit, log_norm, IGNORE_INDEX, chunk, (True, True, False)))
+    record("torch_chunked", fwd_ms, bwd_ms, chunk_rows=chunk)
+    fwd_ms, bwd_ms = cublas_chunked_ms(hidden, weight, labels, grad)
+    record("cublas_chunked_16bit", fwd_ms, bwd_ms, chunk_rows=CUBLAS_CHUNK_ROWS)
+    naive_fwd, naive_fwd_bwd = full_logits_ms(hidden, weight, labels, grad)
+    record("full_logits", naive_fwd, naive_fwd_bwd - naive_fwd)
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    lines = []
+    for r in records:
+        blocks = r.get("blocks")
+        name = r["provider"] if not blocks else (
+            f"triton {blocks['block_n']}x{blocks['block_v']}x{blocks['block_h']} w{blocks['num_warps']} "
+            f"s{blocks['num_stages']}")
+        if r.get("error"):
+            lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<30} failed: {r['error'][:90]}")
+            continue
+        fwd_pct = 100 * r["fwd_tflops"] / r["matmul_peak_tflops"]
+        bwd_pct = 100 * r["bwd_tflops"] / r["matmul_peak_tflops"]
+        lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<30} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} "
+                     f"TFLOP/s ({fwd_pct:3.0f}%)  bwd {r['bwd_ms']:8.3f} ms {r['bwd_tflops']:6.1f} TFLOP/s "
+                     f"({bwd_pct:3.0f}%)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tune_blocks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1200, 8192],
+                        help="supervised rows N: 1200 is 4 LLaVA pairs of 150-token responses")
+    parser.add_argument("--hidden-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=32064)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.tune_blocks times GPU kernels and needs a CUDA device")
+    records = []
+    for dtype_name in args.dtypes:
+        peak = matmul_peak_tflops(DTYPES[dtype_name])
+        print(f"{dtype_name} matmul peak on {torch.cuda.get_device_name()}: {peak:.0f} TFLOP/s", flush=True)
+        for num_tokens in args.tokens:
+            found = sweep(dtype_name, num_tokens, args.hidden_size, args.vocab_size, peak)
+            print(format_table(found), flush=True)
+            records += found
+    env = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           **git_state()}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps([{**r, **env} for r in records], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
