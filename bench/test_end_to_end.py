@@ -25,8 +25,7 @@ from bench.end_to_end import (
     synthetic_pair,
     write_chart,
 )
-from dama.collator import PackedBatch, PaddedBatch
-from dama.data import IGNORE_INDEX
+from dama.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 
 # 28 px in 14 px patches: 4 image tokens; short responses, so that a step takes milliseconds.
 TINY = Shape(num_pairs=3, hidden_size=32, num_layers=2, steps=2, warmup=1, vocab_size=503, image_size=28,

@@ -10,7 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dama.attention import (
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.attention import (
     ATTENTION_NAME,
     _flash_varlen,
     cu_seqlens_from_position_ids,
@@ -19,10 +23,6 @@ from dama.attention import (
     register_packed_attention,
     use_packed_attention,
 )
-from dama.collator import PackedCollator, PaddedCollator
-from dama.data import PreferenceDataset
-from dama.demo_data import make_demo_data
-from dama.tiny import build_tiny_llava
 from dama_kernels.functional import sequence_logps
 
 # (atol, rtol) per comparison.

@@ -7,16 +7,11 @@ from itertools import pairwise
 import pytest
 import torch
 
-from dama.collator import (
-    PackedBatch,
-    PackedCollator,
-    PaddedCollator,
-    TokenBudgetBatchSampler,
-    split_chosen_rejected,
-)
-from dama.data import IGNORE_INDEX, PreferenceDataset, PreferenceExample
-from dama.demo_data import make_demo_data
-from dama.tiny import build_tiny_processor
+from dama.data.batch import IGNORE_INDEX, PackedBatch, PreferenceExample, split_chosen_rejected
+from dama.data.collator import PackedCollator, PaddedCollator, TokenBudgetBatchSampler
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import make_demo_data
+from dama.demo.tiny_llava import build_tiny_processor
 from dama_kernels.functional import sequence_logps
 
 VOCAB, HIDDEN = 37, 16

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dama.data import (
-    IGNORE_INDEX,
+from dama.data.batch import IGNORE_INDEX
+from dama.data.dataset import (
     ConversationTemplate,
     PairEncoder,
     PreferenceDataset,
     load_preference_rows,
     num_image_tokens,
 )
-from dama.demo_data import make_rows
-from dama.tiny import build_tiny_llava, build_tiny_processor, load_tiny_llava, tiny_llava_config
+from dama.demo.data import make_rows
+from dama.demo.tiny_llava import build_tiny_llava, build_tiny_processor, load_tiny_llava, tiny_llava_config
 
 
 @pytest.fixture(scope="module")

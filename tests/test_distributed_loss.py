@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dama.config import DamaMethodConfig
-from dama.distributed import all_reduce_sum, get_rank, get_world_size
-from dama.loss import DamaLoss
+from dama.method.config import DamaMethodConfig
+from dama.method.distributed import all_reduce_sum, get_rank, get_world_size
+from dama.method.loss import DamaLoss
 
 GLOBAL_PAIRS = 10
 STEPS = 3

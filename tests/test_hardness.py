@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dama.hardness import BadRowError, ClipScorer, compute_hardness, main, pair_hardness, partial_path, score_pairs
-from dama.rlaif_io import (
+from dama.data.formats import (
     PairRow,
     PartialResults,
     atomic_path,
@@ -21,8 +20,17 @@ from dama.rlaif_io import (
     read_hardness_mean,
     read_metadata,
 )
-from dama.splitting import RuleSplitter
-from dama.tiny_clip import build_tiny_clip
+from dama.demo.tiny_clip import build_tiny_clip
+from dama.offline.hardness import (
+    BadRowError,
+    ClipScorer,
+    compute_hardness,
+    main,
+    pair_hardness,
+    partial_path,
+    score_pairs,
+)
+from dama.offline.splitting import RuleSplitter
 
 # Row 2 has a corrupt image and row 4 an empty rejected response; the JSON copy also loses row 5's image file.
 CORRUPT_ROW, EMPTY_ROW, MISSING_ROW = 2, 4, 5

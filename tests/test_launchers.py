@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dama.demo_data import make_demo_data
-from dama.reference import precompute_reference
-from dama.tiny import build_tiny_llava
+from dama.demo.data import make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.offline.reference import precompute_reference
 
 REPO = Path(__file__).resolve().parents[1]
 

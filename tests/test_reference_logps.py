@@ -11,15 +11,16 @@ import pytest
 import torch
 from transformers import LlavaProcessor
 
-import dama.reference as reference
+import dama.offline.reference as reference
 from dama.cli import main as dama_main
-from dama.collator import PackedCollator, PaddedCollator
-from dama.data import PreferenceDataset
-from dama.demo_data import make_demo_data
-from dama.model import DamaPolicy, load_llava
-from dama.reference import OUTPUT_COLUMNS, main, partial_path, precompute_reference
-from dama.rlaif_io import metadata_path, read_hardness_mean, read_metadata, write_metadata
-from dama.tiny import build_tiny_llava
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.data.formats import metadata_path, read_hardness_mean, read_metadata, write_metadata
+from dama.demo.data import make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.loading import load_llava
+from dama.model.policy import DamaPolicy
+from dama.offline.reference import OUTPUT_COLUMNS, main, partial_path, precompute_reference
 
 NUM_PAIRS = 7
 HARDNESS_MEAN = 0.3125

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dama.weighting import (
+from dama.method.weighting import (
     alpha_data,
     alpha_model,
     combined_beta,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .config import DamaMethodConfig, _check_choice
+from dama.method.config import DamaMethodConfig, _check_choice
 
 HEADS = ("fused", "full_logits")
 LAYOUTS = ("packed", "padded")

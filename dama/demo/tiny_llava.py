@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dama.demo_data import QUESTIONS, describe, hallucinate, random_scene
+from dama.demo.data import QUESTIONS, describe, hallucinate, random_scene
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 # Trained first, so they take ids 0-4 in this order.

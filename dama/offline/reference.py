@@ -43,9 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 import dama_kernels
-
-from .collator import PackedCollator, PreferenceBatch, TokenBudgetBatchSampler
-from .data import (
+from dama.data.batch import PreferenceBatch
+from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
+from dama.data.dataset import (
     AUTHORS_LOGPS_SLOTS,
     OVERLONG_POLICIES,
     REF_LOGPS_COLUMNS,
@@ -54,8 +54,7 @@ from .data import (
     PreferenceDataset,
     load_preference_rows,
 )
-from .model import DTYPES, DamaPolicy, load_llava
-from .rlaif_io import (
+from dama.data.formats import (
     PARQUET_READ_ROWS,
     AddedColumn,
     PairRow,
@@ -68,6 +67,8 @@ from .rlaif_io import (
     write_dataset,
     write_metadata,
 )
+from dama.model.loading import DTYPES, load_llava
+from dama.model.policy import DamaPolicy
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
 # them replaced. `logps` mixes numbers and lists, which Arrow cannot type, so parquet holds its JSON text.

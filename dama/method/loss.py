@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dama_kernels import dama_sigmoid_loss
-
-from .config import DamaMethodConfig
-from .distributed import all_gather_cat, get_rank
-from .weighting import (
+from dama.method.config import DamaMethodConfig
+from dama.method.distributed import all_gather_cat, get_rank
+from dama.method.weighting import (
     alpha_data,
     alpha_model,
     combined_beta,
@@ -40,6 +38,7 @@ from .weighting import (
     filter_weights,
     select_pairs,
 )
+from dama_kernels import dama_sigmoid_loss
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from .arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
-from .collator import PackedCollator, PaddedCollator
-from .data import PreferenceDataset
-from .loss import DamaLoss
-from .model import DamaPolicy, apply_liger_patches, apply_lora, configure_trainable, load_llava
-from .rlaif_io import metadata_path, read_hardness_mean
-from .trainer import DamaTrainer
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.data.formats import metadata_path, read_hardness_mean
+from dama.method.loss import DamaLoss
+from dama.model.loading import apply_liger_patches, apply_lora, configure_trainable, load_llava
+from dama.model.policy import DamaPolicy
+from dama.training.arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
+from dama.training.trainer import DamaTrainer
 
 VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "dama")
 

@@ -45,9 +45,9 @@ import datasets
 import torch
 from PIL import Image
 
-from dama.rlaif_io import detect_format, parquet_files, read_json_list
+from .batch import IGNORE_INDEX, PreferenceExample
+from .formats import detect_format, parquet_files, read_json_list
 
-IGNORE_INDEX = -100
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions."
@@ -82,29 +82,6 @@ class ConversationTemplate:
     def response_context(self) -> str:
         """The text the response follows directly; it is tokenized with the response and cut off again."""
         return f"{self.assistant_role}:"
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One tokenized pair. Both sequences start with the same prompt (bos, template, image tokens, question).
-
-    Shapes: chosen_input_ids, chosen_labels (Lc,); rejected_input_ids, rejected_labels (Lr,); pixel_values (3, h, w).
-    Labels are aligned with the input ids (not shifted): the token id on the response and its "</s>", -100 on the
-    first prompt_length tokens. Reference values are NaN when the data has none.
-    """
-
-    row_id: str
-    prompt_length: int
-    chosen_input_ids: torch.Tensor
-    chosen_labels: torch.Tensor
-    rejected_input_ids: torch.Tensor
-    rejected_labels: torch.Tensor
-    pixel_values: torch.Tensor
-    ref_chosen_logps: float
-    ref_rejected_logps: float
-    ref_chosen_mean_logps: float
-    ref_rejected_mean_logps: float
-    hardness: float
 
 
 def num_image_tokens(processor: Any) -> int:

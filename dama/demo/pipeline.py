@@ -22,18 +22,19 @@ from pathlib import Path
 
 import torch
 
-from .arguments import parse_training_arguments
-from .collator import PackedCollator
-from .data import PreferenceDataset
-from .demo_data import make_demo_data
-from .hardness import compute_hardness
-from .model import DamaPolicy, load_llava
-from .reference import precompute_reference
-from .tiny import build_tiny_llava
-from .tiny_clip import build_tiny_clip
-from .train import build_trainer, write_run_record
+from dama.data.collator import PackedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import make_demo_data
+from dama.demo.tiny_clip import build_tiny_clip
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.loading import load_llava
+from dama.model.policy import DamaPolicy
+from dama.offline.hardness import compute_hardness
+from dama.offline.reference import precompute_reference
+from dama.training.arguments import parse_training_arguments
+from dama.training.train import build_trainer, write_run_record
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_demo.yaml"
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_demo.yaml"
 TABLE_COLUMNS = (("step", "step"), ("loss", "loss"), ("rewards/accuracies", "reward acc"),
                  ("rewards/margins", "margin"), ("dama/beta_mean", "mean beta"), ("dama/alpha_model", "alpha_M"))
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from .rlaif_io import (
+from dama.data.formats import (
     AddedColumn,
     PairRow,
     PartialResults,
@@ -44,7 +44,7 @@ from .rlaif_io import (
     write_dataset,
     write_metadata,
 )
-from .splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
+from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
 HARDNESS_COLUMNS = (
