@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dama.data.collator import PackedCollator, PaddedCollator
 from dama.data.dataset import PreferenceDataset
-from dama.demo.data import make_demo_data
+from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.attention import (
     ATTENTION_NAME,
@@ -222,7 +222,7 @@ def test_packed_attention_refuses_padding_mask_in_model():
 def llava_batch(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     paths = make_demo_data(folder / "data", num_train=3, num_eval=0, image_size=40)
-    model, processor = build_tiny_llava(seed=1)
+    model, processor = build_tiny_llava(demo_corpus(), seed=1)
     dataset = PreferenceDataset.from_path(paths["train"], processor, cache_dir=folder / "cache", max_length=512)
     examples = [dataset[i] for i in range(len(dataset))]
     return model, processor, examples

@@ -10,8 +10,8 @@ import torch
 from dama.data.batch import IGNORE_INDEX, PackedBatch, PreferenceExample, split_chosen_rejected
 from dama.data.collator import PackedCollator, PaddedCollator, TokenBudgetBatchSampler
 from dama.data.dataset import PreferenceDataset
-from dama.demo.data import make_demo_data
-from dama.demo.tiny_llava import build_tiny_processor
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_processor, train_tiny_tokenizer
 from dama_kernels.functional import sequence_logps
 
 VOCAB, HIDDEN = 37, 16
@@ -154,7 +154,7 @@ def test_both_layouts_score_what_a_per_sequence_loop_scores():
 
 
 def test_packed_batch_of_real_pairs_places_one_image_run_per_sequence(tmp_path):
-    processor = build_tiny_processor()
+    processor = build_tiny_processor(train_tiny_tokenizer(demo_corpus()))
     paths = make_demo_data(tmp_path / "data", num_train=4, num_eval=0, image_size=40)
     dataset = PreferenceDataset.from_path(paths["train"], processor, cache_dir=tmp_path / "cache")
     batch = PackedCollator()([dataset[i] for i in range(3)])

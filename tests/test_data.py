@@ -16,16 +16,17 @@ from dama.data.dataset import (
     ConversationTemplate,
     PairEncoder,
     PreferenceDataset,
-    load_preference_rows,
     num_image_tokens,
 )
-from dama.demo.data import make_rows
-from dama.demo.tiny_llava import build_tiny_llava, build_tiny_processor, load_tiny_llava, tiny_llava_config
+from dama.data.formats import load_preference_rows
+from dama.demo.data import demo_corpus, make_rows
+from dama.demo.tiny_llava import build_tiny_llava, build_tiny_processor, tiny_llava_config, train_tiny_tokenizer
+from dama.model.loading import load_llava
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return build_tiny_processor()
+    return build_tiny_processor(train_tiny_tokenizer(demo_corpus()))
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +225,8 @@ def test_tiny_llava_saves_and_loads_offline(tmp_path, processor):
     assert config.image_seq_length == num_image_tokens(processor)
     assert config.image_token_id == processor.image_token_id
     assert config.text_config.num_key_value_heads < config.text_config.num_attention_heads
-    model, built = build_tiny_llava(tmp_path / "tiny", seed=3)
-    loaded, loaded_processor = load_tiny_llava(tmp_path / "tiny")
+    model, built = build_tiny_llava(demo_corpus(), tmp_path / "tiny", seed=3)
+    loaded, loaded_processor = load_llava(tmp_path / "tiny")
     text = "USER: <image>\nWhat is shown? ASSISTANT: a red circle"
     image = Image.new("RGB", (50, 40), (200, 30, 30))
     inputs = loaded_processor(images=image, text=text, return_tensors="pt")
@@ -233,5 +234,5 @@ def test_tiny_llava_saves_and_loads_offline(tmp_path, processor):
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == config.image_seq_length
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
-    with pytest.raises(ValueError, match="holds no saved model"):
-        load_tiny_llava(tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        load_llava(tmp_path / "missing")

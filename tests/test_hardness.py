@@ -11,15 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dama.data.formats import (
-    PairRow,
-    PartialResults,
-    atomic_path,
-    metadata_path,
-    parse_logits,
-    read_hardness_mean,
-    read_metadata,
-)
+from dama.data.formats import PairRow, atomic_path, metadata_path, read_hardness_mean, read_metadata
 from dama.demo.tiny_clip import build_tiny_clip
 from dama.offline.hardness import (
     BadRowError,
@@ -27,9 +19,9 @@ from dama.offline.hardness import (
     compute_hardness,
     main,
     pair_hardness,
-    partial_path,
     score_pairs,
 )
+from dama.offline.passes import PartialResults, partial_path
 from dama.offline.splitting import RuleSplitter
 
 # Row 2 has a corrupt image and row 4 an empty rejected response; the JSON copy also loses row 5's image file.
@@ -143,14 +135,13 @@ def test_pair_hardness_rejects_empty_scores():
 
 
 def test_score_pairs_batches_and_maths_with_a_fake_scorer(tmp_path):
-    rows = [
-        PairRow(f"fake:{n}", "q", f"Chosen {n}. It is true.", "Rejected.", n, _image_bytes(n), None) for n in range(5)
-    ]
+    rows = [PairRow(f"fake:{n}", "q", f"Chosen {n}. It is true.", "Rejected.", n, {"bytes": _image_bytes(n)})
+            for n in range(5)]
     scorer = RecordingScorer(LengthScorer())
     with PartialResults(tmp_path / "partial.jsonl", {"test": True}) as partial:
         outcome = score_pairs(rows, RuleSplitter(), scorer, partial, batch_size=2)
     assert [len(call) for call in scorer.calls] == [2, 2, 1]
-    assert outcome.scored == 5 and outcome.resumed == 0 and outcome.skipped == []
+    assert outcome.computed == 5 and outcome.resumed == 0 and outcome.skipped == []
     chosen_scores = [len(f"Chosen {3}.") / 10, len("It is true.") / 10]
     expected = pair_hardness(torch.tensor(chosen_scores), torch.tensor([len("Rejected.") / 10]))
     result = outcome.results["fake:3"]
@@ -215,7 +206,7 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
         if row["hardness"] is None:
             assert row["chosen_logits"] is None and row["rejected_logits"] is None
             continue
-        chosen, rejected = parse_logits(row["chosen_logits"]), parse_logits(row["rejected_logits"])
+        chosen, rejected = list(row["chosen_logits"]), list(row["rejected_logits"])
         assert len(chosen) == 2 and len(rejected) == 1  # two chosen sentences, one rejected
         assert math.fsum(chosen + rejected) == pytest.approx(1.0)
         assert row["hardness"] == pytest.approx(sum(chosen) - sum(rejected))

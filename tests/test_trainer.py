@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from dama.demo.data import make_demo_data
+from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, newest_checkpoint
@@ -22,7 +22,7 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    build_tiny_llava(root / "model", seed=0)
+    build_tiny_llava(demo_corpus(), root / "model", seed=0)
     paths = make_demo_data(root / "data", num_train=24, num_eval=8, image_size=32)
     return root, paths
 

@@ -1,16 +1,19 @@
-"""Reading and writing preference datasets for the offline passes (`dama hardness`, `dama precompute-ref`).
+"""Reading preference datasets, in both formats, for every step (`dama hardness`, `dama precompute-ref`, `dama train`).
 
 Two input formats:
 - parquet: the RLAIF-V shards (one file, or a folder of `*.parquet` shards read in name order), with columns
-  ds_name, image {bytes, path}, question, chosen, rejected, origin_dataset, origin_split, idx, image_path. The image
-  comes from `image.bytes`, else from `image.path` or `image_path` under the image folder.
-- json: the authors' JSON list of objects (question, chosen, rejected, image_path, idx, origin_dataset, ...), whose
-  `image_path` is resolved under the image folder (default: the JSON file's folder).
+  ds_name, image {bytes, path}, question, chosen, rejected, origin_dataset, origin_split, idx, image_path;
+- json: the authors' JSON list of objects (question, chosen, rejected, image_path, idx, origin_dataset, logps,
+  chosen_logits, rejected_logits, ...).
 
 Every row gets a stable id, "<file name>:<row number in that file>", used for resuming and in every message.
-A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns
-as `AddedColumn`s). Outputs are written atomically (`atomic_path`): a crash leaves the previous file, never half of a
-new one.
+
+Images, one rule for every step: the image's bytes when the row carries them (`image.bytes`), else the file named by
+`image.path`, `image_path` or a plain-string `image`. A relative path is resolved under the image folder, which is
+the input's own folder (the input itself when it is a folder of shards) unless an image folder is given.
+
+Also here: atomic file writes (`atomic_path`: a crash leaves the previous file, never half of a new one) and the
+dataset metadata written beside a dataset (`<dataset>.meta.json`: δ̄ and the settings of the pass that wrote it).
 """
 
 from __future__ import annotations
@@ -20,53 +23,23 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import datasets
 from PIL import Image
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-FORMATS = ("parquet", "json")
-# Rows per Arrow record batch when streaming parquet: bounds memory, since each row carries its image bytes.
-PARQUET_READ_ROWS = 256
-
-
-@dataclass(frozen=True)
-class PairRow:
-    """One preference pair as the hardness pass needs it; the image is decoded only when `load_image` is called."""
-
-    row_id: str
-    question: str
-    chosen: str
-    rejected: str
-    idx: Any
-    image_bytes: bytes | None
-    image_file: Path | None
-
-    def describe(self) -> str:
-        return f"row {self.row_id}" + (f" (idx {self.idx})" if self.idx is not None else "")
-
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of the texts: resuming checks that a finished row id still holds the same pair."""
-        payload = json.dumps([self.question, self.chosen, self.rejected], ensure_ascii=False)
-        return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
-
-    def load_image(self) -> Image.Image:
-        """The decoded RGB image. Raises OSError (missing, unreadable) or ValueError (no image given)."""
-        if self.image_bytes is not None:
-            image = Image.open(io.BytesIO(self.image_bytes))
-        elif self.image_file is not None:
-            image = Image.open(self.image_file)
-        else:
-            raise ValueError("the row names no image (no image bytes and no image path)")
-        # convert() decodes every pixel now, so that a truncated file fails here and not inside the processor.
-        return image.convert("RGB")
+TEXT_COLUMNS = ("question", "chosen", "rejected")
+IMAGE_COLUMNS = ("image", "image_path")
+# The reference log-prob columns this project writes and reads (sums, means, lists over supervised tokens).
+REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_MEAN_COLUMNS = ("ref_chosen_mean_logps", "ref_rejected_mean_logps")
+REF_TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+OPTIONAL_COLUMNS = (*IMAGE_COLUMNS, "idx", "logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS,
+                    "hardness")
 
 
 def detect_format(path: str | Path) -> str:
@@ -103,82 +76,122 @@ def read_json_list(path: Path) -> list[dict]:
     return data
 
 
-def count_rows(path: str | Path, limit: int | None = None) -> int:
-    """Number of rows a read will yield (cheap for parquet: read from the file footers)."""
-    if detect_format(path) == "parquet":
-        import pyarrow.parquet as pq
+def load_preference_rows(
+    path: str | Path, *, cache_dir: str | Path | None = None, limit: int | None = None
+) -> datasets.Dataset:
+    """The rows of a parquet input (file or folder of shards) or of the authors' JSON list, as a `datasets.Dataset`.
 
-        total = sum(pq.ParquetFile(file).metadata.num_rows for file in parquet_files(path))
-    else:
-        total = len(read_json_list(Path(path)))
-    return total if limit is None else min(total, limit)
-
-
-def _text(record: Mapping[str, Any], key: str) -> str:
-    value = record.get(key)
-    return "" if value is None else str(value)
-
-
-def _resolve(image_path: str | None, image_folder: Path | None) -> Path | None:
-    if not image_path:
-        return None
-    candidate = Path(image_path)
-    if candidate.is_absolute() or image_folder is None:
-        return candidate
-    return image_folder / candidate
-
-
-def _parquet_pair(row_id: str, record: Mapping[str, Any], image_folder: Path | None) -> PairRow:
-    image = record.get("image")
-    image_bytes = image.get("bytes") if isinstance(image, Mapping) else None
-    image_path = (image.get("path") if isinstance(image, Mapping) else None) or record.get("image_path")
-    return PairRow(
-        row_id=row_id,
-        question=_text(record, "question"),
-        chosen=_text(record, "chosen"),
-        rejected=_text(record, "rejected"),
-        idx=record.get("idx"),
-        image_bytes=image_bytes,
-        image_file=None if image_bytes is not None else _resolve(image_path, image_folder),
-    )
-
-
-def _json_pair(row_id: str, record: Mapping[str, Any], image_folder: Path) -> PairRow:
-    return PairRow(
-        row_id=row_id,
-        question=_text(record, "question"),
-        chosen=_text(record, "chosen"),
-        rejected=_text(record, "rejected"),
-        idx=record.get("idx"),
-        image_bytes=None,
-        image_file=_resolve(record.get("image_path") or record.get("image"), image_folder),
-    )
-
-
-def iter_pairs(path: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> Iterator[PairRow]:
-    """Yield the pairs of a dataset in file order, at most `limit` of them, streaming parquet batch by batch."""
+    Keeps the columns this module reads (question, chosen, rejected, image, image_path, logps, the ref_* columns,
+    hardness) and adds `row_id`. Parquet is converted once into `datasets`' memory-mapped cache (`cache_dir`, by
+    default datasets' own); images stay undecoded until an example is read.
+    """
     path = Path(path)
-    folder = Path(image_folder) if image_folder is not None else None
-    remaining = limit
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
     if detect_format(path) == "json":
-        records = read_json_list(path)
-        if remaining is not None:
-            records = records[:remaining]
-        for number, record in enumerate(records):
-            yield _json_pair(f"{path.name}:{number}", record, folder if folder is not None else path.parent)
-        return
-    import pyarrow.parquet as pq
+        rows = _json_rows(path)
+    else:
+        shards = []
+        for file in parquet_files(path):
+            shard = datasets.Dataset.from_parquet(str(file), cache_dir=None if cache_dir is None else str(cache_dir))
+            shard = shard.select_columns([c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if c in shard.column_names])
+            shards.append(shard.add_column("row_id", [f"{file.name}:{n}" for n in range(shard.num_rows)]))
+        rows = datasets.concatenate_datasets(shards)
+    missing = [c for c in TEXT_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing}; a preference pair needs question, chosen, rejected")
+    return rows if limit is None else rows.select(range(min(limit, rows.num_rows)))
 
-    for file in parquet_files(path):
-        number = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_READ_ROWS):
-            for record in batch.to_pylist():
-                if remaining is not None and remaining <= 0:
-                    return
-                yield _parquet_pair(f"{file.name}:{number}", record, folder)
-                number += 1
-                if remaining is not None:
-                    remaining -= 1
+
+def _json_rows(path: Path) -> datasets.Dataset:
+    records = read_json_list(path)
+    present = [c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if any(c in r for r in records)]
+    columns: dict[str, list] = {c: [r.get(c) for r in records] for c in present}
+    # The authors' `logps` mixes numbers and lists, which Arrow cannot type; its JSON text keeps it intact.
+    for column in ("logps", "image"):
+        if column in columns:
+            columns[column] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns[column]]
+    columns["row_id"] = [f"{path.name}:{n}" for n in range(len(records))]
+    return datasets.Dataset.from_dict(columns)
+
+
+def default_image_folder(input_path: str | Path) -> Path:
+    """The folder relative image paths of an input resolve under when no image folder is given."""
+    input_path = Path(input_path)
+    return input_path if input_path.is_dir() else input_path.parent
+
+
+def open_row_image(image: Any, image_path: str | None, image_folder: Path | None, row_id: str) -> Image.Image:
+    """The decoded RGB image of a row from its `image` and `image_path` cells (the module docstring's rule).
+
+    Raises ValueError naming the row when there is no image or it cannot be read.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, str):
+        image = json.loads(image) if image.startswith("{") else {"path": image}
+    path = image_path
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return _decode(io.BytesIO(image["bytes"]), row_id)
+        path = image.get("path") or path
+    if not path:
+        raise ValueError(f"row {row_id} has no image: no image bytes and no image path")
+    file = Path(path)
+    if not file.is_absolute():
+        if image_folder is None:
+            raise ValueError(f"row {row_id}: its image path {path} is relative and no image folder was given")
+        file = image_folder / file
+    return _decode(file, row_id)
+
+
+def _decode(source: Any, row_id: str) -> Image.Image:
+    try:
+        # convert() decodes every pixel now, so a truncated file fails here, with the row named.
+        return Image.open(source).convert("RGB")
+    except (OSError, ValueError) as error:
+        where = f" {source}" if isinstance(source, Path) else ""
+        raise ValueError(f"row {row_id}: cannot read its image{where} ({error})") from error
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One preference pair's texts and image cells; the image is decoded only when `load_image` is called."""
+
+    row_id: str
+    question: str
+    chosen: str
+    rejected: str
+    idx: Any = None
+    image: Any = None
+    image_path: str | None = None
+    image_folder: Path | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], image_folder: Path | None) -> PairRow:
+        """A row of `load_preference_rows` (a missing text is the empty string)."""
+        return cls(
+            row_id=record["row_id"],
+            question=record.get("question") or "",
+            chosen=record.get("chosen") or "",
+            rejected=record.get("rejected") or "",
+            idx=record.get("idx"),
+            image=record.get("image"),
+            image_path=record.get("image_path"),
+            image_folder=image_folder,
+        )
+
+    def describe(self) -> str:
+        return f"row {self.row_id}" + (f" (idx {self.idx})" if self.idx is not None else "")
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the texts: resuming checks that a finished row id still holds the same pair."""
+        payload = json.dumps([self.question, self.chosen, self.rejected], ensure_ascii=False)
+        return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
+
+    def load_image(self) -> Image.Image:
+        return open_row_image(self.image, self.image_path, self.image_folder, self.row_id)
 
 
 def _fsync(path: Path) -> None:
@@ -216,119 +229,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         json.dump(data, handle, ensure_ascii=False)
 
 
-@dataclass(frozen=True)
-class AddedColumn:
-    """A column a pass adds to every row of its output; a column of the same name in the input is replaced.
-
-    `arrow_type` is the column's type in a parquet output. With `json_text_in_parquet`, parquet holds each value's
-    JSON text instead (for values Arrow cannot type, such as a list mixing numbers and lists); a JSON output always
-    holds the values themselves.
-    """
-
-    name: str
-    arrow_type: pa.DataType
-    json_text_in_parquet: bool = False
-
-    def arrow_array(self, values: list[Any]) -> pa.Array:
-        """One parquet batch of this column: `values` (one per row, None for a null) as an array of `arrow_type`."""
-        import pyarrow as pa
-
-        if self.json_text_in_parquet:
-            values = [None if value is None else json.dumps(value) for value in values]
-        return pa.array(values, type=self.arrow_type)
-
-
-def write_dataset(
-    input_path: str | Path,
-    output_path: str | Path,
-    columns: Sequence[AddedColumn],
-    values_for_row: Callable[[str], Mapping[str, Any]],
-    limit: int | None = None,
-) -> None:
-    """Write the input rows (the first `limit`) plus `columns`, atomically, in the input's format.
-
-    `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
-    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
-    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
-    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
-    """
-    input_path = Path(input_path)
-    if detect_format(input_path) == "json":
-        records = read_json_list(input_path)
-        records = records if limit is None else records[:limit]
-        for number, record in enumerate(records):
-            record.update(values_for_row(f"{input_path.name}:{number}"))
-        write_json_atomic(output_path, records)
-        return
-    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit)
-
-
-def _write_parquet(
-    input_path: Path,
-    output_path: Path,
-    columns: Sequence[AddedColumn],
-    values_for_row: Callable[[str], Mapping[str, Any]],
-    limit: int | None,
-) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    names = {column.name for column in columns}
-    remaining = limit
-    with atomic_path(output_path) as temporary:
-        writer = None
-        try:
-            for file in parquet_files(input_path):
-                number = 0
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_READ_ROWS):
-                    if remaining is not None:
-                        if remaining <= 0:
-                            break
-                        batch = batch.slice(0, remaining)
-                        remaining -= batch.num_rows
-                    table = pa.Table.from_batches([batch])
-                    table = table.drop_columns([name for name in table.column_names if name in names])
-                    rows = [values_for_row(f"{file.name}:{number + i}") for i in range(table.num_rows)]
-                    number += table.num_rows
-                    for column in columns:
-                        table = table.append_column(column.name, column.arrow_array([row[column.name] for row in rows]))
-                    if writer is None:
-                        writer = pq.ParquetWriter(temporary, table.schema)
-                    elif table.schema != writer.schema:
-                        table = _cast_like(table, writer.schema, file)
-                    writer.write_table(table)
-            if writer is None:
-                # No rows at all: still write a valid, empty file with the input's columns and the added ones.
-                schema = pq.ParquetFile(parquet_files(input_path)[0]).schema_arrow
-                schema = pa.schema([field for field in schema if field.name not in names])
-                for column in columns:
-                    schema = schema.append(pa.field(column.name, column.arrow_type))
-                writer = pq.ParquetWriter(temporary, schema)
-        finally:
-            if writer is not None:
-                writer.close()
-
-
-def _cast_like(table: Any, schema: Any, file: Path) -> Any:
-    try:
-        return table.cast(schema)
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise ValueError(
-            f"{file.name}: its columns do not match the earlier shards and cannot be cast to them ({error}); "
-            "score the shards separately"
-        ) from error
-
-
-def check_output_path(input_path: Path, output_path: Path) -> None:
-    """ValueError unless the output is in the input's format and is another file (the passes' --input / --output)."""
-    input_format = detect_format(input_path)
-    expected = ".parquet" if input_format == "parquet" else ".json"
-    if output_path.suffix != expected:
-        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must differ from --input: the input is read again while the output is written")
-
-
 def metadata_path(dataset_path: str | Path) -> Path:
     """Where the hardness metadata of a dataset lives: `<dataset>.meta.json`, beside it."""
     return Path(f"{dataset_path}.meta.json")
@@ -357,93 +257,3 @@ def read_hardness_mean(dataset_path: str | Path) -> float:
     if value is None:
         raise ValueError(f"{metadata_path(dataset_path)} has no hardness_mean (no pair was scored)")
     return float(value)
-
-
-def parse_logits(value: Any) -> list[float] | None:
-    """A `chosen_logits` / `rejected_logits` cell as a list of floats: accepts a list, an array or a JSON string."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = json.loads(value)
-    return [float(item) for item in value]
-
-
-def partial_path(output_path: str | Path) -> Path:
-    """Where a pass keeps its finished rows (`PartialResults`) until its output is written: beside the output."""
-    return Path(f"{output_path}.partial.jsonl")
-
-
-class PartialResults:
-    """The append-only JSON-lines file of finished rows that makes a run resumable.
-
-    Line 1 is a header with the run's settings; a rerun with other settings (another CLIP, raw scores) would mix
-    incompatible numbers, so it is refused. Each further line is one finished row, keyed by row id and carrying
-    the row's fingerprint. Lines are flushed and fsynced per batch; a line torn by a crash is cut off on reopening.
-    """
-
-    def __init__(self, path: str | Path, settings: Mapping[str, Any]):
-        self.path = Path(path)
-        self.settings = dict(settings)
-        self.done: dict[str, dict[str, Any]] = {}
-        lines = self._complete_lines() if self.path.exists() else []
-        if lines:
-            self._load(lines)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps({"settings": self.settings}) + "\n")
-        # Kept open for the whole run (one append per batch); `close` or leaving the `with` block closes it.
-        self._handle = open(self.path, "a", encoding="utf-8")
-
-    def __enter__(self) -> PartialResults:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _complete_lines(self) -> list[str]:
-        raw = self.path.read_bytes()
-        complete = raw[: raw.rfind(b"\n") + 1]
-        if len(complete) != len(raw):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(complete))
-        return complete.decode("utf-8").splitlines()
-
-    def _load(self, lines: list[str]) -> None:
-        header = json.loads(lines[0])
-        if header.get("settings") != self.settings:
-            raise ValueError(
-                f"{self.path} holds partial results made with other settings ({header.get('settings')}; now "
-                f"{self.settings}). Delete it to start over, or rerun with the same settings to resume."
-            )
-        for line in lines[1:]:
-            record = json.loads(line)
-            self.done[record["row_id"]] = record
-
-    def finished(self, row_id: str, fingerprint: str, description: str) -> dict[str, Any] | None:
-        """The record of a row an earlier run finished, or None; `description` names the row in the error.
-
-        ValueError when that row then held another pair (another `fingerprint`): the input changed since.
-        """
-        record = self.done.get(row_id)
-        if record is not None and record["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{description} differs from the one in {self.path}: the input changed since the interrupted run. "
-                "Delete that file to start over."
-            )
-        return record
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            self._handle.write(json.dumps(record) + "\n")
-            self.done[record["row_id"]] = record
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
-    def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
-
-    def remove(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)

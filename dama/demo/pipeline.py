@@ -24,7 +24,7 @@ import torch
 
 from dama.data.collator import PackedCollator
 from dama.data.dataset import PreferenceDataset
-from dama.demo.data import make_demo_data
+from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_clip import build_tiny_clip
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.loading import load_llava
@@ -67,7 +67,7 @@ def supervised_warm_up(model_dir: Path, train_file: Path, steps: int, seed: int,
 def prepare_inputs(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up_steps: int) -> dict[str, Path]:
     """Steps 1-4; returns the scored-and-referenced train and eval files."""
     data = make_demo_data(output_dir / "data", num_train=num_train, num_eval=num_eval, seed=seed)
-    build_tiny_llava(output_dir / "model", seed=seed)
+    build_tiny_llava(demo_corpus(), output_dir / "model", seed=seed)
     print(f"[demo] supervised warm-up of the tiny LLaVA ({warm_up_steps} steps)", flush=True)
     torch.manual_seed(seed)
     loss = supervised_warm_up(output_dir / "model", data["train"], warm_up_steps, seed)

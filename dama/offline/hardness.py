@@ -23,7 +23,6 @@ import math
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,19 +30,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from dama.data.formats import (
-    AddedColumn,
-    PairRow,
-    PartialResults,
-    check_output_path,
-    count_rows,
-    detect_format,
-    iter_pairs,
-    metadata_path,
-    partial_path,
-    write_dataset,
-    write_metadata,
-)
+from dama.command import run_command
+from dama.data.formats import PairRow, default_image_folder, load_preference_rows, metadata_path
+from dama.offline.passes import AddedColumn, PartialResults, PassOutcome, check_output_path, run_pass
 from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
@@ -173,16 +162,6 @@ def _prepare(row: PairRow, splitter: Splitter) -> tuple[_Prepared | None, str | 
     return _Prepared(row, image, sub_sentences["chosen"], sub_sentences["rejected"]), None
 
 
-@dataclass
-class ScoringOutcome:
-    """What `score_pairs` returns: finished rows by id (new and resumed), skipped rows, and counts."""
-
-    results: dict[str, dict[str, Any]]
-    skipped: list[dict[str, Any]]
-    resumed: int
-    scored: int
-
-
 def score_pairs(
     rows: Iterable[PairRow],
     splitter: Splitter,
@@ -192,7 +171,7 @@ def score_pairs(
     raw: bool = False,
     on_bad_row: str = "error",
     total: int | None = None,
-) -> ScoringOutcome:
+) -> PassOutcome:
     """Score every row not already in `partial`, `batch_size` pairs per scorer call, appending each batch to it.
 
     A bad row raises BadRowError naming it (on_bad_row="error") or is recorded in `skipped` ("skip"). Skipped
@@ -200,7 +179,7 @@ def score_pairs(
     """
     from tqdm.auto import tqdm
 
-    outcome = ScoringOutcome(results={}, skipped=[], resumed=0, scored=0)
+    outcome = PassOutcome(results={}, skipped=[], resumed=0)
     batch: list[_Prepared] = []
 
     def flush() -> None:
@@ -212,7 +191,6 @@ def score_pairs(
             records.append({"row_id": item.row.row_id, "fingerprint": item.row.fingerprint, **asdict(values)})
         partial.append(records)
         outcome.results.update((record["row_id"], record) for record in records)
-        outcome.scored += len(records)
         batch.clear()
 
     with tqdm(total=total, desc="hardness", unit="pair", disable=None) as progress:
@@ -300,6 +278,7 @@ def compute_hardness(
     on_bad_row: str = "error",
     limit: int | None = None,
     scorer: ImageTextScorer | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole pass: read, split, score, write the output and `<output>.meta.json`; returns the metadata.
 
@@ -317,39 +296,24 @@ def compute_hardness(
         "splitter": splitter,
         "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
     }
-    with PartialResults(partial_path(output_path), settings) as partial:
-        outcome = score_pairs(
-            iter_pairs(input_path, image_folder, limit),
-            text_splitter,
-            scorer,
-            partial,
-            batch_size=batch_size,
-            raw=raw,
-            on_bad_row=on_bad_row,
-            total=count_rows(input_path, limit),
-        )
-        write_dataset(
-            input_path, output_path, HARDNESS_COLUMNS, lambda row_id: output_values(outcome.results.get(row_id)), limit
-        )
+    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
+
+    def score(partial: PartialResults) -> PassOutcome:
+        pairs = (PairRow.from_record(record, folder) for record in rows)
+        return score_pairs(pairs, text_splitter, scorer, partial, batch_size=batch_size, raw=raw,
+                           on_bad_row=on_bad_row, total=rows.num_rows)
+
+    def hardness_fields(outcome: PassOutcome) -> dict[str, Any]:
         hardness = [record["hardness"] for record in outcome.results.values()]
-        metadata = {
+        return {
             "hardness_mean": math.fsum(hardness) / len(hardness) if hardness else None,
-            "count": len(hardness),
-            "skipped_count": len(outcome.skipped),
-            "skipped": outcome.skipped,
-            "rows": len(hardness) + len(outcome.skipped),
-            "resumed": outcome.resumed,
-            "input": str(input_path),
-            "output": output_path.name,
-            "format": detect_format(input_path),
-            "limit": limit,
-            **settings,
+            "rows": rows.num_rows,
             "lm_fallbacks": text_splitter.fallbacks if isinstance(text_splitter, LMSplitter) else None,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_metadata(output_path, metadata)
-    partial.remove()
-    return metadata
+
+    return run_pass(input_path, output_path, settings=settings, columns=HARDNESS_COLUMNS, score=score,
+                    row_values=output_values, metadata=hardness_fields, limit=limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
     parser.add_argument(
-        "--image-folder", default=None, help="folder that image paths are relative to (default for json: its folder)"
+        "--image-folder",
+        default=None,
+        help="folder that relative image paths are resolved under (default: the input's folder, or the input "
+        "folder of shards)",
     )
     parser.add_argument("--clip", required=True, help="local folder of a CLIPModel with its processor")
     parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
@@ -393,35 +360,31 @@ def build_parser() -> argparse.ArgumentParser:
         "and list it in the metadata (default: %(default)s)",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         metadata = compute_hardness(
-            args.input,
-            args.output,
-            args.clip,
-            image_folder=args.image_folder,
-            batch_size=args.batch_size,
-            device=args.device,
-            raw=args.raw,
-            splitter=args.splitter,
-            splitter_model=args.splitter_model,
-            on_bad_row=args.on_bad_row,
-            limit=args.limit,
+            args.input, args.output, args.clip, image_folder=args.image_folder, batch_size=args.batch_size,
+            device=args.device, raw=args.raw, splitter=args.splitter, splitter_model=args.splitter_model,
+            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir,
         )
-    except (ValueError, OSError) as error:
-        print(f"dama hardness: error: {error}", file=sys.stderr)
-        return 1
-    mean = metadata["hardness_mean"]
-    print(
-        f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
-        f"{metadata['skipped_count']}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
-        f"wrote {args.output} and {metadata_path(args.output)}"
-    )
-    return 0
+        mean = metadata["hardness_mean"]
+        return (
+            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
+            f"{metadata['skipped_count']}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
+            f"wrote {args.output} and {metadata_path(args.output)}"
+        )
+
+    return run_command("hardness", action)
 
 
 if __name__ == "__main__":

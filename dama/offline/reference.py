@@ -33,7 +33,6 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,32 +42,30 @@ import torch
 from tqdm.auto import tqdm
 
 import dama_kernels
+from dama.command import run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
-from dama.data.dataset import (
-    AUTHORS_LOGPS_SLOTS,
-    OVERLONG_POLICIES,
+from dama.data.dataset import AUTHORS_LOGPS_SLOTS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
     REF_TOKEN_COLUMNS,
-    PreferenceDataset,
-    load_preference_rows,
-)
-from dama.data.formats import (
-    PARQUET_READ_ROWS,
-    AddedColumn,
     PairRow,
-    PartialResults,
-    check_output_path,
-    detect_format,
+    default_image_folder,
+    load_preference_rows,
     metadata_path,
-    partial_path,
     read_metadata,
-    write_dataset,
-    write_metadata,
 )
 from dama.model.loading import DTYPES, load_llava
 from dama.model.policy import DamaPolicy
+from dama.offline.passes import (
+    PARQUET_READ_ROWS,
+    AddedColumn,
+    PartialResults,
+    PassOutcome,
+    check_output_path,
+    run_pass,
+)
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
 # them replaced. `logps` mixes numbers and lists, which Arrow cannot type, so parquet holds its JSON text.
@@ -147,15 +144,6 @@ def plan_batches(
     return [[indices[k] for k in group] for group in sampler]
 
 
-@dataclass
-class ReferenceOutcome:
-    """What `score_dataset` returns: finished rows by id (new and resumed) and counts."""
-
-    results: dict[str, dict[str, Any]]
-    resumed: int
-    computed: int
-
-
 def score_dataset(
     policy: DamaPolicy,
     dataset: PreferenceDataset,
@@ -166,13 +154,13 @@ def score_dataset(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
-) -> ReferenceOutcome:
+) -> PassOutcome:
     """Score every pair of `dataset` not already in `partial`, appending each finished batch to it.
 
     row_ids[i] is the row id of dataset[i] and `fingerprints` maps a row id to its PairRow fingerprint: a row found
     in `partial` with another fingerprint means the input changed since the interrupted run, which is an error.
     """
-    outcome = ReferenceOutcome(results={}, resumed=0, computed=0)
+    outcome = PassOutcome(results={}, skipped=[], resumed=0)
     todo = []
     for index, row_id in enumerate(row_ids):
         finished = partial.finished(row_id, fingerprints[row_id], f"row {row_id}")
@@ -194,7 +182,6 @@ def score_dataset(
             ]
             partial.append(records)
             outcome.results.update((record["row_id"], record) for record in records)
-            outcome.computed += len(records)
             progress.update(len(records))
     return outcome
 
@@ -216,17 +203,6 @@ def output_values(record: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"logps": logps, **values}
 
 
-def write_reference_dataset(
-    input_path: str | Path, output_path: str | Path, results: Mapping[str, Mapping[str, Any]], limit: int | None = None
-) -> None:
-    """Write the input rows (the first `limit`) plus OUTPUT_COLUMNS, atomically, in the input's format.
-
-    Parquet: sums and means float64, per-token lists list<double>, `logps` as JSON text; JSON: `logps` and the
-    per-token values as JSON lists. Rows without a result (pairs left out as over-long) get nulls.
-    """
-    write_dataset(input_path, output_path, REFERENCE_COLUMNS, lambda row_id: output_values(results.get(row_id)), limit)
-
-
 def input_hardness(input_path: str | Path) -> dict[str, Any]:
     """hardness_mean from the hardness metadata beside the input (and where it came from), or {} without one."""
     path = metadata_path(input_path)
@@ -246,8 +222,7 @@ def _fingerprints(rows: datasets.Dataset) -> dict[str, str]:
         for row_id, question, chosen, rejected in zip(
             batch["row_id"], batch["question"], batch["chosen"], batch["rejected"], strict=True
         ):
-            row = PairRow(row_id=row_id, question=question or "", chosen=chosen or "", rejected=rejected or "",
-                          idx=None, image_bytes=None, image_file=None)
+            row = PairRow(row_id=row_id, question=question or "", chosen=chosen or "", rejected=rejected or "")
             fingerprints[row_id] = row.fingerprint
     return fingerprints
 
@@ -331,39 +306,27 @@ def precompute_reference(
     # with another tokenizer, so they are not read at all.
     rows = rows.remove_columns([name for name in OUTPUT_COLUMNS if name in rows.column_names])
     if image_folder is None:
-        image_folder = input_path if input_path.is_dir() else input_path.parent
+        image_folder = default_image_folder(input_path)
     llava, processor = load_llava(model_path, dtype)
     dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong)
     skipped = set(dataset.skipped_row_ids)
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
     policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
     settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length}
-    with PartialResults(partial_path(output_path), settings) as partial:
+    skipped = [{"row_id": row_id, "reason": "over-long"} for row_id in dataset.skipped_row_ids]
+
+    def score(partial: PartialResults) -> PassOutcome:
         outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
                                 max_tokens=max_tokens_per_batch, device=device)
-        write_reference_dataset(input_path, output_path, outcome.results, limit)
-        metadata = {
-            **settings,
-            "count": len(outcome.results),
-            "computed": outcome.computed,
-            "resumed": outcome.resumed,
-            "skipped_count": len(dataset.skipped_row_ids),
-            "skipped": dataset.skipped_row_ids,
-            "overlong": overlong,
-            "rows": rows.num_rows,
-            "input": str(input_path),
-            "output": output_path.name,
-            "format": detect_format(input_path),
-            "limit": limit,
-            "device": str(device),
-            "batch_size": batch_size,
-            "max_tokens_per_batch": max_tokens_per_batch,
-            **hardness,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_metadata(output_path, metadata)
-    partial.remove()
-    return metadata
+        outcome.skipped = skipped
+        return outcome
+
+    def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
+        return {"overlong": overlong, "rows": rows.num_rows, "device": str(device), "batch_size": batch_size,
+                "max_tokens_per_batch": max_tokens_per_batch, **hardness}
+
+    return run_pass(input_path, output_path, settings=settings, columns=REFERENCE_COLUMNS, score=score,
+                    row_values=output_values, metadata=reference_fields, limit=limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,30 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         metadata = precompute_reference(
-            args.input,
-            args.output,
-            args.model,
-            image_folder=args.image_folder,
-            batch_size=args.batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch,
-            max_length=args.max_length,
-            overlong=args.overlong,
-            device=args.device,
-            dtype=args.dtype,
-            limit=args.limit,
-            cache_dir=args.cache_dir,
+            args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
+            max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
+            device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
         )
-    except (ValueError, OSError) as error:
-        print(f"dama precompute-ref: error: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
-        f"{metadata['skipped_count']} over-long; {metadata['dtype']} on {metadata['device']}\n"
-        f"wrote {args.output} and {metadata_path(args.output)}"
-    )
-    return 0
+        return (
+            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
+            f"{metadata['skipped_count']} over-long; {metadata['dtype']} on {metadata['device']}\n"
+            f"wrote {args.output} and {metadata_path(args.output)}"
+        )
+
+    return run_command("precompute-ref", action)
 
 
 if __name__ == "__main__":
