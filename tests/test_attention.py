@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dama.data.collator import PackedCollator, PaddedCollator
 from dama.data.dataset import PreferenceDataset
@@ -129,7 +131,14 @@ def test_attention_forward_refuses_masks_and_caches():
         packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds, cu_seq_lens_k=_bounds([3, 3]))
     output, weights = packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds)
     assert output.shape == (1, 6, 4, 8) and weights is None
-    assert register_packed_attention() == ATTENTION_NAME
+
+
+def test_registration_makes_transformers_dispatch_to_packed_attention():
+    name = register_packed_attention()
+    assert ALL_ATTENTION_FUNCTIONS[name] is packed_attention_forward
+    with pytest.raises(ValueError, match="got a padding mask"):
+        ALL_MASK_ATTENTION_FUNCTIONS[name](attention_mask=torch.tensor([[1, 1, 0]]))
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name](attention_mask=torch.ones(1, 3, dtype=torch.bool)) is None
 
 
 def _tiny_llama() -> LlamaForCausalLM:

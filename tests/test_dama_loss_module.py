@@ -56,7 +56,7 @@ def _config(**overrides) -> DamaMethodConfig:
 # The config
 
 
-def test_config_defaults_follow_the_spec():
+def test_config_defaults_follow_docs_method():
     config = DamaMethodConfig()
     assert (config.beta, config.beta_min, config.variant, config.keep_ratio, config.filter_width, config.gamma) == (
         0.1, 1e-3, "release", 0.8, 1.0, 0.9

@@ -106,8 +106,22 @@ def test_clip_processing_resizes_shortest_side_and_centre_crops(tmp_path, proces
     expected = processor.image_processor(images=large, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(dataset[0].pixel_values, expected)
 
-    padded = _dataset(tmp_path, rows, processor, name="large.parquet", pad_to_square=True)[0].pixel_values
-    assert padded.shape == (3, 32, 32) and not torch.allclose(padded, expected)
+
+
+def test_pad_aspect_ratio_expands_to_a_square_of_llavas_mean_colour(tmp_path, processor, demo_rows):
+    # 40 x 20, all red: "pad" centres it on a 40 x 40 square filled with int(255 * CLIP mean) =
+    # (int(122.77), int(116.75), int(104.09)) = (122, 116, 104), worked out by hand from the CLIP mean.
+    assert processor.image_processor.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = Image.new("RGB", (40, 40), (122, 116, 104))
+    square.paste(image, (0, 10))
+    rows = [dict(demo_rows[0], image={"bytes": _png(image), "path": None})]
+    padded = _dataset(tmp_path, rows, processor, image_aspect_ratio="pad")[0].pixel_values
+    torch.testing.assert_close(padded, processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0])
+    cropped = _dataset(tmp_path, rows, processor, name="crop.parquet")[0].pixel_values
+    torch.testing.assert_close(cropped, processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
+    with pytest.raises(ValueError, match="image_aspect_ratio must be one of"):
+        _dataset(tmp_path, rows, processor, name="bad.parquet", image_aspect_ratio="stretch")
 
 
 def _token_counts(processor, rows):

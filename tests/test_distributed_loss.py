@@ -6,8 +6,8 @@ metrics and running state are the same. With DDP, which averages gradients over 
 gives the single-process gradient of a shared parameter.
 
 Gradient accumulation (micro-batches of one process) is another matter: alpha_M and the filter draw are statistics
-of the micro-batch (spec 3: "every optimizer micro-batch"), so beta_C, the mask and the loss follow the split. What
-does match with ema_update="optimizer_step" is shown at the end of this file.
+of the micro-batch (docs/method.md section 4), so beta_C, the mask and the loss follow the split. What does match
+with ema_update="optimizer_step" is shown at the end of this file.
 """
 
 import os

@@ -79,19 +79,14 @@ class PackedCollator:
 class PaddedCollator:
     """Right-pads the S = 2P sequences of a micro-batch to one length and stacks them (see PaddedBatch)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int):
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a token id >= 0, got {pad_token_id}")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> PaddedBatch:
         input_ids, labels = _sequences(examples)
         length = max(ids.shape[0] for ids in input_ids)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         num_seqs = len(input_ids)
         padded_ids = torch.full((num_seqs, length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((num_seqs, length), dtype=torch.long)

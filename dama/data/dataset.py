@@ -1,11 +1,7 @@
 """Preference pairs as LLaVA-1.5 sees them: template, tokens, supervised labels, image tensors, reference log-probs.
 
-Inputs (spec section 5), read offline through `datasets`:
-- parquet: the RLAIF-V shards (a file, or a folder of `*.parquet` read in name order), columns ds_name,
-  image {bytes, path}, question, chosen, rejected, origin_dataset, origin_split, idx, image_path;
-- json: the authors' JSON list (question, chosen, rejected, image_path, idx, logps, chosen_logits, ...).
-An image comes from `image.bytes`, else from `image.path` / `image_path` resolved under the image folder (default:
-the folder of the input). Every row is named "<file name>:<row number in that file>", as the hardness pass does.
+Rows are read by dama.data.formats (RLAIF-V parquet and the authors' JSON, row ids, the one rule for images);
+docs/method.md section 9 describes the data.
 
 Template (LLaVA-1.5, vicuna v1): "<s>" + "{system} USER: <image>\\n{question} ASSISTANT:" is the prompt and
 " {response}" + "</s>" the response. The prompt and the response are tokenized separately and concatenated, so the
@@ -60,6 +56,7 @@ VICUNA_V1_SYSTEM = (
     "detailed, and polite answers to the human's questions."
 )
 OVERLONG_POLICIES = ("error", "skip")
+IMAGE_ASPECT_RATIOS = ("crop", "pad")
 # Positions of (sum, mean, per-token) of the chosen and the rejected response in the authors' `logps` list.
 AUTHORS_LOGPS_SLOTS = ((0, 1, 2), (3, 4, 5))
 # Rows per tokenizer call while encoding a dataset: the fast tokenizer encodes a batch in parallel.
@@ -201,10 +198,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
         max_length: int | None = 2048,
         overlong: str = "error",
         template: ConversationTemplate = ConversationTemplate(),
-        pad_to_square: bool = False,
+        image_aspect_ratio: str = "crop",
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens or None, got {max_length}")
         if "row_id" not in rows.column_names:
@@ -212,7 +211,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.encoder = PairEncoder(processor, template)
         self.image_folder = None if image_folder is None else Path(image_folder)
-        self.pad_to_square = pad_to_square
+        self.image_aspect_ratio = image_aspect_ratio
         self.max_length = max_length
         self._images = rows.select_columns([c for c in IMAGE_COLUMNS if c in rows.column_names])
         self._rows: list[int] = []
@@ -321,17 +320,19 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """The pair's image as the CLIP processor makes it: (3, h, w) float32."""
         record = self._images[self._rows[index]]
         image = open_row_image(record.get("image"), record.get("image_path"), self.image_folder, self._row_ids[index])
-        if self.pad_to_square:
+        if self.image_aspect_ratio == "pad":
             image = _expand_to_square(image, self.processor.image_processor.image_mean)
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+
 def _expand_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
-    """LLaVA-1.5's "pad" aspect ratio: centre the image on a square of the CLIP mean colour."""
+    """LLaVA-1.5's "pad" aspect ratio: centre the image on a square of the processor's mean colour, each channel
+    255 * mean truncated to an integer as LLaVA's own preprocessing does (CLIP's mean gives (122, 116, 104))."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    square = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in mean))
+    square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 

@@ -20,6 +20,8 @@ from dama.model.attention import use_packed_attention
 
 from ..data.batch import PackedBatch, PreferenceBatch
 
+HEADS = ("fused", "full_logits")
+
 
 class SequenceLogpsHead(nn.Module):
     """The lm_head as a scorer: sums of label log-probs per sequence from hidden states, without logits.
@@ -55,8 +57,8 @@ class DamaPolicy(nn.Module):
     def __init__(self, llava: LlavaForConditionalGeneration, *, head: str = "fused", impl: str = "auto",
                  average_logps: bool = False, packed_attention: bool = True) -> None:
         super().__init__()
-        if head not in ("fused", "full_logits"):
-            raise ValueError(f"head must be 'fused' or 'full_logits', got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.llava = llava
         self.head = SequenceLogpsHead(llava.lm_head, impl)
         self.head_kind = head

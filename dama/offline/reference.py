@@ -1,4 +1,4 @@
-"""`dama precompute-ref`: run the reference model once over a dataset and store its log-probs (spec section 5).
+"""`dama precompute-ref`: run the reference model once over a dataset and store its log-probs (docs/method.md 9).
 
 The reference model π_ref is scored through the code path training scores the policy with: rows are read and
 tokenized by PreferenceDataset (same template, CLIP image processing and max_length; nothing is truncated), laid out
@@ -45,7 +45,7 @@ import dama_kernels
 from dama.command import run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
-from dama.data.dataset import AUTHORS_LOGPS_SLOTS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.dataset import AUTHORS_LOGPS_SLOTS, IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, PreferenceDataset
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
@@ -242,6 +242,7 @@ def _check_arguments(
     max_tokens_per_batch: int | None,
     max_length: int,
     overlong: str,
+    image_aspect_ratio: str,
     device: str,
     dtype: str | None,
     limit: int | None,
@@ -254,6 +255,8 @@ def _check_arguments(
         raise ValueError(f"--max-length must be a positive number of tokens, got {max_length}")
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"--overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"--image-aspect-ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if limit is not None and limit < 0:
@@ -283,6 +286,7 @@ def precompute_reference(
     max_tokens_per_batch: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     overlong: str = "error",
+    image_aspect_ratio: str = "crop",
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
@@ -296,7 +300,7 @@ def precompute_reference(
     """
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
-                     device, dtype, limit)
+                     image_aspect_ratio, device, dtype, limit)
     dtype = resolve_dtype(dtype, device)
     model_path = model_path.resolve()
     # Read before the model loads, so that a broken metadata file fails the run at once.
@@ -308,11 +312,13 @@ def precompute_reference(
     if image_folder is None:
         image_folder = default_image_folder(input_path)
     llava, processor = load_llava(model_path, dtype)
-    dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong)
+    dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong,
+                                image_aspect_ratio=image_aspect_ratio)
     skipped = set(dataset.skipped_row_ids)
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
     policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
-    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length}
+    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
+                "image_aspect_ratio": image_aspect_ratio}
     skipped = [{"row_id": row_id, "reason": "over-long"} for row_id in dataset.skipped_row_ids]
 
     def score(partial: PartialResults) -> PassOutcome:
@@ -379,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the metadata), as training does with the same setting (default: %(default)s)",
     )
     parser.add_argument(
+        "--image-aspect-ratio",
+        choices=IMAGE_ASPECT_RATIOS,
+        default="crop",
+        help="image preprocessing, as training's image_aspect_ratio: 'crop' (CLIP's resize and centre crop) or "
+        "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device for the model (default: cuda when available, else cpu)",
@@ -406,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata = precompute_reference(
             args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
             max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
+            image_aspect_ratio=args.image_aspect_ratio,
             device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
         )
         return (

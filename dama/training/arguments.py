@@ -15,14 +15,14 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
+from dama.model.loading import DTYPES
+from dama.model.policy import HEADS
 
-HEADS = ("fused", "full_logits")
 LAYOUTS = ("packed", "padded")
 ATTENTIONS = ("packed", "sdpa", "eager")
-OVERLONG = ("error", "skip")
 REFERENCES = ("precomputed", "online")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -80,6 +80,12 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         default="error",
         metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it and count it."},
     )
+    image_aspect_ratio: Literal["crop", "pad"] = field(
+        default="crop",
+        metadata={"help": "Image preprocessing: 'crop' resizes the shortest side and centre-crops (CLIP's, the DAMA "
+                  "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
+                  "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
+    )
     layout: Literal["packed", "padded"] = field(
         default="packed",
         metadata={"help": "Micro-batch layout: 'packed' puts the 2P sequences in one row without padding; "
@@ -116,9 +122,10 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("head", self.head, HEADS)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("attention", self.attention, ATTENTIONS)
-        _check_choice("overlong", self.overlong, OVERLONG)
+        _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
+        _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _check_choice("reference", self.reference, REFERENCES)
-        _check_choice("model_dtype", self.model_dtype, DTYPES)
+        _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
         if self.attention == "packed" and self.layout != "packed":
             raise ValueError("attention='packed' needs layout='packed'; use attention='sdpa' with layout='padded'")
         if self.max_length < 2:

@@ -67,7 +67,8 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
         return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
                           packed_attention=packed)
 
-    data_options = dict(image_folder=args.image_folder, max_length=args.max_length, overlong=args.overlong)
+    data_options = dict(image_folder=args.image_folder, max_length=args.max_length, overlong=args.overlong,
+                        image_aspect_ratio=args.image_aspect_ratio)
     train_dataset = PreferenceDataset.from_path(args.train_file, processor, **data_options)
     eval_dataset = PreferenceDataset.from_path(args.eval_file, processor, **data_options) if args.eval_file else None
     collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)

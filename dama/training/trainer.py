@@ -77,7 +77,8 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
         if not self.args.max_tokens_per_batch:
             return super().get_train_dataloader()
         sampler = TokenBudgetBatchSampler(self.train_dataset.pair_lengths, self.args.max_tokens_per_batch,
-                                          shuffle=self.args.shuffle, seed=self.args.seed)
+                                          shuffle=self.args.shuffle, seed=self.args.seed,
+                                          drop_last=self.args.dataloader_drop_last)
         loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
