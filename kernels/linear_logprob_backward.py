@@ -9,8 +9,8 @@ logit tiles (a GEMM over the hidden size, `logit_tile`), applies the softmax gra
 d_logits once, in the input dtype, into a (C, V) buffer; the fp32 logits never reach memory. The two gradient matmuls
 then run as plain GEMMs on that buffer: d_hidden[chunk] = d_logits @ W, and d_weight += d_logits^T @ h[chunk] into one
 fp32 accumulator across chunks. On a GPU those are cuBLAS calls on the 16-bit operands with fp32 accumulation and fp32
-results (`out_dtype`), so every heavy product runs on tensor cores and no program adds into memory another one writes:
-no atomics, and the gradients do not depend on scheduling. d_bias is the fp32 column sum of the stored d_logits.
+results (`out_dtype`), so every heavy product runs on tensor cores and every output element has a single writer: no
+atomics, and the gradients do not depend on scheduling. d_bias is the fp32 column sum of the stored d_logits.
 
 FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS). Memory
 traffic beyond the matmul operands: the (C, V) d_logits, written once and read by both matmuls.
@@ -22,7 +22,8 @@ on the CPU on upcast fp32 operands; the interpreter rounds fp32 -> bf16 stores t
 nearest, so there bf16 d_logits carry up to one unit in the last place instead of half.
 
 Limits: the working memory is the (C, V) buffer, never (N, V); the d_weight accumulator is (V, H) fp32, twice the size
-of a 16-bit weight gradient. Offsets are int64.
+of a 16-bit weight gradient (and a torch whose addmm refuses an fp32 addend needs a second one per chunk, see
+`_add_product`). Offsets are int64.
 """
 
 from __future__ import annotations
@@ -170,13 +171,13 @@ def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _addmm_takes_fp32_addend() -> bool:
-    """Whether this torch's addmm(out_dtype=fp32) adds 16-bit products into an fp32 tensor in place, on CUDA.
+def _addmm_takes_fp32_addend(device: torch.device) -> bool:
+    """Whether this torch's addmm(out_dtype=fp32) adds 16-bit products into an fp32 tensor in place on `device`.
 
     Some releases with out_dtype require the addend in the operands' dtype; they get a separate product instead.
     """
-    accumulator = torch.ones((1, 1), dtype=torch.float32, device="cuda")
-    operand = torch.full((1, 1), 3.0, dtype=torch.bfloat16, device="cuda")
+    accumulator = torch.ones((1, 1), dtype=torch.float32, device=device)
+    operand = torch.full((1, 1), 3.0, dtype=torch.bfloat16, device=device)
     try:
         torch.addmm(accumulator, operand, operand, out_dtype=torch.float32, out=accumulator)
     except (RuntimeError, TypeError):
@@ -190,7 +191,7 @@ def _add_product(accumulator: torch.Tensor | None, a: torch.Tensor, b: torch.Ten
         return _product_fp32(a, b)
     if a.dtype == torch.float32:
         return accumulator.addmm_(a, b)
-    if _addmm_takes_fp32_addend():
+    if _addmm_takes_fp32_addend(a.device):
         # cuBLAS reads the fp32 accumulator in its epilogue: no (V, H) temporary, one read and one write of it.
         return torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
     return accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
@@ -211,8 +212,8 @@ def linear_logprob_bwd_triton(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, chunk by chunk.
 
-    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,) contiguous, bias (V,) or None,
-    max_logit (N,) and log_norm (N,) fp32 from the forward.
+    Shapes: grad_token_logps (N,), hidden (N, H) with N >= 1, weight (V, H), labels (N,) contiguous, bias (V,) or
+    None, max_logit (N,) and log_norm (N,) fp32 from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
     `chunk_rows` overrides backward_chunk_rows (tests and benchmarks).
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
@@ -247,6 +248,8 @@ def linear_logprob_bwd_triton(
             d_weight = _add_product(d_weight, d_logits_operand.T, hidden_operand)
         if need_bias:
             d_bias += d_logits.sum(dim=0, dtype=torch.float32)
+    # Free the d_logits buffer before the 16-bit copy of d_weight is allocated: the two need not coexist at the peak.
+    del buffer, d_logits, d_logits_operand
     return (
         d_hidden,
         d_weight.to(weight.dtype) if need_weight else None,
