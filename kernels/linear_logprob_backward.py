@@ -12,14 +12,16 @@ fp32 accumulator across chunks. On a GPU those are cuBLAS calls on the 16-bit op
 results (`out_dtype`), so every heavy product runs on tensor cores and every output element has a single writer: no
 atomics, and the gradients do not depend on scheduling. d_bias is the fp32 column sum of the stored d_logits.
 
-FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS). Memory
-traffic beyond the matmul operands: the (C, V) d_logits, written once and read by both matmuls.
+FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS). What the
+split costs in memory traffic: d_logits (N x V over all chunks, in the input dtype) is written once and read by each
+matmul, and the fp32 d_weight accumulator is read and written once per chunk.
 
-Numerics: d_logits is rounded to the input dtype before its two matmuls, the usual trade of a fused 16-bit head
-(fp32 inputs keep fp32 d_logits); both products accumulate in fp32, and so does d_weight across chunks, which is cast
-to the weight's dtype once at the end. Under the Triton interpreter tiles are upcast (`UPCAST_DOT`) and the matmuls run
-on the CPU on upcast fp32 operands; the interpreter rounds fp32 -> bf16 stores toward zero, where a GPU rounds to
-nearest, so there bf16 d_logits carry up to one unit in the last place instead of half.
+Numerics: d_logits is rounded to the input dtype before its two matmuls, as autograd through a 16-bit lm_head does (fp16
+then relies on loss scaling to keep tiny probabilities from underflowing; fp32 inputs keep fp32 d_logits); both products
+accumulate in fp32, and so does d_weight across chunks, which is cast to the weight's dtype once at the end. Under the
+Triton interpreter tiles are upcast (`UPCAST_DOT`) and the matmuls run on the CPU on upcast fp32 operands; the
+interpreter rounds fp32 -> bf16 stores toward zero, where a GPU rounds to nearest, so there bf16 d_logits carry up to
+one unit in the last place instead of half.
 
 Limits: the working memory is the (C, V) buffer, never (N, V); the d_weight accumulator is (V, H) fp32, twice the size
 of a 16-bit weight gradient (and a torch whose addmm refuses an fp32 addend needs a second one per chunk, see

@@ -16,7 +16,7 @@ from dama_kernels.linear_logprob_backward import (
 )
 from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
 from dama_kernels.reference import reference_sequence_logps, reference_token_logps
-from tests.kernel_checks import assert_matches_gold, poisoned_allocations
+from tests.kernel_checks import FP32_DIRECT, assert_matches_gold, poisoned_allocations
 
 IMPLS = ["triton", "torch"]
 # (N, H, V): a single token; sizes below, above and not multiples of the interpreter blocks (64 rows, 128 vocab
@@ -251,9 +251,10 @@ def test_triton_backward_chunks_match_one_chunk(dtype, device):
                                                            strict=True):
         assert grad.dtype == dtype
         assert_matches_gold(grad, gold_grad, base_grad, dtype, name)
-        # Only the order of the fp32 sums over chunks differs: a few units in the last place of the output dtype.
+        # Only the order of the fp32 sums differs (matmuls of other heights, chunks added up): a rounding of the output
+        # dtype apart at most, and fp32 sums within the direct fp32 bound. A misplaced or lost chunk is far outside.
         scale = one_chunk.abs().max().item()
-        torch.testing.assert_close(grad, one_chunk, rtol=0, atol=4 * torch.finfo(dtype).eps * scale)
+        torch.testing.assert_close(grad, one_chunk, rtol=0, atol=max(2 * torch.finfo(dtype).eps, FP32_DIRECT) * scale)
 
 
 def test_backward_chunk_rows():
