@@ -186,8 +186,8 @@ def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, p
             d_logits_ms = time_ms(lambda b=blocks: linear_logprob_d_logits_triton(
                 d_logits, hidden[:rows], weight, labels[:rows], None, max_logit[:rows], log_norm[:rows], grad[:rows],
                 IGNORE_INDEX, b))
-            fields |= {"d_logits_ms": d_logits_ms, "d_logits_tflops": 2 * rows * hidden_size * vocab_size / d_logits_ms
-                       / 1e9}
+            d_logits_flops = 2 * rows * hidden_size * vocab_size
+            fields |= {"d_logits_ms": d_logits_ms, "d_logits_tflops": d_logits_flops / d_logits_ms / 1e9}
             record("triton_backward", None, time_ms(lambda b=blocks: backward(b)), **fields)
         except Exception as error:
             failed("triton_backward", error, **fields)
