@@ -15,6 +15,8 @@ COMMANDS = {
     "make-demo-data": ("dama.demo.data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
     "hardness": ("dama.offline.hardness", "score each pair's hardness with CLIP (offline, once per dataset)"),
     "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
+    "plan": ("dama.planning.plan_command", "predict a training config's peak GPU memory per part, before any run"),
+    "export": ("dama.training.export", "fold a LoRA run's adapters into its base model (dama export --merge)"),
 }
 
 

@@ -2,7 +2,8 @@
 
 A checkpoint is written under <output_dir>/.staging/checkpoint-N and renamed into place once complete (with a
 completion marker), so a crash mid-save never leaves a half-written checkpoint-N; only complete checkpoints count for
-rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder.
+rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder; with LoRA it
+is the adapter folder (dama.model.lora), which peft loads onto the base checkpoint and `dama export --merge` folds in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dama.method.loss import DamaLoss
+from dama.model.lora import adapter_state_dict, load_adapter_weights, save_adapters
 
 DAMA_STATE_NAME = "dama_state.pt"
 STAGING_DIR = ".staging"
@@ -44,19 +46,21 @@ def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
     saved = type(llava).from_pretrained(folder, dtype=dtype, local_files_only=True)
     llava.load_state_dict(saved.state_dict(), strict=True)
 
-def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss, device: torch.device | str) -> int:
+def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss) -> int:
     """Loads the DamaLoss running state of a complete checkpoint into `dama_loss`; returns its non-finite count."""
     state_file = Path(checkpoint, DAMA_STATE_NAME)
     if not state_file.is_file():
         raise ValueError(f"{checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
     # weights_only: a checkpoint folder is data, and must not be able to run code when it is resumed from.
-    dama_loss.load_state_dict(torch.load(state_file, map_location=device, weights_only=True))
+    # Read to the CPU, then copied into the buffers where they live (DeepSpeed's "cpu:0" is no valid map_location).
+    dama_loss.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
     marker = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
     return int(marker.get("nonfinite_steps", 0))
 
 
 class AtomicCheckpoints:
-    """Mixin for a transformers.Trainer subclass with `model.llava` and `dama_loss`: the checkpoint methods."""
+    """Mixin for a transformers.Trainer subclass with `model.llava`, `dama_loss` and `adapters` (peft's PeftModel
+    around model.llava, or None): the checkpoint methods."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
@@ -64,9 +68,13 @@ class AtomicCheckpoints:
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if state_dict is not None:
-            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
-        self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
+        if self.adapters is not None:
+            save_adapters(self.adapters, output_dir, None if state_dict is None else adapter_state_dict(state_dict))
+        else:
+            if state_dict is not None:
+                state_dict = {key[len("llava."):]: value for key, value in state_dict.items()
+                              if key.startswith("llava.")}
+            self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -104,4 +112,7 @@ class AtomicCheckpoints:
             shutil.rmtree(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_llava_weights((model or self.model).llava, resume_from_checkpoint)
+        if self.adapters is not None:
+            load_adapter_weights(self.adapters, resume_from_checkpoint)
+        else:
+            load_llava_weights((model or self.model).llava, resume_from_checkpoint)

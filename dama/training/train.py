@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import platform
 import sys
 from importlib import metadata
@@ -15,12 +16,15 @@ from dama.data.collator import PackedCollator, PaddedCollator
 from dama.data.dataset import PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean
 from dama.method.loss import DamaLoss
-from dama.model.loading import apply_liger_patches, apply_lora, configure_trainable, load_llava
+from dama.model.loading import apply_liger_patches, configure_trainable, load_llava
+from dama.model.lora import apply_lora, trainable_parameter_counts
 from dama.model.policy import DamaPolicy
 from dama.training.arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
 from dama.training.trainer import DamaTrainer
 
-VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "dama")
+logger = logging.getLogger(__name__)
+
+VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "peft", "dama")
 
 
 def package_versions() -> dict[str, str]:
@@ -51,12 +55,25 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     if args.reference == "online" and is_deepspeed_zero3_enabled():
         raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
                          "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+    if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
+        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
+                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
-    reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
-    configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower, freeze_projector=args.freeze_projector,
-                        freeze_language_model=args.freeze_language_model)
+    adapters, reference_llava = None, None
     if args.lora_rank:
-        llava = apply_lora(llava, args.lora_rank, args.lora_alpha)
+        # The online reference is this same model with the adapters switched off: no copy.
+        adapters = apply_lora(llava, args.lora_rank, args.lora_alpha, train_projector=not args.freeze_projector,
+                              train_vision_tower=not args.freeze_vision_tower,
+                              base_model_path=Path(args.model_name_or_path).resolve(), seed=args.seed)
+    else:
+        reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
+        configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower,
+                            freeze_projector=args.freeze_projector, freeze_language_model=args.freeze_language_model)
+    counts = trainable_parameter_counts(llava)
+    if not any(counts.values()):
+        raise ValueError("every part of the model is frozen and lora_rank is 0: nothing would train")
+    logger.info("trainable parameters: %s (of %d)", ", ".join(f"{part} {n:,}" for part, n in counts.items() if n),
+                sum(p.numel() for p in llava.parameters()))
     if args.liger_patches:
         apply_liger_patches(llava)
     packed = args.attention == "packed"
@@ -76,6 +93,7 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
         model=policy_of(llava),
         dama_loss=DamaLoss(args, hardness_mean=dataset_hardness_mean(args)),
         ref_policy=policy_of(reference_llava) if reference_llava is not None else None,
+        adapters=adapters,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
