@@ -153,8 +153,12 @@ def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[
     return argv
 
 
-def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArguments:
-    """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors."""
+def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bool = True) -> DamaTrainingArguments:
+    """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors.
+
+    check_devices=False reads a config on a machine that is not the one to run it (`dama plan`): bf16/fp16 are not
+    checked against this machine's hardware, and the DeepSpeed config is kept as given, not initialised.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(DamaTrainingArguments, prog="dama train")
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs; command-line flags win.")
@@ -170,7 +174,17 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
         if not isinstance(values, dict):
             raise ValueError(f"{config_path}: expected a mapping of field: value")
         yaml_argv = _yaml_to_argv(values, {f.name for f in fields(DamaTrainingArguments)}, str(config_path))
-    (arguments, _config) = parser.parse_args_into_dataclasses(args=yaml_argv + argv, return_remaining_strings=False)
+    combined = yaml_argv + argv
+    deepspeed = None
+    if not check_devices:
+        while "--deepspeed" in combined:
+            position = combined.index("--deepspeed")
+            deepspeed = combined[position + 1] if position + 1 < len(combined) else None
+            del combined[position:position + 2]
+        combined += ["--use_cpu", "true"]
+    (arguments, _config) = parser.parse_args_into_dataclasses(args=combined, return_remaining_strings=False)
+    if deepspeed is not None:
+        arguments.deepspeed = deepspeed
     return arguments
 
 

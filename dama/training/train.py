@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from transformers import LlavaForConditionalGeneration
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.data.collator import PackedCollator, PaddedCollator
@@ -49,22 +50,19 @@ def dataset_hardness_mean(args: DamaTrainingArguments) -> float | None:
     return read_hardness_mean(args.train_file)
 
 
-def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
-    if not args.model_name_or_path or not args.train_file:
-        raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
-    if args.reference == "online" and is_deepspeed_zero3_enabled():
-        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
-                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
-    if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
-        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
-                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
-    llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
+def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGeneration):
+    """What trains in a loaded LLaVA (freezing, or LoRA) and the modules `dama train` runs.
+
+    Returns (policy, ref_policy, adapters): the DamaPolicy that trains; the frozen copy that scores the reference
+    online (None with LoRA, whose reference is the policy with its adapters off, and with a precomputed reference);
+    peft's wrapper around the LLaVA (None without LoRA).
+    """
     adapters, reference_llava = None, None
     if args.lora_rank:
-        # The online reference is this same model with the adapters switched off: no copy.
         adapters = apply_lora(llava, args.lora_rank, args.lora_alpha, train_projector=not args.freeze_projector,
                               train_vision_tower=not args.freeze_vision_tower,
-                              base_model_path=Path(args.model_name_or_path).resolve(), seed=args.seed)
+                              base_model_path=args.model_name_or_path and Path(args.model_name_or_path).resolve(),
+                              seed=args.seed)
     else:
         reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
         configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower,
@@ -84,15 +82,29 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
         return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
                           packed_attention=packed)
 
+    return policy_of(llava), None if reference_llava is None else policy_of(reference_llava), adapters
+
+
+def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
+    if not args.model_name_or_path or not args.train_file:
+        raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
+    if args.reference == "online" and is_deepspeed_zero3_enabled():
+        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
+                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+    if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
+        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
+                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
+    llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
+    policy, ref_policy, adapters = prepare_models(args, llava)
     data_options = dict(image_folder=args.image_folder, max_length=args.max_length, overlong=args.overlong,
                         image_aspect_ratio=args.image_aspect_ratio)
     train_dataset = PreferenceDataset.from_path(args.train_file, processor, **data_options)
     eval_dataset = PreferenceDataset.from_path(args.eval_file, processor, **data_options) if args.eval_file else None
     collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
     return DamaTrainer(
-        model=policy_of(llava),
+        model=policy,
         dama_loss=DamaLoss(args, hardness_mean=dataset_hardness_mean(args)),
-        ref_policy=policy_of(reference_llava) if reference_llava is not None else None,
+        ref_policy=ref_policy,
         adapters=adapters,
         args=args,
         train_dataset=train_dataset,
