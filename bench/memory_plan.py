@@ -68,6 +68,7 @@ CASES = (
     Case("LoRA, 4 layers, padded", layers=4, lora_rank=16, layout="padded"),
     Case("LoRA, 4 layers, online reference", layers=4, lora_rank=16, reference="online"),
     Case("projector only, 4 layers", layers=4, freeze_language_model=True),
+    Case("full, fp32 weights + bf16 autocast", bf16=True),
     Case("LoRA, bf16 weights + autocast, checkpointing", layers=4, lora_rank=16, checkpointing=True,
          model_dtype="bfloat16", bf16=True),
 )

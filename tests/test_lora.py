@@ -156,11 +156,18 @@ def test_export_without_adapters_is_a_clear_error(tiny_setup, tmp_path):
     assert done.stderr.startswith("dama export: error:") and "adapter_config.json" in done.stderr
 
 
-def test_precomputed_reference_with_lora(tiny_setup, tmp_path):
+@pytest.fixture(scope="module")
+def with_reference(tiny_setup, tmp_path_factory):
+    """The training pairs with the base model's precomputed reference log-probs."""
     root, paths = tiny_setup
-    with_ref = tmp_path / "train.ref.parquet"
-    precompute_reference(paths["train"], with_ref, root / "model", cache_dir=tmp_path / "cache")
-    trainer = build_trainer(make_args(root, {"train": with_ref}, tmp_path / "run", "--max_steps", "2",
+    folder = tmp_path_factory.mktemp("reference")
+    precompute_reference(paths["train"], folder / "train.ref.parquet", root / "model", cache_dir=folder / "cache")
+    return {"train": folder / "train.ref.parquet"}
+
+
+def test_precomputed_reference_with_lora(tiny_setup, with_reference, tmp_path):
+    root, _ = tiny_setup
+    trainer = build_trainer(make_args(root, with_reference, tmp_path / "run", "--max_steps", "2",
                                       "--save_strategy", "no", "--reference", "precomputed"))
     trainer.train()
     logged = losses(trainer.state.log_history)
@@ -203,30 +210,51 @@ def test_resume_equals_uninterrupted(tiny_setup, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def deepspeed_train(root: Path, train_file: Path, output_dir: Path, max_steps: int, *extra: str) -> list[dict]:
+    """`dama train` with LoRA under DeepSpeed in one CPU process (a constant learning rate); its log history."""
+    argv = ["train", "--output_dir", str(output_dir), "--model_name_or_path", str(root / "model"),
+            "--train_file", str(train_file), "--data_aware", "false", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--report_to",
+            "none", "--use_cpu", "true", "--seed", "3", "--save_steps", "2", "--max_steps", str(max_steps),
+            "--lora_rank", str(RANK), "--lora_alpha", "8", "--freeze_language_model", "true", *extra]
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    done = subprocess.run([sys.executable, "-m", "dama.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
 def test_resume_under_deepspeed_equals_uninterrupted(tiny_setup, tmp_path):
     pytest.importorskip("deepspeed")
     root, paths = tiny_setup
-
-    def run_train(output_dir: Path, max_steps: int, *extra: str) -> list[dict]:
-        argv = ["train", "--output_dir", str(output_dir), "--model_name_or_path", str(root / "model"),
-                "--train_file", str(paths["train"]), "--reference", "online", "--data_aware", "false",
-                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-                "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--seed", "3",
-                "--save_steps", "2", "--max_steps", str(max_steps), "--lora_rank", str(RANK),
-                "--freeze_language_model", "true", "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"), *extra]
-        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
-               "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-        done = subprocess.run([sys.executable, "-m", "dama.cli", *argv], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-        return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-
-    expected = losses(run_train(tmp_path / "full", 4))
-    run_train(tmp_path / "cut", 2)  # a constant learning rate: stopping at 2 of 4 steps changes nothing before it
+    zero2 = ("--reference", "online", "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"))
+    expected = losses(deepspeed_train(root, paths["train"], tmp_path / "full", 4, *zero2))
+    # A constant learning rate: stopping at 2 of 4 steps changes nothing before it.
+    deepspeed_train(root, paths["train"], tmp_path / "cut", 2, *zero2)
     assert (tmp_path / "cut" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    got = losses(run_train(tmp_path / "cut", 4, "--resume", "true"))
+    got = losses(deepspeed_train(root, paths["train"], tmp_path / "cut", 4, *zero2, "--resume", "true"))
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_zero3_with_offloaded_weights_trains_as_without_deepspeed(tiny_setup, with_reference, tmp_path):
+    """The 16 GB recipe's engine: ZeRO-3 with the weights on the CPU gives the plain run's losses and adapters."""
+    pytest.importorskip("deepspeed")
+    root, _ = tiny_setup
+    offload = str(REPO / "configs/deepspeed/zero3_offload_params.json")
+    got = losses(deepspeed_train(root, with_reference["train"], tmp_path / "zero3", 2, "--deepspeed", offload))
+    plain = build_trainer(make_args(root, with_reference, tmp_path / "plain", "--max_steps", "2", "--reference",
+                                    "precomputed", "--lr_scheduler_type", "constant", "--save_strategy", "no"))
+    plain.train()
+    expected = losses(plain.state.log_history)
+    assert sorted(got) == [1, 2]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    batch = batch_of(plain)
+    with torch.no_grad():
+        trained = plain.model.eval()(batch)
+    reloaded = peft.PeftModel.from_pretrained(load_base(root), str(tmp_path / "zero3"))
+    torch.testing.assert_close(policy_logps(reloaded.base_model.model, batch), trained, rtol=1e-5, atol=1e-4)

@@ -54,6 +54,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every other option is a `dama train` field (dama train --help), "
                                      "e.g. --max_tokens_per_batch 4096 --lora_rank 64.")
+    parser.add_argument("--config", default=None, help="the training YAML, as for `dama train`")
     parser.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 24GiB, 16GiB, 80GiB")
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs the run spreads over (ZeRO partitions over "
                         "them; each holds its own micro-batch); default 1")
@@ -75,6 +76,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--num-gpus and --response-tokens must be >= 1, --prompt-tokens >= 0")
     if not 0 <= plan_args.fragmentation < 10:
         parser.error("--fragmentation is a fraction of the peak, e.g. 0.1")
+    if plan_args.config is not None:
+        rest = ["--config", plan_args.config, *rest]
     return plan_args, rest
 
 
@@ -91,8 +94,16 @@ def model_shape_for(args: DamaTrainingArguments, model_config: str | None) -> tu
         return read_model_shape(folder), str(folder / "config.json")
     shipped = SHIPPED_MODELS / folder.name
     if (shipped / "config.json").is_file():
-        return read_model_shape(shipped), f"{shipped / 'config.json'} (no {folder / 'config.json'} yet)"
+        return read_model_shape(shipped), f"{_shown(shipped / 'config.json')} (no {folder / 'config.json'} yet)"
     raise ValueError(f"no {folder / 'config.json'}: download the model first or pass --model-config")
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _gib(nbytes: int) -> str:

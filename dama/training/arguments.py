@@ -46,7 +46,10 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     lora_rank: int = field(
         default=0,
-        metadata={"help": "LoRA rank on the language model's linear layers (needs `pip install .[lora]`); 0 = off."},
+        metadata={"help": "LoRA rank on the language model's seven projections per layer (needs `pip install "
+                  ".[lora]`); 0 = off. The language model's own weights then stay frozen; the projector (and the "
+                  "vision tower) train whole beside the adapters unless frozen. Output: a peft adapter folder "
+                  "(`dama export --merge` folds it into the base model)."},
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
     liger_patches: bool = field(
@@ -103,7 +106,8 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     reference: Literal["precomputed", "online"] = field(
         default="precomputed",
         metadata={"help": "Reference log-probs from the data's columns (precomputed once, no reference model in "
-                  "memory) or from a frozen copy of the starting model run online."},
+                  "memory) or from a frozen copy of the starting model run online (with LoRA: the policy with its "
+                  "adapters switched off, no copy)."},
     )
     # Robustness
     max_nonfinite_steps: int = field(
