@@ -156,6 +156,14 @@ def test_export_without_adapters_is_a_clear_error(tiny_setup, tmp_path):
     assert done.stderr.startswith("dama export: error:") and "adapter_config.json" in done.stderr
 
 
+def test_export_never_overwrites_its_inputs(tiny_setup, trained_run):
+    _, output_dir = trained_run
+    done = subprocess.run([sys.executable, "-m", "dama.cli", "export", str(output_dir), "--merge", "--output",
+                           str(output_dir)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "would replace" in done.stderr
+    assert (output_dir / "adapter_model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def with_reference(tiny_setup, tmp_path_factory):
     """The training pairs with the base model's precomputed reference log-probs."""

@@ -153,6 +153,8 @@ def merge_adapters(adapter_dir: str | Path, output_dir: str | Path, base_model_p
     if not (base / "config.json").is_file():
         raise ValueError(f"the base checkpoint {str(base)!r} holds no config.json: pass --base, the folder the "
                          "adapters were trained on")
+    if output_dir.resolve() in (adapter_dir.resolve(), base.resolve()):
+        raise ValueError(f"--output {output_dir} would replace the adapters or the base checkpoint: give a new folder")
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
     llava = LlavaForConditionalGeneration.from_pretrained(

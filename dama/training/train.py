@@ -67,9 +67,7 @@ def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGenera
         reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
         configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower,
                             freeze_projector=args.freeze_projector, freeze_language_model=args.freeze_language_model)
-    counts = trainable_parameter_counts(llava)
-    if not any(counts.values()):
-        raise ValueError("every part of the model is frozen and lora_rank is 0: nothing would train")
+    counts = trainable_parameter_counts(llava)  # after LoRA: peft leaves only the adapters and copies trainable
     logger.info("trainable parameters: %s (of %d)", ", ".join(f"{part} {n:,}" for part, n in counts.items() if n),
                 sum(p.numel() for p in llava.parameters()))
     if args.liger_patches:
