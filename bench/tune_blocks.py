@@ -4,7 +4,8 @@ For each candidate tile configuration it times the forward kernel alone and the 
 LLaVA-1.5-7B's head (H 4096, V 32064), and, side by side in the same run, the chunked torch path (cuBLAS matmuls over
 row chunks of logits) and the full-logits head. Rates are useful TFLOP/s: 2 N H V for the forward, 4 N H V for the
 backward (its recomputation of the logits is not counted), against a large matmul in the same dtype timed in the same
-run. A configuration that does not compile or launch on this device is reported with the reason.
+run. A configuration that does not compile or launch on this device is reported with the reason. The blocks the
+launchers pick on this device (dama_kernels.launch_config.linear_logprob_blocks) are always in the sweep, marked.
 
 Output: a table per (dtype, N) and the records as JSON in --output.
 """
@@ -21,7 +22,7 @@ import triton
 import triton.testing
 
 from dama_kernels.functional import CHUNK_ELEMENTS
-from dama_kernels.launch_config import LinearLogprobBlocks
+from dama_kernels.launch_config import KINDS, LinearLogprobBlocks, linear_logprob_blocks
 from dama_kernels.linear_logprob_backward import linear_logprob_bwd_triton
 from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
 from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
@@ -105,6 +106,15 @@ def cublas_chunked_ms(hidden, weight, labels, grad) -> tuple[float, float]:
     return time_ms(forward), time_ms(backward)
 
 
+def candidates_for(dtype: torch.dtype) -> list[tuple[LinearLogprobBlocks, list[str]]]:
+    """CANDIDATES and the launchers' own picks on this device, each with the kernels ("forward", "backward") the
+    launcher picks it for."""
+    capability = torch.cuda.get_device_capability()
+    picks = {kind: linear_logprob_blocks(kind, capability, dtype) for kind in KINDS}
+    unique = list(dict.fromkeys([*picks.values(), *CANDIDATES]))
+    return [(blocks, [kind for kind, pick in picks.items() if pick == blocks]) for blocks in unique]
+
+
 def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, peak: float) -> list[dict]:
     dtype = DTYPES[dtype_name]
     hidden, weight, labels, grad = make_inputs(num_tokens, hidden_size, vocab_size, dtype)
@@ -120,8 +130,8 @@ def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, p
         })
 
     reference = linear_logprob_fwd_torch(hidden, weight, labels, None, IGNORE_INDEX, 256)  # (logps, max, log_norm)
-    for blocks in CANDIDATES:
-        fields = {"blocks": blocks.__dict__}
+    for blocks, launcher_picks in candidates_for(dtype):
+        fields = {"blocks": blocks.__dict__, "launcher_picks": launcher_picks}
         try:
             token_logps, max_logit, log_norm = linear_logprob_fwd_triton(
                 hidden, weight, labels, None, IGNORE_INDEX, blocks)
@@ -152,13 +162,13 @@ def format_table(records: list[dict]) -> str:
         blocks = r.get("blocks")
         name = r["provider"] if not blocks else (
             f"triton {blocks['block_n']}x{blocks['block_v']}x{blocks['block_h']} w{blocks['num_warps']} "
-            f"s{blocks['num_stages']}")
+            f"s{blocks['num_stages']}") + (f" <- {'+'.join(r['launcher_picks'])}" if r.get("launcher_picks") else "")
         if r.get("error"):
-            lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<30} failed: {r['error'][:90]}")
+            lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<42} failed: {r['error'][:90]}")
             continue
         fwd_pct = 100 * r["fwd_tflops"] / r["matmul_peak_tflops"]
         bwd_pct = 100 * r["bwd_tflops"] / r["matmul_peak_tflops"]
-        lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<30} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} "
+        lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<42} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} "
                      f"TFLOP/s ({fwd_pct:3.0f}%)  bwd {r['bwd_ms']:8.3f} ms {r['bwd_tflops']:6.1f} TFLOP/s "
                      f"({bwd_pct:3.0f}%)")
     return "\n".join(lines)

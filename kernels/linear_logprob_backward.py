@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import LinearLogprobBlocks
+from .launch_config import KernelLaunch, LinearLogprobBlocks
 from .linear_logprob_forward import dot_settings
 from .linear_logprob_tiles import logit_tile
 
@@ -123,6 +123,71 @@ def _linear_logprob_bwd_kernel(
                 )
 
 
+def linear_logprob_bwd_launch(
+    grad_token_logps: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_logit: torch.Tensor,
+    log_norm: torch.Tensor,
+    ignore_index: int,
+    blocks: LinearLogprobBlocks,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[KernelLaunch, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward launch and the zeroed fp32 buffers it accumulates into: (launch, d_hidden, d_weight, d_bias).
+
+    Shapes as in linear_logprob_bwd_triton; a buffer is None where `needs_grad` says no.
+    """
+    need_hidden, need_weight, need_bias = needs_grad
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    device = hidden.device
+    d_hidden = torch.zeros((num_tokens, hidden_size), dtype=torch.float32, device=device) if need_hidden else None
+    d_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=device) if need_weight else None
+    d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
+    placeholder = log_norm  # stands in for buffers the constexpr flags leave untouched
+    upcast, precision = dot_settings(hidden.dtype)
+    arguments = dict(
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else placeholder,
+        labels_ptr=labels,
+        max_logit_ptr=max_logit,
+        log_norm_ptr=log_norm,
+        grad_ptr=grad_token_logps.contiguous(),
+        d_hidden_ptr=d_hidden if need_hidden else placeholder,
+        d_weight_ptr=d_weight if need_weight else placeholder,
+        d_bias_ptr=d_bias if need_bias else placeholder,
+        stride_hidden_n=hidden.stride(0),
+        stride_hidden_h=hidden.stride(1),
+        stride_weight_v=weight.stride(0),
+        stride_weight_h=weight.stride(1),
+        stride_d_hidden_n=hidden_size,
+        stride_d_weight_v=hidden_size,
+        num_tokens=num_tokens,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        HAS_BIAS=bias is not None,
+        COMPUTE_D_HIDDEN=need_hidden,
+        COMPUTE_D_WEIGHT=need_weight,
+        COMPUTE_D_BIAS=need_bias,
+        UPCAST_DOT=upcast,
+        INPUT_PRECISION=precision,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_H=blocks.block_h,
+    )
+    launch = KernelLaunch(
+        kernel=_linear_logprob_bwd_kernel,
+        grid=(triton.cdiv(num_tokens, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)),
+        arguments=arguments,
+        options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
+    )
+    return launch, d_hidden, d_weight, d_bias
+
+
 def linear_logprob_bwd_triton(
     grad_token_logps: torch.Tensor,
     hidden: torch.Tensor,
@@ -142,51 +207,12 @@ def linear_logprob_bwd_triton(
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
-    need_hidden, need_weight, need_bias = needs_grad
-    num_tokens, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
-    device = hidden.device
-    d_hidden = torch.zeros((num_tokens, hidden_size), dtype=torch.float32, device=device) if need_hidden else None
-    d_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=device) if need_weight else None
-    d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
-    placeholder = log_norm  # stands in for buffers the constexpr flags leave untouched
-    upcast, precision = dot_settings(hidden.dtype)
-    grid = (triton.cdiv(num_tokens, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
-    _linear_logprob_bwd_kernel[grid](
-        hidden,
-        weight,
-        bias if bias is not None else placeholder,
-        labels,
-        max_logit,
-        log_norm,
-        grad_token_logps.contiguous(),
-        d_hidden if need_hidden else placeholder,
-        d_weight if need_weight else placeholder,
-        d_bias if need_bias else placeholder,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        hidden_size,
-        hidden_size,
-        num_tokens,
-        hidden_size,
-        vocab_size,
-        ignore_index,
-        HAS_BIAS=bias is not None,
-        COMPUTE_D_HIDDEN=need_hidden,
-        COMPUTE_D_WEIGHT=need_weight,
-        COMPUTE_D_BIAS=need_bias,
-        UPCAST_DOT=upcast,
-        INPUT_PRECISION=precision,
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
+    launch, d_hidden, d_weight, d_bias = linear_logprob_bwd_launch(
+        grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, ignore_index, blocks, needs_grad
     )
+    launch.run()
     return (
-        d_hidden.to(hidden.dtype) if need_hidden else None,
-        d_weight.to(weight.dtype) if need_weight else None,
-        d_bias.to(bias.dtype) if need_bias else None,
+        d_hidden.to(hidden.dtype) if d_hidden is not None else None,
+        d_weight.to(weight.dtype) if d_weight is not None else None,
+        d_bias.to(bias.dtype) if d_bias is not None else None,
     )
