@@ -15,6 +15,7 @@ COMMANDS = {
     "make-demo-data": ("dama.demo_data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
     "hardness": ("dama.hardness", "score each preference pair's hardness with CLIP (offline, once per dataset)"),
     "precompute-ref": ("dama.reference", "run the reference model over a dataset and store its log-probs (offline)"),
+    "selftest": ("dama_kernels.selftest", "check the kernels on this machine against float64 before a training run"),
 }
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .functional import dama_sigmoid_loss, sequence_logps, token_logps
+from .launch_config import float32_matmul_precision
 from .reference import reference_dama_sigmoid_loss, reference_sequence_logps, reference_token_logps
 
 
@@ -189,26 +190,29 @@ def _leaves(inputs: LogprobInputs) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().requires_grad_(True) for t in (inputs.hidden, inputs.weight, inputs.bias)]
 
 
-def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_outputs,
-                        device) -> tuple[list[Comparison], torch.Tensor]:
+def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_outputs, device,
+                        fp32_precision) -> tuple[list[Comparison], torch.Tensor]:
     """Values and gradients of `ours_fn(hidden, weight, bias)` against `reference_fn(..., compute_dtype)`; also
-    returns ours."""
+    returns ours. Ours and the fp32 baseline run under `fp32_precision` (TF32 for both with "high" on a GPU)."""
     grad_out = torch.randn(num_outputs, device=device)  # grad_output != 1
     tolerance = TOLERANCES[dtype]
     leaves = _leaves(inputs)
-    with poisoned_allocations():
+    with float32_matmul_precision(fp32_precision), poisoned_allocations():
         out = ours_fn(*leaves)
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
     results = {}
     for compute_dtype in (torch.float64, torch.float32):
         ref_leaves = _leaves(inputs)
-        ref_out = reference_fn(*ref_leaves, compute_dtype)
-        ref_grads = torch.autograd.grad(ref_out, [t for t in ref_leaves if t is not None], grad_out.to(compute_dtype))
+        with float32_matmul_precision(fp32_precision):
+            ref_out = reference_fn(*ref_leaves, compute_dtype)
+            ref_grads = torch.autograd.grad(ref_out, [t for t in ref_leaves if t is not None],
+                                            grad_out.to(compute_dtype))
         if compute_dtype == torch.float32:
             ref_grads = [g.to(dtype) for g in ref_grads]
         results[compute_dtype] = (ref_out, ref_grads)
     (gold, gold_grads), (base, base_grads) = results[torch.float64], results[torch.float32]
-    direct = case.well_conditioned
+    # TF32 products round the inputs to 10 bits: only the baseline term (TF32 too) can bound them.
+    direct = case.well_conditioned and fp32_precision == "highest"
     comparisons = [
         expect(f"{name} dtype", out.dtype == torch.float32, f"returned {out.dtype}, expected float32"),
         compare_to_gold(out, gold, base, tolerance.value, name, direct),
@@ -222,8 +226,11 @@ def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_ou
 
 
 def check_token_logps(case: LogprobCase, dtype: torch.dtype, impl: str, device: torch.device | str,
-                      chunk_size: int | None = None) -> list[Comparison]:
-    """token_logps: values, d_hidden, d_weight, d_bias, and exact zeros on ignored rows."""
+                      chunk_size: int | None = None, fp32_precision: str = "highest") -> list[Comparison]:
+    """token_logps: values, d_hidden, d_weight, d_bias, and exact zeros on ignored rows.
+
+    fp32_precision: torch.set_float32_matmul_precision while ours and the fp32 baseline run ("high": TF32).
+    """
     inputs = make_logprob_inputs(case, dtype, device)
     labels, ignore_index = inputs.labels, case.ignore_index
 
@@ -235,15 +242,18 @@ def check_token_logps(case: LogprobCase, dtype: torch.dtype, impl: str, device: 
         return reference_token_logps(hidden, weight, labels, bias, ignore_index, compute_dtype)
 
     comparisons, out = _compare_logprob_op("token_logps", case, dtype, inputs, ours, reference, case.num_tokens,
-                                           device)
+                                           device, fp32_precision)
     ignored = labels == ignore_index
     comparisons.append(expect("token_logps ignored rows", bool((out[ignored] == 0).all()), "not exactly 0"))
     return comparisons
 
 
-def check_sequence_logps(case: LogprobCase, dtype: torch.dtype, impl: str,
-                         device: torch.device | str) -> list[Comparison]:
-    """sequence_logps over packed, shuffled sequences (one of a single token): values and gradients."""
+def check_sequence_logps(case: LogprobCase, dtype: torch.dtype, impl: str, device: torch.device | str,
+                         fp32_precision: str = "highest") -> list[Comparison]:
+    """sequence_logps over packed, shuffled sequences (one of a single token): values and gradients.
+
+    fp32_precision: as in check_token_logps.
+    """
     inputs = make_logprob_inputs(case, dtype, device)
     seq_ids, num_seqs = packed_seq_ids(case.num_tokens, device)
     labels, ignore_index = inputs.labels, case.ignore_index
@@ -255,7 +265,8 @@ def check_sequence_logps(case: LogprobCase, dtype: torch.dtype, impl: str,
     def reference(hidden, weight, bias, compute_dtype):
         return reference_sequence_logps(hidden, weight, labels, seq_ids, num_seqs, bias, ignore_index, compute_dtype)
 
-    return _compare_logprob_op("sequence_logps", case, dtype, inputs, ours, reference, num_seqs, device)[0]
+    return _compare_logprob_op("sequence_logps", case, dtype, inputs, ours, reference, num_seqs, device,
+                               fp32_precision)[0]
 
 
 @dataclass(frozen=True)
