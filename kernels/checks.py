@@ -4,7 +4,7 @@ Each check runs one public op of dama_kernels on fresh random inputs of a case, 
 (an element the op forgets to write comes out NaN), and compares its values and gradients with the float64 reference
 (dama_kernels.reference) by a three-way criterion:
 
-    max |ours - gold| <= 2 max |baseline - gold| + tolerance * max(max |gold|, 1)
+    max |ours - gold| <= 2 max |baseline - gold| + tolerance * max |gold|
 
 where gold is the reference in float64 and baseline the same reference in fp32, its gradients rounded to the input
 dtype like ours (what a careful same-precision implementation gets). Outputs computed and returned in fp32 are also
@@ -30,7 +30,8 @@ from .reference import reference_dama_sigmoid_loss, reference_sequence_logps, re
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Error allowed on top of the baseline's, relative to max(max |gold|, 1).
+    """Error allowed on top of the baseline's, relative to max |gold| (gradients are often far below 1, so the
+    scale is not clamped at 1: a 16-bit tolerance against 1 would let a gradient of the wrong size through).
 
     value: outputs, which the kernels compute in fp32 whatever the input dtype (log-probs, losses, margins);
     grad: gradients, returned in the input dtype (16-bit ones also go through 16-bit d_logits on a GPU).
@@ -46,7 +47,7 @@ TOLERANCES = {
     torch.float16: Tolerance(value=2e-6, grad=2e-3),
     torch.bfloat16: Tolerance(value=2e-6, grad=1.6e-2),
 }
-# Direct bound on fp32 outputs against float64, relative to max(max |gold|, 1).
+# Direct bound on fp32 outputs against float64, relative to max |gold|.
 FP32_DIRECT = 2e-5
 
 
@@ -81,7 +82,8 @@ def compare_to_gold(actual: torch.Tensor, gold: torch.Tensor, baseline: torch.Te
         return Comparison(what, math.inf, 0.0, f"shape {tuple(actual.shape)} != {tuple(gold.shape)}")
     if not bool(torch.isfinite(actual).all()):
         return Comparison(what, math.inf, 0.0, "non-finite values (an element left unwritten?)")
-    scale = max(gold.abs().max().item(), 1.0) if gold.numel() else 1.0
+    # An all-zero gold (nothing supervised) is held to the tolerance itself.
+    scale = (gold.abs().max().item() if gold.numel() else 0.0) or 1.0
     error = (actual.double() - gold).abs().max().item() if gold.numel() else 0.0
     baseline_error = (baseline.double() - gold).abs().max().item() if gold.numel() else 0.0
     allowed = 2 * baseline_error + tolerance * scale
@@ -152,7 +154,7 @@ LOGPROB_CASES = (
     LogprobCase("single_token", 1, 16, 33),
     LogprobCase("odd_sizes", 47, 123, 507),
     LogprobCase("narrow_hidden", 123, 47, 130),
-    LogprobCase("block_tails", 200, 130, 1030),
+    LogprobCase("block_tails", 150, 70, 300),
     LogprobCase("ignored_tokens", 70, 40, 150, ignored_fraction=0.5, ignore_index=3, with_bias=False),
     LogprobCase("peaked", 90, 32, 300, logit_scale=30.0),
     LogprobCase("large_logits", 90, 32, 300, logit_scale=300.0),
