@@ -213,6 +213,18 @@ def _cannot_target(error: Exception) -> bool:
     return bool(re.search(r"(unsupported|not supported|unknown|invalid).{0,40}(arch|target|gpu|sm_\d+)", text))
 
 
+def _error_text(error: Exception) -> str:
+    """One line: where Triton's compile error points, and its root cause (compile errors chain one per call)."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    text = f"{type(error).__name__}: {lines[0]}"
+    if root is not error:
+        return f"{text} ... {type(root).__name__}: {str(root).strip()[:300]}"
+    return text + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
+
+
 def compile_one(spec: CompileSpec) -> CompileRecord:
     """Compile one spec for its target and judge the result."""
     from triton.backends.compiler import GPUTarget
@@ -237,7 +249,7 @@ def compile_one(spec: CompileSpec) -> CompileRecord:
         compiled = triton.compile(source, target=target, options=options)
     except Exception as error:  # a kernel that does not build is the finding, reported with its reason
         record.status = "skipped" if _cannot_target(error) else "failed"
-        record.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error) else ''}"
+        record.reason = _error_text(error)
         return record
     finally:
         record.seconds = time.perf_counter() - started

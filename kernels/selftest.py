@@ -17,6 +17,7 @@ Prints a table (or JSON with --json) and exits with status 1 if any check fails,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.testing
 
 from . import checks
 from .aot_compile import PRECISIONS, TARGETS
@@ -79,15 +81,12 @@ class CheckRecord:
 
 
 def device_precisions(device: torch.device) -> list[str]:
-    """Names from aot_compile.PRECISIONS this device runs: TF32 needs a GPU with tensor cores (sm_80+)."""
+    """Names from aot_compile.PRECISIONS this device runs: TF32 and bf16 tiles need sm_80 or newer on a GPU."""
     if device.type != "cuda":
         return ["fp32", "bf16", "fp16"]
-    names = ["fp32"]
     if torch.cuda.get_device_capability(device) >= (8, 0):
-        names.append("tf32")
-    if torch.cuda.is_bf16_supported():
-        names.append("bf16")
-    return [*names, "fp16"]
+        return ["fp32", "tf32", "bf16", "fp16"]
+    return ["fp32", "fp16"]
 
 
 def device_impls(device: torch.device) -> list[str]:
@@ -133,8 +132,7 @@ def correctness_records(device: torch.device, case_names: set[str] | None, progr
 def time_ms(fn, device: torch.device) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on a GPU, wall clock over a few runs on the CPU."""
     if device.type == "cuda":
-        with torch.cuda.device(device):
-            return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     fn()  # warm-up
     times = []
     while len(times) < 3 or (len(times) < 20 and sum(times) < 1.0):
@@ -146,7 +144,7 @@ def time_ms(fn, device: torch.device) -> float:
 
 def timing_record(device: torch.device, case) -> dict:
     """Forward + backward of sequence_logps (impl="auto") and of the full-logits head on the same inputs."""
-    precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = "bf16" if device.type == "cuda" and "bf16" in device_precisions(device) else "fp32"
     inputs = checks.make_logprob_inputs(case, PRECISIONS[precision][0], device)
     seq_ids, num_seqs = checks.packed_seq_ids(case.num_tokens, device)
     hidden, weight = (t.detach().requires_grad_(True) for t in (inputs.hidden, inputs.weight))
@@ -303,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     records, timings = [], []
     for device in devices:
         say(device_header(device))
-        records += correctness_records(device, case_names, progress)
-        if not args.no_timing:
-            for case in LOGPROB_CASES:
-                if not case_names or case.name in case_names:
-                    timings.append(timing_record(device, case))
+        # Triton launches on the current CUDA device, so it must be the one the tensors live on.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            records += correctness_records(device, case_names, progress)
+            if not args.no_timing:
+                timings += [timing_record(device, case) for case in LOGPROB_CASES
+                            if not case_names or case.name in case_names]
     failures = [r for r in records if not r.ok]
     if args.json:
         print(json.dumps({"seed": seed, "torch": torch.__version__, "triton": triton.__version__,
