@@ -168,6 +168,14 @@ def timing_record(device: torch.device, case) -> dict:
             "full_logits_ms": full_ms, "ours_tflops": useful_flops / ours_ms / 1e9}
 
 
+def timed(device: torch.device, case) -> dict:
+    """timing_record, or the error that stopped it (the checks report the kernel's failure; the run goes on)."""
+    try:
+        return timing_record(device, case)
+    except Exception as error:  # reported on the timing line instead of ending the run before the table
+        return {"device": str(device), "case": str(case), "error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
 def device_header(device: torch.device) -> str:
     if device.type != "cuda":
         return f"{device}: {'Triton interpreter and ' if running_in_interpreter() else ''}chunked torch path"
@@ -201,6 +209,8 @@ def format_checks(records: list[CheckRecord]) -> str:
 
 
 def format_timing(timing: dict) -> str:
+    if "error" in timing:
+        return f"timing {timing['device']:<8} {timing['case']:<34} failed: {timing['error']}"
     speedup = timing["full_logits_ms"] / timing["ours_ms"]
     return (f"timing {timing['device']:<8} {timing['case']:<34} {timing['precision']}: sequence_logps fwd+bwd "
             f"{timing['ours_ms']:9.3f} ms ({timing['ours_tflops']:.3g} TFLOP/s useful), full logits "
@@ -305,20 +315,21 @@ def main(argv: list[str] | None = None) -> int:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             records += correctness_records(device, case_names, progress)
             if not args.no_timing:
-                timings += [timing_record(device, case) for case in LOGPROB_CASES
-                            if not case_names or case.name in case_names]
-    failures = [r for r in records if not r.ok]
+                timings += [timed(device, case) for case in LOGPROB_CASES if not case_names or case.name in case_names]
+    failed_checks = [r for r in records if not r.ok]
+    failures = [r.failure() for r in failed_checks]
+    failures += [f"{t['device']} timing {t['case']}: {t['error']}" for t in timings if "error" in t]
     if args.json:
         print(json.dumps({"seed": seed, "torch": torch.__version__, "triton": triton.__version__,
-                          "checks": [r.as_json() for r in records], "timings": timings,
-                          "failures": [r.failure() for r in failures]}, indent=1))
+                          "checks": [r.as_json() for r in records], "timings": timings, "failures": failures},
+                         indent=1))
     else:
         print(format_checks(records))
         for timing in timings:
             print(format_timing(timing))
-        for record in failures:
-            print(f"FAILED {record.failure()}")
-        print(f"{len(records) - len(failures)} of {len(records)} checks passed (seed {seed})")
+        for failure in failures:
+            print(f"FAILED {failure}")
+        print(f"{len(records) - len(failed_checks)} of {len(records)} checks passed (seed {seed})")
     return 1 if failures else 0
 
 

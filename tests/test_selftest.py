@@ -62,6 +62,17 @@ def test_a_crashing_check_is_a_failure_not_a_crash(monkeypatch, capsys):
     assert failures and all("RuntimeError: out of resources" in f and "one_pair" in f for f in failures)
 
 
+def test_a_failed_timing_is_reported_and_fails_the_run(monkeypatch, capsys):
+    def crash(device, case):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(selftest, "timing_record", crash)
+    assert selftest.main(["--cases", "single_token", "--seed", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "single_token (1x16x33)             failed: RuntimeError: launch failed" in out
+    assert "FAILED cpu timing single_token (1x16x33): RuntimeError: launch failed" in out
+
+
 @pytest.mark.parametrize("argv, message", [(["--arch", "sm_70"], "unknown --arch"),
                                            (["--cases", "nope"], "unknown --cases")])
 def test_bad_arguments(argv, message, capsys):
