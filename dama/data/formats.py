@@ -81,7 +81,7 @@ def load_preference_rows(
 ) -> datasets.Dataset:
     """The rows of a parquet input (file or folder of shards) or of the authors' JSON list, as a `datasets.Dataset`.
 
-    Keeps the columns this module reads (question, chosen, rejected, image, image_path, logps, the ref_* columns,
+    Keeps the columns the steps read (question, chosen, rejected, image, image_path, idx, logps, the ref_* columns,
     hardness) and adds `row_id`. Parquet is converted once into `datasets`' memory-mapped cache (`cache_dir`, by
     default datasets' own); images stay undecoded until an example is read.
     """
