@@ -174,7 +174,7 @@ def test_bad_rows_stop_the_run_naming_the_row(tmp_path, clip_path, kind, capsys)
     else:
         (data, images), first_bad = _write_json(tmp_path), "pairs.json:2"
     output = tmp_path / f"out.{kind}"
-    with pytest.raises(BadRowError, match=rf"row {first_bad} \(idx 102\): missing or unreadable image"):
+    with pytest.raises(BadRowError, match=rf"row {first_bad}: cannot read its image.*: not a format PIL reads"):
         compute_hardness(data, output, clip_path, image_folder=images, batch_size=2)
     assert not output.exists() and not metadata_path(output).exists()
     argv = ["--input", str(data), "--clip", str(clip_path), "--output", str(output)]
@@ -195,8 +195,12 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
 
     assert {entry["row_id"] for entry in metadata["skipped"]} == bad
     assert metadata["skipped_count"] == len(bad) and metadata["count"] == ROW_COUNT - len(bad)
-    reasons = " ".join(entry["reason"] for entry in metadata["skipped"])
-    assert "unreadable image" in reasons and "empty rejected response" in reasons
+    expected = {"unreadable image": 1, "empty response": 1, **({"missing image": 1} if kind == "json" else {})}
+    assert metadata["skipped_by_reason"] == expected
+    assert any("its rejected response is empty" in entry["detail"] for entry in metadata["skipped"])
+    # Each skipped row is named by its id in the output too, where the next step finds it.
+    bad_numbers = (CORRUPT_ROW, EMPTY_ROW, MISSING_ROW) if kind == "json" else (CORRUPT_ROW, EMPTY_ROW)
+    assert {entry["output_row_id"] for entry in metadata["skipped"]} == {f"{output.name}:{n}" for n in bad_numbers}
     rows = _read_output(output)
     assert len(rows) == ROW_COUNT
     originals = _records()

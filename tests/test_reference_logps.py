@@ -221,8 +221,11 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
     skipped = [r for r in written if r["ref_chosen_logps"] is None]
     assert len(skipped) == metadata["skipped_count"] >= 1
     assert all(r["logps"] is None and r["ref_rejected_token_logps"] is None for r in skipped)
-    assert metadata["skipped"] == [{"row_id": f"pairs.json:{n}", "reason": "over-long"}
-                                   for n, r in enumerate(written) if r["ref_chosen_logps"] is None]
+    assert [(e["row_id"], e["reason"], e["output_row_id"]) for e in metadata["skipped"]] == [
+        (f"pairs.json:{n}", "over-long", f"pairs_ref.json:{n}") for n, r in enumerate(written)
+        if r["ref_chosen_logps"] is None
+    ]
+    assert metadata["skipped_by_reason"] == {"over-long": len(skipped)}
 
     processor = LlavaProcessor.from_pretrained(setup["model"], local_files_only=True)
     dataset = PreferenceDataset.from_path(output, processor, image_folder=folder / "images", max_length=max_length,

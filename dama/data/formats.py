@@ -10,7 +10,9 @@ Every row gets a stable id, "<file name>:<row number in that file>", used for re
 
 Images, one rule for every step: the image's bytes when the row carries them (`image.bytes`), else the file named by
 `image.path`, `image_path` or a plain-string `image`. A relative path is resolved under the image folder, which is
-the input's own folder (the input itself when it is a folder of shards) unless an image folder is given.
+the input's own folder (the input itself when it is a folder of shards) unless an image folder is given. An image
+must decode completely and hold at most MAX_IMAGE_PIXELS pixels; anything else raises RowImageError (a ValueError
+naming the row), whose `reason` is one of IMAGE_REASONS, the words every step counts skipped rows by.
 
 Also here: atomic file writes (`atomic_path`: a crash leaves the previous file, never half of a new one) and the
 dataset metadata written beside a dataset (`<dataset>.meta.json`: δ̄ and the settings of the pass that wrote it).
@@ -23,6 +25,8 @@ import io
 import json
 import os
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +44,13 @@ REF_MEAN_COLUMNS = ("ref_chosen_mean_logps", "ref_rejected_mean_logps")
 REF_TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 OPTIONAL_COLUMNS = (*IMAGE_COLUMNS, "idx", "logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS,
                     "hardness")
+# The most pixels an image may have: 50 megapixels (e.g. 8660 x 5773), 150 MB once decoded to RGB. Below PIL's own
+# decompression-bomb limit (about 89.5 megapixels), so that limit never decides; LLaVA-1.5 sees 336 x 336 anyway.
+MAX_IMAGE_PIXELS = 50_000_000
+IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_TOO_LARGE = "missing image", "unreadable image", "image over the pixel limit"
+IMAGE_REASONS = (IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_TOO_LARGE)
+# warnings.catch_warnings swaps process-wide state: rows may be decoded on several threads at once.
+_WARNINGS_LOCK = threading.Lock()
 
 
 def detect_format(path: str | Path) -> str:
@@ -121,10 +132,18 @@ def default_image_folder(input_path: str | Path) -> Path:
     return input_path if input_path.is_dir() else input_path.parent
 
 
+class RowImageError(ValueError):
+    """A row's image is missing, cannot be decoded, or is too large; `reason` is one of IMAGE_REASONS."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def open_row_image(image: Any, image_path: str | None, image_folder: Path | None, row_id: str) -> Image.Image:
     """The decoded RGB image of a row from its `image` and `image_path` cells (the module docstring's rule).
 
-    Raises ValueError naming the row when there is no image or it cannot be read.
+    Raises RowImageError (a ValueError) naming the row when there is no image or it cannot be read.
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -136,22 +155,47 @@ def open_row_image(image: Any, image_path: str | None, image_folder: Path | None
             return _decode(io.BytesIO(image["bytes"]), row_id)
         path = image.get("path") or path
     if not path:
-        raise ValueError(f"row {row_id} has no image: no image bytes and no image path")
+        raise RowImageError(f"row {row_id} has no image: no image bytes and no image path", IMAGE_MISSING)
     file = Path(path)
     if not file.is_absolute():
         if image_folder is None:
-            raise ValueError(f"row {row_id}: its image path {path} is relative and no image folder was given")
+            raise RowImageError(
+                f"row {row_id}: its image path {path} is relative and no image folder was given", IMAGE_MISSING
+            )
         file = image_folder / file
+    if not file.is_file():
+        raise RowImageError(f"row {row_id}: its image file {file} does not exist", IMAGE_MISSING)
     return _decode(file, row_id)
 
 
 def _decode(source: Any, row_id: str) -> Image.Image:
+    where = f" {source}" if isinstance(source, Path) else ""
     try:
-        # convert() decodes every pixel now, so a truncated file fails here, with the row named.
-        return Image.open(source).convert("RGB")
-    except (OSError, ValueError) as error:
-        where = f" {source}" if isinstance(source, Path) else ""
-        raise ValueError(f"row {row_id}: cannot read its image{where} ({error})") from error
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            # PIL warns past its pixel limit and raises past twice that; either way the image is refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+        with opened:
+            pixels = opened.width * opened.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise RowImageError(
+                    f"row {row_id}: its image{where} is {opened.width} x {opened.height} = {pixels} pixels, over the "
+                    f"limit of {MAX_IMAGE_PIXELS}; resize it or leave the row out",
+                    IMAGE_TOO_LARGE,
+                )
+            # convert() decodes every pixel now, so a truncated file fails here, with the row named.
+            return opened.convert("RGB")
+    except RowImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RowImageError(f"row {row_id}: its image{where} is too large ({error})", IMAGE_TOO_LARGE) from error
+    except Image.UnidentifiedImageError as error:
+        message = f"row {row_id}: cannot read its image{where}: not a format PIL reads"
+        raise RowImageError(message, IMAGE_UNREADABLE) from error
+    except Exception as error:  # PIL's decoders raise many types (OSError, SyntaxError, EOFError, ...) on bad bytes
+        raise RowImageError(
+            f"row {row_id}: cannot read its image{where} ({type(error).__name__}: {error})", IMAGE_UNREADABLE
+        ) from error
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from dama.model.loading import load_llava
 from dama.model.policy import DamaPolicy
 from dama.offline.hardness import compute_hardness
 from dama.offline.reference import precompute_reference
-from dama.training.arguments import parse_training_arguments
-from dama.training.train import build_trainer, write_run_record
+from dama.training.arguments import parse_training_arguments, resolved_config
+from dama.training.run_folder import mark_complete, plan_run_folder
+from dama.training.train import build_trainer, start_run
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_demo.yaml"
 TABLE_COLUMNS = (("step", "step"), ("loss", "loss"), ("rewards/accuracies", "reward acc"),
@@ -77,10 +78,12 @@ def prepare_inputs(output_dir: Path, num_train: int, num_eval: int, seed: int, w
     for split, path in data.items():
         scored = path.with_name(f"{split}.scored.parquet")
         print(f"[demo] hardness ({split})", flush=True)
-        compute_hardness(path, scored, clip)
+        # Each demo run makes its data and models afresh: its earlier outputs are replaced.
+        compute_hardness(path, scored, clip, overwrite=True)
         print(f"[demo] reference log-probs ({split})", flush=True)
         ready[split] = path.with_name(f"{split}.scored.ref.parquet")
-        precompute_reference(scored, ready[split], output_dir / "model", cache_dir=output_dir / "cache")
+        precompute_reference(scored, ready[split], output_dir / "model", cache_dir=output_dir / "cache",
+                             overwrite=True)
     return ready
 
 
@@ -121,10 +124,12 @@ def run_demo(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up
     args = parse_training_arguments([
         "--config", str(REPO_CONFIG), "--output_dir", str(output_dir / "run"),
         "--model_name_or_path", str(output_dir / "model"), "--train_file", str(inputs["train"]),
-        "--eval_file", str(inputs["eval"]), "--seed", str(seed), *extra_args,
+        "--eval_file", str(inputs["eval"]), "--seed", str(seed), "--overwrite_output_dir", "true", *extra_args,
     ])
-    write_run_record(args)
+    plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
+                           overwrite=args.overwrite_output_dir)
     trainer = build_trainer(args)
+    start_run(args, plan, trainer)
     before = trainer.evaluate()
     start = time.perf_counter()
     trainer.train()
@@ -132,6 +137,7 @@ def run_demo(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up
     after = trainer.evaluate()
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    mark_complete(args.output_dir, trainer.state.global_step)
 
     history = trainer.state.log_history
     print("\n" + training_table(history))

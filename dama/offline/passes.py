@@ -5,12 +5,20 @@ A pass's output is its input in the same format with the pass's columns added (`
 `AddedColumn`s), written atomically. Finished rows are appended to `<output>.partial.jsonl` as they are scored
 (`PartialResults`); a rerun with the same settings skips them, and the file is removed once the output and its
 metadata are complete.
+
+Before anything is loaded, `plan_output` decides what a pass may do with its output path: start (nothing there),
+resume (a partial file of the same settings), report "already complete" (the output and metadata of this very run:
+same input files, settings and options), or refuse (anything else there) unless --overwrite, which discards the
+partial file at the start and replaces the output when the new one is complete. The metadata's `skipped` list gives
+each left-out row's id in the output too (`output_row_id`), which is how the next step finds them
+(dama.data.validation.upstream_skips).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dama.data.formats import (
     atomic_path,
     detect_format,
+    metadata_path,
     parquet_files,
     read_json_list,
     write_json_atomic,
@@ -146,6 +155,97 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
         raise ValueError("--output must differ from --input: the input is read again while the output is written")
 
 
+def run_identity(input_path: Path, settings: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+    """What makes two runs of a pass the same run: its settings, the options that decide which rows are kept, and
+    the input files (path, size, modification time: an input rewritten since gives another run)."""
+    files = [input_path] if input_path.is_file() else parquet_files(input_path)
+    return {
+        "settings": dict(settings),
+        **options,
+        "input": str(input_path.resolve()),
+        "input_files": [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files],
+    }
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a pass does with its output: "new", "resume", "complete" (nothing to do) or "replace" (--overwrite)."""
+
+    output_path: Path
+    action: str
+    identity: dict[str, Any]
+
+    def start(self, step: str) -> None:
+        """Called once every start-up check has passed: under "replace", discard the old partial results."""
+        if self.action != "replace":
+            return
+        partial = partial_path(self.output_path)
+        if partial.exists():
+            partial.unlink()
+            print(f"dama {step}: --overwrite: removed {partial}", file=sys.stderr)
+        print(f"dama {step}: --overwrite: {self.output_path} and its metadata are replaced when this run completes",
+              file=sys.stderr)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "input_files":
+            names.append("the input files (changed since)")
+        elif isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
+            names += [f"{key}.{name}: {old[key].get(name)!r} -> {new[key].get(name)!r}"
+                      for name in sorted(set(old[key]) | set(new[key])) if old[key].get(name) != new[key].get(name)]
+        else:
+            names.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(names)
+
+
+def _partial_settings(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        return json.loads(first).get("settings")
+    except (ValueError, AttributeError):
+        return None
+
+
+def plan_output(
+    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
+) -> OutputPlan:
+    """Decide what the pass does with `output_path` (see the module docstring); ValueError when it must refuse.
+
+    Reads only: nothing is removed or written here.
+    """
+    check_output_path(input_path, output_path)
+    partial, metadata = partial_path(output_path), metadata_path(output_path)
+    if not any(path.exists() for path in (output_path, metadata, partial)):
+        return OutputPlan(output_path, "new", identity)
+    if overwrite:
+        return OutputPlan(output_path, "replace", identity)
+    if partial.exists():
+        if _partial_settings(partial) == dict(settings):
+            return OutputPlan(output_path, "resume", identity)
+        raise ValueError(
+            f"{partial} holds the partial results of a run with other settings ({_partial_settings(partial)}; now "
+            f"{dict(settings)}): rerun with those settings to finish it, or pass --overwrite to start over"
+        )
+    recorded = None
+    if metadata.is_file():
+        try:
+            recorded = json.loads(metadata.read_text(encoding="utf-8")).get("run")
+        except (ValueError, AttributeError):
+            recorded = None
+    if output_path.exists() and recorded == identity:
+        return OutputPlan(output_path, "complete", identity)
+    why = (f"another run's output ({_differences(recorded, identity)})" if isinstance(recorded, Mapping)
+           else "a file this pass cannot tell is its own (no run record in its metadata)")
+    raise ValueError(
+        f"{output_path} already holds {why}: choose another --output, or pass --overwrite to replace it"
+    )
+
+
 def partial_path(output_path: str | Path) -> Path:
     """Where a pass keeps its finished rows (`PartialResults`) until its output is written: beside the output."""
     return Path(f"{output_path}.partial.jsonl")
@@ -244,8 +344,9 @@ class PassOutcome:
 
 def run_pass(
     input_path: Path,
-    output_path: Path,
+    plan: OutputPlan,
     *,
+    step: str,
     settings: Mapping[str, Any],
     columns: Sequence[AddedColumn],
     score: Callable[[PartialResults], PassOutcome],
@@ -253,30 +354,52 @@ def run_pass(
     metadata: Callable[[PassOutcome], Mapping[str, Any]],
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Read, resume, score, write: the skeleton every offline pass runs.
+    """Read, resume, score, write: the skeleton every offline pass runs, into `plan.output_path`.
 
-    `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it); `row_values(record)`
-    turns a row's finished record (None for a row left out) into its values of `columns`; `metadata(outcome)` adds
-    the pass's own fields to the metadata written beside the output. `settings` must be equal for a rerun to resume.
-    Returns the metadata.
+    `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it) and lists every row
+    left out; `row_values(record)` turns a row's finished record (None for a row left out) into its values of
+    `columns`; `metadata(outcome)` adds the pass's own fields to the metadata written beside the output. `settings`
+    must be equal for a rerun to resume. Returns the metadata.
     """
+    output_path = plan.output_path
+    plan.start(step)
     with PartialResults(partial_path(output_path), settings) as partial:
         outcome = score(partial)
-        write_dataset(input_path, output_path, columns, lambda row_id: row_values(outcome.results.get(row_id)), limit)
+        output_row_ids: dict[str, str] = {}
+
+        def values_for_row(row_id: str) -> Mapping[str, Any]:
+            # Called once per output row, in output order: the row's id in the output is its position there.
+            output_row_ids[row_id] = f"{output_path.name}:{len(output_row_ids)}"
+            return row_values(outcome.results.get(row_id))
+
+        write_dataset(input_path, output_path, columns, values_for_row, limit)
+        skipped = [{**entry, "output_row_id": output_row_ids.get(entry["row_id"])} for entry in outcome.skipped]
+        counts: dict[str, int] = {}
+        for entry in skipped:
+            counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
         written = {
             **settings,
             "count": len(outcome.results),
             "computed": outcome.computed,
             "resumed": outcome.resumed,
-            "skipped_count": len(outcome.skipped),
-            "skipped": outcome.skipped,
+            "skipped_count": len(skipped),
+            "skipped_by_reason": counts,
+            "skipped": skipped,
             "input": str(input_path),
             "output": output_path.name,
             "format": detect_format(input_path),
             "limit": limit,
             **metadata(outcome),
+            "run": plan.identity,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_metadata(output_path, written)
     partial.remove()
     return written
+
+
+def skipped_summary(metadata: Mapping[str, Any]) -> str:
+    """ "skipped N" and the count by reason, for a pass's closing line."""
+    counts = metadata.get("skipped_by_reason") or {}
+    reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
+    return f"skipped {metadata['skipped_count']}" + (f" ({reasons})" if reasons else "")

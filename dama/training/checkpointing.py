@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -49,8 +50,13 @@ def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss, device: torc
     state_file = Path(checkpoint, DAMA_STATE_NAME)
     if not state_file.is_file():
         raise ValueError(f"{checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
-    # weights_only: a checkpoint folder is data, and must not be able to run code when it is resumed from.
-    dama_loss.load_state_dict(torch.load(state_file, map_location=device, weights_only=True))
+    # weights_only, explicitly (an environment variable can change the default): a checkpoint folder is data, and
+    # must not be able to run code when it is resumed from.
+    try:
+        state = torch.load(state_file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{state_file} holds more than tensors and was not loaded ({error})") from error
+    dama_loss.load_state_dict(state)
     marker = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
     return int(marker.get("nonfinite_steps", 0))
 
