@@ -159,8 +159,11 @@ def test_a_reused_output_dir_is_refused_unless_resumed_or_overwritten(model, dat
     _error_line(capsys)
     assert _digest(run) == finished
 
-    # The same finished run resumed: "already complete", nothing trained or written.
+    # The same finished run resumed: "already complete", nothing trained or written; how often it logs and saves
+    # may change on resume, being no part of what the run computes.
     assert train.main(_argv(model, path, run, "--resume", "true")) == 0
+    assert "this run is already complete; nothing to do" in capsys.readouterr().out
+    assert train.main(_argv(model, path, run, "--resume", "true", "--save_steps", "7", "--logging_steps", "3")) == 0
     assert "this run is already complete; nothing to do" in capsys.readouterr().out
     assert _digest(run) == finished
 

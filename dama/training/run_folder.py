@@ -37,8 +37,14 @@ VERSIONS = "versions.json"
 SKIPPED_ROWS = "skipped_rows.json"
 RUN_COMPLETE = "run_complete.json"
 TRAINER_STATE = "trainer_state.json"
-# Fields that say how a run is launched, not what it computes: they may differ when the same run is resumed.
-LAUNCH_FIELDS = frozenset({"output_dir", "resume", "overwrite_output_dir", "local_rank"})
+# Fields that say how a run is launched, logged and saved, not what it computes: they may differ when the same run is
+# resumed (a longer save interval or another logger on resume is common; a changed max_steps is not: it moves the
+# learning-rate schedule).
+LAUNCH_FIELDS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "local_rank", "logging_steps", "logging_first_step",
+    "logging_dir", "report_to", "run_name", "save_steps", "save_total_limit", "eval_steps", "disable_tqdm",
+    "dataloader_num_workers",
+})
 # The files a run writes at the top of output_dir: the run record, the final model with its processor, the state.
 RUN_FILE_PATTERNS = (
     RUN_RECORD, VERSIONS, SKIPPED_ROWS, RUN_COMPLETE, TRAINER_STATE, "training_args.bin", "config.json",
