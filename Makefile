@@ -11,7 +11,7 @@ QUICK ?= 0
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,deepspeed]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,deepspeed,lint]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -26,8 +26,8 @@ bench: $(STAMP)
 	$(PY) -m bench.loss_head $(if $(filter 1,$(QUICK)),--quick,)
 	$(PY) -m bench.end_to_end $(if $(filter 1,$(QUICK)),--quick,)
 
-lint:
-	$(PY) -m pip install -q 'ruff==0.17.5' && $(PY) -m ruff check .
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -62,11 +62,12 @@ import transformers
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from dama.collator import PackedCollator, PaddedBatch, PaddedCollator, PreferenceBatch
-from dama.config import DamaMethodConfig
-from dama.data import IGNORE_INDEX, PreferenceExample
-from dama.loss import DamaLoss, DamaLossResult
-from dama.model import DamaPolicy, configure_trainable
+from dama.data.batch import IGNORE_INDEX, PaddedBatch, PreferenceBatch, PreferenceExample
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.method.config import DamaMethodConfig
+from dama.method.loss import DamaLoss, DamaLossResult
+from dama.model.loading import configure_trainable
+from dama.model.policy import DamaPolicy
 from dama_kernels.functional import CHUNK_ELEMENTS
 
 from .environment import REPO_ROOT, git_state

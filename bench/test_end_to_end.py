@@ -25,8 +25,7 @@ from bench.end_to_end import (
     synthetic_pair,
     write_chart,
 )
-from dama.collator import PackedBatch, PaddedBatch
-from dama.data import IGNORE_INDEX
+from dama.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 
 # 28 px in 14 px patches: 4 image tokens; short responses, so that a step takes milliseconds.
 TINY = Shape(num_pairs=3, hidden_size=32, num_layers=2, steps=2, warmup=1, vocab_size=503, image_size=28,
@@ -97,6 +96,12 @@ def test_run_writes_records_and_chart(tmp_path) -> None:
     assert baseline["padding_fraction"] > 0 and ours["padding_fraction"] == pytest.approx(0)
     assert [t["target"] for t in ours["targets"]] == [">= 1.5x pairs/s", "<= 0.5x peak working memory"]
     assert ours["ratios"]["peak_vs_baseline"] == pytest.approx(ours["peak_bytes"] / baseline["peak_bytes"])
-    assert format_table(records).count("\n") == 3
+    header, rule, *rows = format_table(records).splitlines()
+    assert header.startswith("| provider | layout |") and set(rule) == set("|-")
+    for row, record in zip(rows, records, strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == header.count("|") - 1
+        assert cells[0] == record["provider"] and cells[4] == f"{record['pairs_per_s']:.3f}"
+        assert cells[5] == f"{record['ratios']['pairs_per_s_vs_baseline']:.2f}"
     write_chart(records, tmp_path / "end_to_end.png")
     assert (tmp_path / "end_to_end.png").stat().st_size > 0

@@ -45,6 +45,9 @@ def forward_backward(provider: str, regime: str, seed: int = 0):
 @pytest.mark.parametrize("regime", ["a", "b"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_loss_head_speed(benchmark, provider: str, regime: str) -> None:
+    """Timing only (`pytest bench --benchmark-enable`); the providers agree by the test below."""
+    if benchmark.disabled:
+        pytest.skip("a timing benchmark: run with --benchmark-enable")
     skip_if_unavailable(provider)
     inputs = make_inputs(small_case(provider, regime), DEVICE)
     loss_fn = LOSSES[provider]
@@ -59,29 +62,27 @@ def test_loss_head_speed(benchmark, provider: str, regime: str) -> None:
             torch.cuda.synchronize(DEVICE)
 
     benchmark.pedantic(step, setup=clear_grads, rounds=5, warmup_rounds=1)
-    assert torch.isfinite(inputs.hidden.grad).all() and torch.isfinite(inputs.weight.grad).all()
 
 
 @pytest.mark.parametrize("regime", ["a", "b"])
-def test_providers_give_the_same_loss_and_gradients(regime: str) -> None:
+@pytest.mark.parametrize("provider", ["liger", "dama"])
+def test_providers_give_the_same_loss_and_gradients(provider: str, regime: str) -> None:
+    skip_if_unavailable(provider)
     gold_inputs, gold_loss = forward_backward("naive", regime)
     hidden_scale = gold_inputs.hidden.grad.abs().max().item()
     # A saturated sigmoid would make every gradient near zero and the comparison empty.
     assert hidden_scale > 1e-4
+    inputs, loss = forward_backward(provider, regime)
+    torch.testing.assert_close(loss, gold_loss, rtol=1e-5, atol=0, msg=f"{provider} loss")
+    torch.testing.assert_close(inputs.hidden.grad, gold_inputs.hidden.grad, rtol=0, atol=1e-5 * hidden_scale,
+                               msg=f"{provider} hidden grad")
+    weight_scale = gold_inputs.weight.grad.abs().max().item()
+    torch.testing.assert_close(inputs.weight.grad, gold_inputs.weight.grad, rtol=0, atol=1e-5 * weight_scale,
+                               msg=f"{provider} weight grad")
     prefix_len = SMALL_LAYOUTS[regime]["prefix_len"]
-    for provider in ("liger", "dama"):
-        if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
-            continue
-        inputs, loss = forward_backward(provider, regime)
-        torch.testing.assert_close(loss, gold_loss, rtol=1e-5, atol=0, msg=f"{provider} loss")
-        torch.testing.assert_close(inputs.hidden.grad, gold_inputs.hidden.grad, rtol=0, atol=1e-5 * hidden_scale,
-                                   msg=f"{provider} hidden grad")
-        weight_scale = gold_inputs.weight.grad.abs().max().item()
-        torch.testing.assert_close(inputs.weight.grad, gold_inputs.weight.grad, rtol=0, atol=1e-5 * weight_scale,
-                                   msg=f"{provider} weight grad")
-        if prefix_len:
-            # Unsupervised positions take no part in the loss, whether a provider computes their logits or skips them.
-            assert inputs.hidden.grad[:, :prefix_len].abs().max().item() == 0, provider
+    if prefix_len:
+        # Unsupervised positions take no part in the loss, whether a provider computes their logits or skips them.
+        assert inputs.hidden.grad[:, :prefix_len].abs().max().item() == 0
 
 
 def test_track_peak_reports_a_known_allocation() -> None:

@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("dama.demo", "the whole pipeline on a tiny LLaVA and synthetic data, on the CPU, in a few minutes"),
-    "train": ("dama.train", "align a LLaVA model with DAMA (dama train --config configs/<name>.yaml [--field value])"),
-    "make-demo-data": ("dama.demo_data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
-    "hardness": ("dama.hardness", "score each preference pair's hardness with CLIP (offline, once per dataset)"),
-    "precompute-ref": ("dama.reference", "run the reference model over a dataset and store its log-probs (offline)"),
+    "demo": ("dama.demo.pipeline", "the whole pipeline on a tiny LLaVA and synthetic data, on the CPU, in minutes"),
+    "train": ("dama.training.train", "align a LLaVA model with DAMA (dama train --config configs/<name>.yaml ...)"),
+    "make-demo-data": ("dama.demo.data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
+    "hardness": ("dama.offline.hardness", "score each pair's hardness with CLIP (offline, once per dataset)"),
+    "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
     "selftest": ("dama_kernels.selftest", "check the kernels on this machine against float64 before a training run"),
 }
 

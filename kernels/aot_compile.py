@@ -49,7 +49,7 @@ from .launch_config import (
     linear_logprob_blocks,
     target_limits,
 )
-from .linear_logprob_backward import linear_logprob_bwd_launch
+from .linear_logprob_backward import backward_chunk_rows, linear_logprob_d_logits_launch
 from .linear_logprob_forward import _linear_logprob_fwd_kernel, linear_logprob_fwd_launch
 
 TARGETS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
@@ -62,7 +62,7 @@ PRECISIONS = {
 }
 VARIANTS = {
     "linear_logprob_fwd": ("bias", "no bias"),
-    "linear_logprob_bwd": ("bias", "no bias"),
+    "linear_logprob_d_logits": ("bias", "no bias"),
     "dama_loss_fwd": ("-",),
     "dama_loss_bwd": ("grad losses", "no grad losses"),
 }
@@ -134,11 +134,12 @@ def build_launch(spec: CompileSpec) -> KernelLaunch:
             blocks = logprob_blocks(spec)
             if spec.kernel == "linear_logprob_fwd":
                 return linear_logprob_fwd_launch(hidden, weight, labels, bias, blocks)[0]
-            needs_grad = (True, True, bias is not None)
-            return linear_logprob_bwd_launch(
-                empty(NUM_TOKENS), hidden, weight, labels, bias, empty(NUM_TOKENS), empty(NUM_TOKENS), IGNORE_INDEX,
-                blocks, needs_grad,
-            )[0]
+            # The backward launches the d_logits kernel on one chunk of rows at a time (here one chunk of them all).
+            rows = min(NUM_TOKENS, backward_chunk_rows(VOCAB_SIZE, dtype))
+            return linear_logprob_d_logits_launch(
+                empty(rows, VOCAB_SIZE, dtype=dtype), hidden[:rows], weight, labels[:rows], bias, empty(rows),
+                empty(rows), empty(rows), IGNORE_INDEX, blocks,
+            )
         # dama_sigmoid_loss hands the loss kernels fp32 tensors whatever the log-probs' dtype.
         pairs = [empty(NUM_PAIRS, dtype=dtype).to(torch.float32) for _ in range(7)]
         if spec.kernel == "dama_loss_fwd":
@@ -298,7 +299,7 @@ def compile_targets(targets: list[str], jobs: int | None = None) -> list[dict]:
                                      reason=reason)) for s in all_specs(targets)]
     specs = all_specs(targets)
     # Longest compiles first (fp32 backward), so that no worker is left with a long one at the end.
-    order = sorted(range(len(specs)), key=lambda i: (specs[i].kernel != "linear_logprob_bwd",
+    order = sorted(range(len(specs)), key=lambda i: (specs[i].kernel != "linear_logprob_d_logits",
                                                      specs[i].precision != "fp32"))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
     # Spawned workers start clean: no CUDA state and no thread pools inherited from this process.

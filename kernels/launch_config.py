@@ -5,9 +5,9 @@ tiles that fit its shared memory and registers. The tests use the interpreter bl
 to be larger than these blocks and not multiples of them, so masked tails are exercised.
 
 On a GPU the blocks depend on the target and on the bytes per tile element: the software pipeline keeps
-`num_stages - 1` hidden and weight tiles in flight in shared memory, so fp32 tiles need twice the room of 16-bit ones,
-and what fits an H100 (227 KiB per block) does not fit an RTX 4090 (99 KiB). `linear_logprob_blocks` picks, for one
-target and dtype, the first candidate whose shared memory fits; the ahead-of-time compile checks
+`num_stages - 1` hidden and weight tiles in flight in shared memory, so fp32 tiles need twice the room of 16-bit ones
+at the same K step, and what fits an H100 (227 KiB per block) need not fit an RTX 4090 (99 KiB). `linear_logprob_blocks`
+picks, for one target and dtype, the first candidate whose shared memory fits; the ahead-of-time compile checks
 (dama_kernels.aot_compile, run by the tests and by `dama selftest --compile-only`) build every choice for sm_80, sm_86,
 sm_89 and sm_90 and hold it to the target's limits.
 """
@@ -100,24 +100,17 @@ def target_limits(capability: tuple[int, int]) -> TargetLimits:
 # Triton 3.8 allocates for it on sm_80 / sm_86 / sm_89 / sm_90 with the launchers' argument specialisation (unit
 # strides, 16-byte aligned pointers), over IEEE and TF32 products for fp32 tiles (TF32 feeds tensor cores through
 # shared memory and needs more), rounded up to KiB. The last candidate of each list fits the smallest limit (99 KiB).
-# 128 x 128 fp32 accumulators with 64-wide K steps are the usual start for 16-bit tiles; fp32 tiles halve the K step.
-# Not yet timed on hardware: bench/tune_blocks.py sweeps alternatives on a GPU.
+# "backward" is the backward's d_logits kernel, the same logit tile as the forward's with a store instead of a
+# reduction. 128 x 128 fp32 accumulators with 64-wide K steps are the usual start for 16-bit tiles; fp32 tiles halve
+# the K step, which keeps them within 99 KiB too. Not yet timed on hardware: bench/tune_blocks.py sweeps alternatives
+# on a GPU, and a larger candidate goes first in a list with its measured need.
+TILES_16_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+TILES_32_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
 LINEAR_LOGPROB_CANDIDATES = {
-    ("forward", 2): (
-        (LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3), 97 * KIB),
-    ),
-    ("backward", 2): (
-        (LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3), 161 * KIB),
-        (LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3), 97 * KIB),
-    ),
-    ("forward", 4): (
-        (LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3), 97 * KIB),
-    ),
-    ("backward", 4): (
-        (LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3), 208 * KIB),
-        (LinearLogprobBlocks(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3), 128 * KIB),
-        (LinearLogprobBlocks(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3), 73 * KIB),
-    ),
+    ("forward", 2): ((TILES_16_BIT, 97 * KIB),),
+    ("backward", 2): ((TILES_16_BIT, 97 * KIB),),
+    ("forward", 4): ((TILES_32_BIT, 97 * KIB),),
+    ("backward", 4): ((TILES_32_BIT, 97 * KIB),),
 }
 KINDS = ("forward", "backward")
 INTERPRETER_BLOCKS = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=1)

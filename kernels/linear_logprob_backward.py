@@ -1,18 +1,36 @@
-"""Backward kernel of the fused linear log-prob: d_hidden, d_weight and d_bias from recomputed logit tiles.
+"""Backward of the fused linear log-prob: d_hidden, d_weight and d_bias, one chunk of rows at a time.
 
-Strategy: one program per (BLOCK_N rows, BLOCK_V vocabulary columns) tile. It recomputes the logit tile with a K-loop
-of tl.dot, turns it into
-    dlogits = g * (onehot(label) - exp((logits - max_logit) - log_norm))   (g: upstream gradient, 0 if ignored)
-and walks the hidden size a second time to add dlogits @ W[cols] into d_hidden[rows] and dlogits^T @ h[rows] into
-d_weight[cols]. Both targets receive partial sums from many programs, so they are fp32 buffers updated with
-tl.atomic_add; the host casts them to the input dtypes. FLOPs: 2 N H V to recompute plus 2 N H V per gradient.
+What: with upstream gradient g (0 on ignored rows) and the forward's normaliser (max_logit, log_norm),
+    d_logits = g * (onehot(label) - exp((logits - max_logit) - log_norm))
+    d_hidden = d_logits @ W,   d_weight = d_logits^T @ h,   d_bias = sum over rows of d_logits.
 
-Numerics: as in the forward, tiles are upcast to fp32 when `UPCAST_DOT` is set; on a GPU with 16-bit inputs dlogits
-is rounded to the input dtype before its two matmuls (fp32 accumulation), the usual fused-cross-entropy trade.
-Atomic accumulation makes the gradients' last bits depend on scheduling on a GPU.
+Strategy: the rows are cut into chunks of C rows (`backward_chunk_rows`). For each chunk a Triton kernel recomputes the
+logit tiles (a GEMM over the hidden size, `logit_tile`), applies the softmax gradient in fp32 in registers and stores
+d_logits once, in the input dtype, into a (C, V) buffer; the fp32 logits never reach memory. The two gradient matmuls
+then run as plain GEMMs on that buffer: d_hidden[chunk] = d_logits @ W, and d_weight += d_logits^T @ h[chunk] into one
+fp32 accumulator across chunks. On a GPU those are cuBLAS calls on the 16-bit operands with fp32 accumulation and fp32
+results (`out_dtype`), so every heavy product runs on tensor cores and every output element has a single writer: no
+atomics, and the gradients do not depend on scheduling. d_bias is the fp32 column sum of the stored d_logits.
+
+FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS). What the
+split costs in memory traffic: d_logits (N x V over all chunks, in the input dtype) is written once and read by each
+matmul, and the fp32 d_weight accumulator is read and written once per chunk.
+
+Numerics: d_logits is rounded to the input dtype before its two matmuls, as autograd through a 16-bit lm_head does (fp16
+then relies on loss scaling to keep tiny probabilities from underflowing; fp32 inputs keep fp32 d_logits); both products
+accumulate in fp32, and so does d_weight across chunks, which is cast to the weight's dtype once at the end. Under the
+Triton interpreter tiles are upcast (`UPCAST_DOT`) and the matmuls run on the CPU on upcast fp32 operands; the
+interpreter rounds fp32 -> bf16 stores toward zero, where a GPU rounds to nearest, so there bf16 d_logits carry up to
+one unit in the last place instead of half.
+
+Limits: the working memory is the (C, V) buffer, never (N, V); the d_weight accumulator is (V, H) fp32, twice the size
+of a 16-bit weight gradient (and a torch whose addmm refuses an fp32 addend needs a second one per chunk, see
+`_add_product`). Offsets are int64.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -22,9 +40,22 @@ from .launch_config import KernelLaunch, LinearLogprobBlocks
 from .linear_logprob_forward import dot_settings
 from .linear_logprob_tiles import logit_tile
 
+# Bytes of one chunk's d_logits buffer, the backward's working memory. 128 MiB holds 2048 rows of a 32k vocabulary in
+# 16-bit: each chunk's matmuls are then 2048 x 4096 x 32064 (0.27 TFLOP each), large enough for cuBLAS to run near its
+# peak, and up to 2048 supervised tokens (a few LLaVA pairs) are a single chunk.
+D_LOGITS_CHUNK_BYTES = 128 * 2**20
+# Chunks hold whole row blocks of every GPU tile height we launch, so only the last chunk has a masked row block.
+CHUNK_ROW_MULTIPLE = 256
+
+
+def backward_chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: as many whole multiples of CHUNK_ROW_MULTIPLE as fit D_LOGITS_CHUNK_BYTES, at least one."""
+    rows = D_LOGITS_CHUNK_BYTES // (vocab_size * dtype.itemsize)
+    return max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+
 
 @triton.jit
-def _linear_logprob_bwd_kernel(
+def _linear_logprob_d_logits_kernel(
     # pointers
     hidden_ptr,
     weight_ptr,
@@ -33,42 +64,39 @@ def _linear_logprob_bwd_kernel(
     max_logit_ptr,
     log_norm_ptr,
     grad_ptr,
-    d_hidden_ptr,
-    d_weight_ptr,
-    d_bias_ptr,
+    d_logits_ptr,
     # strides
     stride_hidden_n,
     stride_hidden_h,
     stride_weight_v,
     stride_weight_h,
-    stride_d_hidden_n,
-    stride_d_weight_v,
+    stride_d_logits_n,
     # sizes
-    num_tokens,
+    num_rows,
     hidden_size,
     vocab_size,
     ignore_index,
     # meta
     HAS_BIAS: tl.constexpr,
-    COMPUTE_D_HIDDEN: tl.constexpr,
-    COMPUTE_D_WEIGHT: tl.constexpr,
-    COMPUTE_D_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # Row blocks vary fastest, so the programs in flight share a few weight column tiles and the chunk's hidden rows
+    # (C x H, a few MiB) stay in L2 while the weight streams through once per chunk.
     block_row = tl.program_id(0).to(tl.int64)
     block_col = tl.program_id(1).to(tl.int64)
     rows = block_row * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = block_col * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < num_tokens
+    row_ok = rows < num_rows
     col_ok = cols < vocab_size
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     max_logit = tl.load(max_logit_ptr + rows, mask=row_ok, other=0.0)
     log_norm = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    # Ignored rows get a zero gradient whatever arrives for them (NaN included).
     grad = tl.where(labels != ignore_index, grad, 0.0)
 
     logits = logit_tile(
@@ -77,115 +105,119 @@ def _linear_logprob_bwd_kernel(
         HAS_BIAS=HAS_BIAS, UPCAST_DOT=UPCAST_DOT, INPUT_PRECISION=INPUT_PRECISION,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
     )  # (BLOCK_N, BLOCK_V)
-
     probs = tl.exp((logits - max_logit[:, None]) - log_norm[:, None])
-    onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
-    d_logits = grad[:, None] * (onehot - probs)
-    d_logits = tl.where(row_ok[:, None] & col_ok[None, :], d_logits, 0.0)  # (BLOCK_N, BLOCK_V)
-
-    if COMPUTE_D_BIAS:
-        tl.atomic_add(d_bias_ptr + cols, tl.sum(d_logits, axis=0), mask=col_ok)
-    if COMPUTE_D_HIDDEN or COMPUTE_D_WEIGHT:
-        if UPCAST_DOT:
-            d_logits_dot = d_logits
-        else:
-            d_logits_dot = d_logits.to(hidden_ptr.dtype.element_ty)
-        for k_start in range(0, hidden_size, BLOCK_H):
-            ks = k_start + tl.arange(0, BLOCK_H)
-            k_ok = ks < hidden_size
-            if COMPUTE_D_HIDDEN:
-                weight_tile = tl.load(
-                    weight_ptr + cols[:, None] * stride_weight_v + ks[None, :] * stride_weight_h,
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )  # (BLOCK_V, BLOCK_H)
-                if UPCAST_DOT:
-                    weight_tile = weight_tile.to(tl.float32)
-                d_hidden_part = tl.dot(d_logits_dot, weight_tile, input_precision=INPUT_PRECISION)
-                tl.atomic_add(
-                    d_hidden_ptr + rows[:, None] * stride_d_hidden_n + ks[None, :],
-                    d_hidden_part,
-                    mask=row_ok[:, None] & k_ok[None, :],
-                )
-            if COMPUTE_D_WEIGHT:
-                hidden_tile = tl.load(
-                    hidden_ptr + rows[:, None] * stride_hidden_n + ks[None, :] * stride_hidden_h,
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )  # (BLOCK_N, BLOCK_H)
-                if UPCAST_DOT:
-                    hidden_tile = hidden_tile.to(tl.float32)
-                d_weight_part = tl.dot(tl.trans(d_logits_dot), hidden_tile, input_precision=INPUT_PRECISION)
-                tl.atomic_add(
-                    d_weight_ptr + cols[:, None] * stride_d_weight_v + ks[None, :],
-                    d_weight_part,
-                    mask=col_ok[:, None] & k_ok[None, :],
-                )
+    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+    d_logits = grad[:, None] * (onehot - probs)  # (BLOCK_N, BLOCK_V) fp32
+    tl.store(
+        d_logits_ptr + rows[:, None] * stride_d_logits_n + cols[None, :],
+        d_logits.to(d_logits_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
-def linear_logprob_bwd_launch(
-    grad_token_logps: torch.Tensor,
+def linear_logprob_d_logits_launch(
+    d_logits: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     max_logit: torch.Tensor,
     log_norm: torch.Tensor,
+    grad_token_logps: torch.Tensor,
     ignore_index: int,
     blocks: LinearLogprobBlocks,
-    needs_grad: tuple[bool, bool, bool],
-) -> tuple[KernelLaunch, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward launch and the zeroed fp32 buffers it accumulates into: (launch, d_hidden, d_weight, d_bias).
+) -> KernelLaunch:
+    """The d_logits kernel's launch for C rows, which writes every element of `d_logits`.
 
-    Shapes as in linear_logprob_bwd_triton; a buffer is None where `needs_grad` says no.
+    Shapes: d_logits (C, V) contiguous, in hidden's dtype; hidden (C, H); weight (V, H); labels (C,) contiguous;
+    bias (V,) or None; max_logit, log_norm (C,) fp32 from the forward; grad_token_logps (C,) contiguous.
     """
-    need_hidden, need_weight, need_bias = needs_grad
-    num_tokens, hidden_size = hidden.shape
+    num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    device = hidden.device
-    d_hidden = torch.zeros((num_tokens, hidden_size), dtype=torch.float32, device=device) if need_hidden else None
-    d_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=device) if need_weight else None
-    d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
-    placeholder = log_norm  # stands in for buffers the constexpr flags leave untouched
     upcast, precision = dot_settings(hidden.dtype)
     arguments = dict(
         hidden_ptr=hidden,
         weight_ptr=weight,
-        bias_ptr=bias if bias is not None else placeholder,
+        bias_ptr=bias if bias is not None else hidden,  # never read when HAS_BIAS is False
         labels_ptr=labels,
         max_logit_ptr=max_logit,
         log_norm_ptr=log_norm,
-        grad_ptr=grad_token_logps.contiguous(),
-        d_hidden_ptr=d_hidden if need_hidden else placeholder,
-        d_weight_ptr=d_weight if need_weight else placeholder,
-        d_bias_ptr=d_bias if need_bias else placeholder,
+        grad_ptr=grad_token_logps,
+        d_logits_ptr=d_logits,
         stride_hidden_n=hidden.stride(0),
         stride_hidden_h=hidden.stride(1),
         stride_weight_v=weight.stride(0),
         stride_weight_h=weight.stride(1),
-        stride_d_hidden_n=hidden_size,
-        stride_d_weight_v=hidden_size,
-        num_tokens=num_tokens,
+        stride_d_logits_n=d_logits.stride(0),
+        num_rows=num_rows,
         hidden_size=hidden_size,
         vocab_size=vocab_size,
         ignore_index=ignore_index,
         HAS_BIAS=bias is not None,
-        COMPUTE_D_HIDDEN=need_hidden,
-        COMPUTE_D_WEIGHT=need_weight,
-        COMPUTE_D_BIAS=need_bias,
         UPCAST_DOT=upcast,
         INPUT_PRECISION=precision,
         BLOCK_N=blocks.block_n,
         BLOCK_V=blocks.block_v,
         BLOCK_H=blocks.block_h,
     )
-    launch = KernelLaunch(
-        kernel=_linear_logprob_bwd_kernel,
-        grid=(triton.cdiv(num_tokens, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)),
+    return KernelLaunch(
+        kernel=_linear_logprob_d_logits_kernel,
+        grid=(triton.cdiv(num_rows, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)),
         arguments=arguments,
         options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
     )
-    return launch, d_hidden, d_weight, d_bias
+
+
+def linear_logprob_d_logits_triton(
+    d_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_logit: torch.Tensor,
+    log_norm: torch.Tensor,
+    grad_token_logps: torch.Tensor,
+    ignore_index: int,
+    blocks: LinearLogprobBlocks,
+) -> None:
+    """Launch the d_logits kernel for C rows (shapes as in linear_logprob_d_logits_launch)."""
+    linear_logprob_d_logits_launch(
+        d_logits, hidden, weight, labels, bias, max_logit, log_norm, grad_token_logps, ignore_index, blocks
+    ).run()
+
+
+def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32, accumulated in fp32; 16-bit operands (CUDA only) are multiplied as they are."""
+    if a.dtype == torch.float32:
+        return a @ b
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+@functools.cache
+def _addmm_takes_fp32_addend(device: torch.device) -> bool:
+    """Whether this torch's addmm(out_dtype=fp32) adds 16-bit products into an fp32 tensor in place on `device`.
+
+    Some releases with out_dtype require the addend in the operands' dtype; they get a separate product instead.
+    """
+    accumulator = torch.ones((1, 1), dtype=torch.float32, device=device)
+    operand = torch.full((1, 1), 3.0, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(accumulator, operand, operand, out_dtype=torch.float32, out=accumulator)
+    except (RuntimeError, TypeError):
+        return False
+    return accumulator.item() == 10.0
+
+
+def _add_product(accumulator: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """accumulator + a @ b in fp32, updated in place (a @ b alone when accumulator is None)."""
+    if accumulator is None:
+        return _product_fp32(a, b)
+    if a.dtype == torch.float32:
+        return accumulator.addmm_(a, b)
+    if _addmm_takes_fp32_addend(a.device):
+        # cuBLAS reads the fp32 accumulator in its epilogue: no (V, H) temporary, one read and one write of it.
+        return torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    return accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
 
 
 def linear_logprob_bwd_triton(
@@ -199,20 +231,50 @@ def linear_logprob_bwd_triton(
     ignore_index: int,
     blocks: LinearLogprobBlocks,
     needs_grad: tuple[bool, bool, bool],
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernel.
+    """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, chunk by chunk.
 
-    Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None,
-    max_logit (N,) and log_norm (N,) fp32 from the forward.
+    Shapes: grad_token_logps (N,), hidden (N, H) with N >= 1, weight (V, H), labels (N,) contiguous, bias (V,) or
+    None, max_logit (N,) and log_norm (N,) fp32 from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
+    `chunk_rows` overrides backward_chunk_rows (tests and benchmarks).
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
-    launch, d_hidden, d_weight, d_bias = linear_logprob_bwd_launch(
-        grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, ignore_index, blocks, needs_grad
-    )
-    launch.run()
+    need_hidden, need_weight, need_bias = needs_grad
+    num_tokens = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    if chunk_rows is None:
+        chunk_rows = backward_chunk_rows(vocab_size, hidden.dtype)
+    grad_token_logps = grad_token_logps.contiguous()
+    # cuBLAS takes 16-bit operands with fp32 results; the CPU (the interpreter's home) has no such matmul, so there the
+    # operands are upcast, the weight once per call.
+    native = hidden.is_cuda or hidden.dtype == torch.float32
+    weight_operand = weight if native else weight.float()  # (V, H)
+
+    buffer = torch.empty((min(chunk_rows, num_tokens), vocab_size), dtype=hidden.dtype, device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if need_hidden else None
+    d_weight = None  # fp32 accumulator, created by the first chunk's product
+    d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_bias else None
+    for start in range(0, num_tokens, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, num_tokens))
+        d_logits = buffer[: rows.stop - start]  # (C, V)
+        linear_logprob_d_logits_triton(
+            d_logits, hidden[rows], weight, labels[rows], bias, max_logit[rows], log_norm[rows],
+            grad_token_logps[rows], ignore_index, blocks,
+        )
+        d_logits_operand = d_logits if native else d_logits.float()
+        if need_hidden:
+            d_hidden[rows] = _product_fp32(d_logits_operand, weight_operand)
+        if need_weight:
+            hidden_operand = hidden[rows] if native else hidden[rows].float()  # (C, H)
+            d_weight = _add_product(d_weight, d_logits_operand.T, hidden_operand)
+        if need_bias:
+            d_bias += d_logits.sum(dim=0, dtype=torch.float32)
+    # Free the d_logits buffer before the 16-bit copy of d_weight is allocated: the two need not coexist at the peak.
+    del buffer, d_logits, d_logits_operand
     return (
-        d_hidden.to(hidden.dtype) if d_hidden is not None else None,
-        d_weight.to(weight.dtype) if d_weight is not None else None,
-        d_bias.to(bias.dtype) if d_bias is not None else None,
+        d_hidden,
+        d_weight.to(weight.dtype) if need_weight else None,
+        d_bias.to(bias.dtype) if need_bias else None,
     )

@@ -2,7 +2,7 @@
 
 import sys
 
-from dama.hardness import main
+from dama.offline.hardness import main
 
 if __name__ == "__main__":
     sys.exit(main())

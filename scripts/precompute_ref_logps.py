@@ -2,7 +2,7 @@
 
 import sys
 
-from dama.reference import main
+from dama.offline.reference import main
 
 if __name__ == "__main__":
     sys.exit(main())

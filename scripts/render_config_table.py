@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dama.arguments import fields_markdown  # noqa: E402
+from dama.training.arguments import fields_markdown  # noqa: E402
 
 START, END = "<!-- config-fields:start -->", "<!-- config-fields:end -->"
 

@@ -9,8 +9,14 @@ import math
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from dama.attention import (
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.attention import (
     ATTENTION_NAME,
     _flash_varlen,
     cu_seqlens_from_position_ids,
@@ -19,10 +25,6 @@ from dama.attention import (
     register_packed_attention,
     use_packed_attention,
 )
-from dama.collator import PackedCollator, PaddedCollator
-from dama.data import PreferenceDataset
-from dama.demo_data import make_demo_data
-from dama.tiny import build_tiny_llava
 from dama_kernels.functional import sequence_logps
 
 # (atol, rtol) per comparison.
@@ -129,7 +131,14 @@ def test_attention_forward_refuses_masks_and_caches():
         packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds, cu_seq_lens_k=_bounds([3, 3]))
     output, weights = packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds)
     assert output.shape == (1, 6, 4, 8) and weights is None
-    assert register_packed_attention() == ATTENTION_NAME
+
+
+def test_registration_makes_transformers_dispatch_to_packed_attention():
+    name = register_packed_attention()
+    assert ALL_ATTENTION_FUNCTIONS[name] is packed_attention_forward
+    with pytest.raises(ValueError, match="got a padding mask"):
+        ALL_MASK_ATTENTION_FUNCTIONS[name](attention_mask=torch.tensor([[1, 1, 0]]))
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name](attention_mask=torch.ones(1, 3, dtype=torch.bool)) is None
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -222,7 +231,7 @@ def test_packed_attention_refuses_padding_mask_in_model():
 def llava_batch(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     paths = make_demo_data(folder / "data", num_train=3, num_eval=0, image_size=40)
-    model, processor = build_tiny_llava(seed=1)
+    model, processor = build_tiny_llava(demo_corpus(), seed=1)
     dataset = PreferenceDataset.from_path(paths["train"], processor, cache_dir=folder / "cache", max_length=512)
     examples = [dataset[i] for i in range(len(dataset))]
     return model, processor, examples

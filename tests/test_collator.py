@@ -7,16 +7,11 @@ from itertools import pairwise
 import pytest
 import torch
 
-from dama.collator import (
-    PackedBatch,
-    PackedCollator,
-    PaddedCollator,
-    TokenBudgetBatchSampler,
-    split_chosen_rejected,
-)
-from dama.data import IGNORE_INDEX, PreferenceDataset, PreferenceExample
-from dama.demo_data import make_demo_data
-from dama.tiny import build_tiny_processor
+from dama.data.batch import IGNORE_INDEX, PackedBatch, PreferenceExample, split_chosen_rejected
+from dama.data.collator import PackedCollator, PaddedCollator, TokenBudgetBatchSampler
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_processor, train_tiny_tokenizer
 from dama_kernels.functional import sequence_logps
 
 VOCAB, HIDDEN = 37, 16
@@ -103,19 +98,21 @@ def test_packed_layout(device):
 
 def test_padded_layout():
     examples = _examples()
-    batch = PaddedCollator(pad_token_id=VOCAB - 1, pad_to_multiple_of=8)(examples)
+    batch = PaddedCollator(pad_token_id=VOCAB - 1)(examples)
     sequences = _sequences(examples)
-    assert batch.input_ids.shape == batch.attention_mask.shape == batch.target_ids.shape == (6, 16)
+    width = max(ids.numel() for ids, _ in sequences)  # the longest sequence: 2 prompt + 11 response tokens
+    assert width == 13
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.target_ids.shape == (6, width)
     for row, (ids, labels) in enumerate(sequences):
         length = ids.numel()
         assert batch.input_ids[row, :length].tolist() == ids.tolist()
         assert bool((batch.input_ids[row, length:] == VOCAB - 1).all())
-        assert batch.attention_mask[row].tolist() == [1] * length + [0] * (16 - length)
+        assert batch.attention_mask[row].tolist() == [1] * length + [0] * (width - length)
         assert batch.target_ids[row, : length - 1].tolist() == labels[1:].tolist()
         assert bool((batch.target_ids[row, length - 1:] == IGNORE_INDEX).all())
     flat_ids = batch.input_ids.reshape(-1)
     assert torch.equal(batch.supervised_target_ids, flat_ids[batch.supervised_positions + 1])
-    assert torch.equal(batch.supervised_seq_ids, batch.supervised_positions // 16)
+    assert torch.equal(batch.supervised_seq_ids, batch.supervised_positions // width)
     assert batch.image_index.tolist() == [0, 1, 2, 0, 1, 2]
     assert batch.model_inputs()["attention_mask"] is batch.attention_mask
 
@@ -159,7 +156,7 @@ def test_both_layouts_score_what_a_per_sequence_loop_scores():
 
 
 def test_packed_batch_of_real_pairs_places_one_image_run_per_sequence(tmp_path):
-    processor = build_tiny_processor()
+    processor = build_tiny_processor(train_tiny_tokenizer(demo_corpus()))
     paths = make_demo_data(tmp_path / "data", num_train=4, num_eval=0, image_size=40)
     dataset = PreferenceDataset.from_path(paths["train"], processor, cache_dir=tmp_path / "cache")
     batch = PackedCollator()([dataset[i] for i in range(3)])

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dama.config import DamaMethodConfig
-from dama.loss import DamaLoss, draw_seed
+from dama.method.config import DamaMethodConfig
+from dama.method.loss import DamaLoss, draw_seed
 
 NAN = float("nan")
 HAND_HARDNESS = (0.2, NAN, -0.2)
@@ -56,7 +56,7 @@ def _config(**overrides) -> DamaMethodConfig:
 # The config
 
 
-def test_config_defaults_follow_the_spec():
+def test_config_defaults_follow_docs_method():
     config = DamaMethodConfig()
     assert (config.beta, config.beta_min, config.variant, config.keep_ratio, config.filter_width, config.gamma) == (
         0.1, 1e-3, "release", 0.8, 1.0, 0.9
@@ -312,7 +312,7 @@ def test_non_finite_margins_are_an_error():
 
 def test_missing_hardness_gets_alpha_one_is_counted_and_warned(caplog):
     loss_module = DamaLoss(_config(), hardness_mean=0.3)
-    with caplog.at_level(logging.WARNING, logger="dama.loss"):
+    with caplog.at_level(logging.WARNING, logger="dama.method.loss"):
         output = loss_module(*_hand_batch(), torch.tensor([NAN, 0.3, NAN], dtype=torch.float64))
     assert output.alpha_data.tolist() == [1.0, 1.0, 1.0]  # delta = delta_bar also gives 1
     assert loss_module.missing_hardness.item() == 2 and output.metrics["dama/missing_hardness"].item() == 2

@@ -11,21 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from dama.data import (
-    IGNORE_INDEX,
+from dama.data.batch import IGNORE_INDEX
+from dama.data.dataset import (
     ConversationTemplate,
     PairEncoder,
     PreferenceDataset,
-    load_preference_rows,
     num_image_tokens,
 )
-from dama.demo_data import make_rows
-from dama.tiny import build_tiny_llava, build_tiny_processor, load_tiny_llava, tiny_llava_config
+from dama.data.formats import load_preference_rows
+from dama.demo.data import demo_corpus, make_rows
+from dama.demo.tiny_llava import build_tiny_llava, build_tiny_processor, tiny_llava_config, train_tiny_tokenizer
+from dama.model.loading import load_llava
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return build_tiny_processor()
+    return build_tiny_processor(train_tiny_tokenizer(demo_corpus()))
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,22 @@ def test_clip_processing_resizes_shortest_side_and_centre_crops(tmp_path, proces
     expected = processor.image_processor(images=large, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(dataset[0].pixel_values, expected)
 
-    padded = _dataset(tmp_path, rows, processor, name="large.parquet", pad_to_square=True)[0].pixel_values
-    assert padded.shape == (3, 32, 32) and not torch.allclose(padded, expected)
+
+
+def test_pad_aspect_ratio_expands_to_a_square_of_llavas_mean_colour(tmp_path, processor, demo_rows):
+    # 40 x 20, all red: "pad" centres it on a 40 x 40 square filled with int(255 * CLIP mean) =
+    # (int(122.77), int(116.75), int(104.09)) = (122, 116, 104), worked out by hand from the CLIP mean.
+    assert processor.image_processor.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = Image.new("RGB", (40, 40), (122, 116, 104))
+    square.paste(image, (0, 10))
+    rows = [dict(demo_rows[0], image={"bytes": _png(image), "path": None})]
+    padded = _dataset(tmp_path, rows, processor, image_aspect_ratio="pad")[0].pixel_values
+    torch.testing.assert_close(padded, processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0])
+    cropped = _dataset(tmp_path, rows, processor, name="crop.parquet")[0].pixel_values
+    torch.testing.assert_close(cropped, processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
+    with pytest.raises(ValueError, match="image_aspect_ratio must be one of"):
+        _dataset(tmp_path, rows, processor, name="bad.parquet", image_aspect_ratio="stretch")
 
 
 def _token_counts(processor, rows):
@@ -224,8 +239,8 @@ def test_tiny_llava_saves_and_loads_offline(tmp_path, processor):
     assert config.image_seq_length == num_image_tokens(processor)
     assert config.image_token_id == processor.image_token_id
     assert config.text_config.num_key_value_heads < config.text_config.num_attention_heads
-    model, built = build_tiny_llava(tmp_path / "tiny", seed=3)
-    loaded, loaded_processor = load_tiny_llava(tmp_path / "tiny")
+    model, built = build_tiny_llava(demo_corpus(), tmp_path / "tiny", seed=3)
+    loaded, loaded_processor = load_llava(tmp_path / "tiny")
     text = "USER: <image>\nWhat is shown? ASSISTANT: a red circle"
     image = Image.new("RGB", (50, 40), (200, 30, 30))
     inputs = loaded_processor(images=image, text=text, return_tensors="pt")
@@ -233,5 +248,5 @@ def test_tiny_llava_saves_and_loads_offline(tmp_path, processor):
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == config.image_seq_length
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
-    with pytest.raises(ValueError, match="holds no saved model"):
-        load_tiny_llava(tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        load_llava(tmp_path / "missing")

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dama.demo_data import COLOURS, main, make_demo_data
+from dama.demo.data import COLOURS, main, make_demo_data
 
 RLAIF_V_COLUMNS = {"ds_name", "image", "question", "chosen", "rejected", "origin_dataset", "origin_split", "idx",
                    "image_path"}

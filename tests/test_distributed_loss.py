@@ -6,8 +6,8 @@ metrics and running state are the same. With DDP, which averages gradients over 
 gives the single-process gradient of a shared parameter.
 
 Gradient accumulation (micro-batches of one process) is another matter: alpha_M and the filter draw are statistics
-of the micro-batch (spec 3: "every optimizer micro-batch"), so beta_C, the mask and the loss follow the split. What
-does match with ema_update="optimizer_step" is shown at the end of this file.
+of the micro-batch (docs/method.md section 4), so beta_C, the mask and the loss follow the split. What does match
+with ema_update="optimizer_step" is shown at the end of this file.
 """
 
 import os
@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dama.config import DamaMethodConfig
-from dama.distributed import all_reduce_sum, get_rank, get_world_size
-from dama.loss import DamaLoss
+from dama.method.config import DamaMethodConfig
+from dama.method.distributed import all_reduce_sum, get_rank, get_world_size
+from dama.method.loss import DamaLoss
 
 GLOBAL_PAIRS = 10
 STEPS = 3
@@ -125,7 +125,7 @@ def _free_port() -> int:
 
 def test_two_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     batches = _global_batches()
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import dama_kernels
 import dama_kernels.linear_logprob_function as function_module
 from dama_kernels.launch_config import INTERPRETER_BLOCKS
-from dama_kernels.linear_logprob_backward import linear_logprob_bwd_launch
+from dama_kernels.linear_logprob_backward import linear_logprob_d_logits_launch
 from dama_kernels.linear_logprob_forward import linear_logprob_fwd_launch
 from dama_kernels.reference import reference_token_logps
 
@@ -109,14 +109,15 @@ def test_mixed_dtypes_outside_autocast_are_refused():
 
 
 def dot_arguments(dtype: torch.dtype) -> list[tuple[bool, str]]:
-    """(UPCAST_DOT, INPUT_PRECISION) of the forward and backward launches for inputs of `dtype` (meta tensors)."""
+    """(UPCAST_DOT, INPUT_PRECISION) of the forward and the backward's d_logits launches for `dtype` (meta tensors)."""
     hidden = torch.empty(8, 16, dtype=dtype, device="meta")
     weight = torch.empty(32, 16, dtype=dtype, device="meta")
     labels = torch.empty(8, dtype=torch.int64, device="meta")
     per_token = torch.empty(8, device="meta")
     forward = linear_logprob_fwd_launch(hidden, weight, labels, None, INTERPRETER_BLOCKS)[0]
-    backward = linear_logprob_bwd_launch(per_token, hidden, weight, labels, None, per_token, per_token, -100,
-                                         INTERPRETER_BLOCKS, (True, True, False))[0]
+    d_logits = torch.empty(8, 32, dtype=dtype, device="meta")
+    backward = linear_logprob_d_logits_launch(d_logits, hidden, weight, labels, None, per_token, per_token, per_token,
+                                              -100, INTERPRETER_BLOCKS)
     return [(launch.arguments["UPCAST_DOT"], launch.arguments["INPUT_PRECISION"]) for launch in (forward, backward)]
 
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from dama.hardness import BadRowError, ClipScorer, compute_hardness, main, pair_hardness, partial_path, score_pairs
-from dama.rlaif_io import (
-    PairRow,
-    PartialResults,
-    atomic_path,
-    metadata_path,
-    parse_logits,
-    read_hardness_mean,
-    read_metadata,
+from dama.data.formats import PairRow, atomic_path, metadata_path, read_hardness_mean, read_metadata
+from dama.demo.tiny_clip import build_tiny_clip
+from dama.offline.hardness import (
+    BadRowError,
+    ClipScorer,
+    compute_hardness,
+    main,
+    pair_hardness,
+    score_pairs,
 )
-from dama.splitting import RuleSplitter
-from dama.tiny_clip import build_tiny_clip
+from dama.offline.passes import PartialResults, partial_path
+from dama.offline.splitting import RuleSplitter
 
 # Row 2 has a corrupt image and row 4 an empty rejected response; the JSON copy also loses row 5's image file.
 CORRUPT_ROW, EMPTY_ROW, MISSING_ROW = 2, 4, 5
@@ -135,14 +135,13 @@ def test_pair_hardness_rejects_empty_scores():
 
 
 def test_score_pairs_batches_and_maths_with_a_fake_scorer(tmp_path):
-    rows = [
-        PairRow(f"fake:{n}", "q", f"Chosen {n}. It is true.", "Rejected.", n, _image_bytes(n), None) for n in range(5)
-    ]
+    rows = [PairRow(f"fake:{n}", "q", f"Chosen {n}. It is true.", "Rejected.", n, {"bytes": _image_bytes(n)})
+            for n in range(5)]
     scorer = RecordingScorer(LengthScorer())
     with PartialResults(tmp_path / "partial.jsonl", {"test": True}) as partial:
         outcome = score_pairs(rows, RuleSplitter(), scorer, partial, batch_size=2)
     assert [len(call) for call in scorer.calls] == [2, 2, 1]
-    assert outcome.scored == 5 and outcome.resumed == 0 and outcome.skipped == []
+    assert outcome.computed == 5 and outcome.resumed == 0 and outcome.skipped == []
     chosen_scores = [len(f"Chosen {3}.") / 10, len("It is true.") / 10]
     expected = pair_hardness(torch.tensor(chosen_scores), torch.tensor([len("Rejected.") / 10]))
     result = outcome.results["fake:3"]
@@ -175,7 +174,7 @@ def test_bad_rows_stop_the_run_naming_the_row(tmp_path, clip_path, kind, capsys)
     else:
         (data, images), first_bad = _write_json(tmp_path), "pairs.json:2"
     output = tmp_path / f"out.{kind}"
-    with pytest.raises(BadRowError, match=rf"row {first_bad} \(idx 102\): missing or unreadable image"):
+    with pytest.raises(BadRowError, match=rf"row {first_bad}: cannot read its image.*: not a format PIL reads"):
         compute_hardness(data, output, clip_path, image_folder=images, batch_size=2)
     assert not output.exists() and not metadata_path(output).exists()
     argv = ["--input", str(data), "--clip", str(clip_path), "--output", str(output)]
@@ -196,8 +195,12 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
 
     assert {entry["row_id"] for entry in metadata["skipped"]} == bad
     assert metadata["skipped_count"] == len(bad) and metadata["count"] == ROW_COUNT - len(bad)
-    reasons = " ".join(entry["reason"] for entry in metadata["skipped"])
-    assert "unreadable image" in reasons and "empty rejected response" in reasons
+    expected = {"unreadable image": 1, "empty response": 1, **({"missing image": 1} if kind == "json" else {})}
+    assert metadata["skipped_by_reason"] == expected
+    assert any("its rejected response is empty" in entry["detail"] for entry in metadata["skipped"])
+    # Each skipped row is named by its id in the output too, where the next step finds it.
+    bad_numbers = (CORRUPT_ROW, EMPTY_ROW, MISSING_ROW) if kind == "json" else (CORRUPT_ROW, EMPTY_ROW)
+    assert {entry["output_row_id"] for entry in metadata["skipped"]} == {f"{output.name}:{n}" for n in bad_numbers}
     rows = _read_output(output)
     assert len(rows) == ROW_COUNT
     originals = _records()
@@ -207,7 +210,7 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
         if row["hardness"] is None:
             assert row["chosen_logits"] is None and row["rejected_logits"] is None
             continue
-        chosen, rejected = parse_logits(row["chosen_logits"]), parse_logits(row["rejected_logits"])
+        chosen, rejected = list(row["chosen_logits"]), list(row["rejected_logits"])
         assert len(chosen) == 2 and len(rejected) == 1  # two chosen sentences, one rejected
         assert math.fsum(chosen + rejected) == pytest.approx(1.0)
         assert row["hardness"] == pytest.approx(sum(chosen) - sum(rejected))

@@ -9,9 +9,11 @@ import dama_kernels.launch_config as launch_config
 from dama_kernels.launch_config import (
     DEFAULT_LIMITS,
     INTERPRETER_BLOCKS,
+    KIB,
     KINDS,
     LINEAR_LOGPROB_CANDIDATES,
     TARGET_LIMITS,
+    LinearLogprobBlocks,
     device_blocks,
     linear_logprob_blocks,
     target_limits,
@@ -34,12 +36,14 @@ def test_choice_fits_the_target(capability, kind, dtype):
     assert blocks.num_warps * 32 * 255 <= target_limits(capability).registers_per_block
 
 
-def test_largest_fitting_candidate_is_chosen():
-    assert linear_logprob_blocks("backward", (9, 0), torch.float32).block_v == 128
-    assert linear_logprob_blocks("backward", (8, 0), torch.float32).block_v == 64
-    assert linear_logprob_blocks("backward", (8, 9), torch.float32).block_n == 64
-    assert linear_logprob_blocks("backward", (8, 6), torch.bfloat16).block_h == 32
-    assert linear_logprob_blocks("backward", (8, 0), torch.bfloat16).block_h == 64
+def test_first_candidate_that_fits_the_target_is_chosen(monkeypatch):
+    large, medium, small = (LinearLogprobBlocks(128, block_v, 64, num_warps=8) for block_v in (256, 128, 64))
+    candidates = ((large, 200 * KIB), (medium, 150 * KIB), (small, 90 * KIB))
+    monkeypatch.setitem(LINEAR_LOGPROB_CANDIDATES, ("backward", 2), candidates)
+    assert linear_logprob_blocks("backward", (9, 0), torch.bfloat16) == large  # 227 KiB
+    assert linear_logprob_blocks("backward", (8, 0), torch.bfloat16) == medium  # 163 KiB
+    assert linear_logprob_blocks("backward", (8, 9), torch.bfloat16) == small  # 99 KiB
+    assert linear_logprob_blocks("backward", (12, 0), torch.float16) == small  # unknown: the smallest limit
 
 
 def test_every_list_ends_with_a_candidate_for_the_smallest_target():

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dama.demo_data import make_demo_data
-from dama.reference import precompute_reference
-from dama.tiny import build_tiny_llava
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.offline.reference import precompute_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
-    build_tiny_llava(root / "model", seed=0)
+    build_tiny_llava(demo_corpus(), root / "model", seed=0)
     raw = make_demo_data(root / "data", num_train=16, num_eval=0, image_size=32)
     # Precomputed reference log-probs: the default, and the only reference that ZeRO-3 supports.
     paths = {"train": root / "data" / "train.ref.parquet"}

@@ -8,15 +8,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dama_kernels
 from dama_kernels.checks import (
+    FP32_DIRECT,
     LOGPROB_CASES,
+    TOLERANCES,
     LogprobCase,
     check_sequence_logps,
     check_token_logps,
+    compare_to_gold,
     make_logprob_inputs,
     poisoned_allocations,
     require,
 )
 from dama_kernels.launch_config import INTERPRETER_BLOCKS, LinearLogprobBlocks
+from dama_kernels.linear_logprob_backward import (
+    CHUNK_ROW_MULTIPLE,
+    D_LOGITS_CHUNK_BYTES,
+    backward_chunk_rows,
+    linear_logprob_bwd_triton,
+)
 from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
 from dama_kernels.reference import reference_sequence_logps, reference_token_logps
 
@@ -121,9 +130,9 @@ def test_every_token_ignored(impl, device):
     hidden, weight, bias, labels = make_inputs(9, 16, 40, torch.float32, device)
     labels[:] = -100
     inputs = [leaf(t) for t in (hidden, weight, bias)]
-    out = dama_kernels.sequence_logps(inputs[0], inputs[1], labels, torch.zeros(9, dtype=torch.long), 2,
-                                      bias=inputs[2], impl=impl)
-    assert torch.equal(out, torch.zeros(2))
+    seq_ids = torch.zeros(9, dtype=torch.long, device=device)
+    out = dama_kernels.sequence_logps(inputs[0], inputs[1], labels, seq_ids, 2, bias=inputs[2], impl=impl)
+    assert torch.equal(out, torch.zeros(2, device=device))
 
 
 def test_torch_path_gradcheck_float64():
@@ -137,17 +146,20 @@ def test_torch_path_gradcheck_float64():
 
 
 class LargestOutputRecorder(TorchDispatchMode):
-    """Records the largest tensor (in elements) any aten op produces while active, forward and backward."""
+    """Records the largest tensor (in bytes) any aten op produces while active, forward and backward.
+
+    Bytes rather than elements: the Triton interpreter copies kernel arguments as untyped (uint8) storages.
+    """
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in torch.utils._pytree.tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
+                self.largest_bytes = max(self.largest_bytes, tensor.numel() * tensor.element_size())
         return out
 
 
@@ -159,10 +171,72 @@ def test_torch_path_never_allocates_tokens_by_vocab():
     with recorder:
         out = dama_kernels.token_logps(inputs[0], inputs[1], labels, bias=inputs[2], impl="torch", chunk_size=chunk)
         out.sum().backward()
-    # The chunk's logits are the largest working tensor; the (V, H) weight gradient is an output, not working memory.
-    assert recorder.largest >= chunk * vocab_size
-    assert recorder.largest <= max(chunk * vocab_size, vocab_size * hidden_size)
-    assert recorder.largest < num_tokens * vocab_size
+    # The chunk's fp32 logits are the largest working tensor; the (V, H) weight gradient is an output, not working
+    # memory.
+    assert recorder.largest_bytes >= chunk * vocab_size * 4
+    assert recorder.largest_bytes <= max(chunk * vocab_size, vocab_size * hidden_size) * 4
+    assert recorder.largest_bytes < num_tokens * vocab_size * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_never_allocates_tokens_by_vocab(dtype, device):
+    num_tokens, hidden_size, vocab_size, chunk = 512, 32, 1000, 64
+    hidden, weight, bias, labels = make_inputs(num_tokens, hidden_size, vocab_size, dtype, device)
+    _, max_logit, log_norm = linear_logprob_fwd_triton(hidden, weight, labels, bias, -100, INTERPRETER_BLOCKS)
+    grad_out = torch.randn(num_tokens, device=device)
+    recorder = LargestOutputRecorder()
+    with recorder:
+        linear_logprob_bwd_triton(grad_out, hidden, weight, labels, bias, max_logit, log_norm, -100,
+                                  INTERPRETER_BLOCKS, (True, True, True), chunk_rows=chunk)
+    # One chunk's d_logits (or its fp32 copy on the CPU) is the largest working tensor; the (V, H) fp32 d_weight
+    # accumulator is the gradient itself. An (N, V) tensor in the input dtype or wider breaks the last bound.
+    assert recorder.largest_bytes >= chunk * vocab_size * dtype.itemsize
+    assert recorder.largest_bytes <= max(chunk * vocab_size, vocab_size * hidden_size) * 4
+    assert recorder.largest_bytes < num_tokens * vocab_size * dtype.itemsize
+
+
+def reference_grads(hidden, weight, bias, labels, grad_out, compute_dtype):
+    """Gradients of the reference token log-probs w.r.t. (hidden, weight, bias), computed in `compute_dtype`."""
+    leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = reference_token_logps(leaves[0], leaves[1], labels, leaves[2], -100, compute_dtype)
+    return torch.autograd.grad(out, leaves, grad_out.to(compute_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_chunks_match_one_chunk(dtype, device):
+    """Chunks of 50 rows (not a multiple of the row block, the last one short) against one chunk of all 217 rows."""
+    num_tokens = 217
+    hidden, weight, bias, labels = make_inputs(num_tokens, 40, 300, dtype, device)
+    _, max_logit, log_norm = linear_logprob_fwd_triton(hidden, weight, labels, bias, -100, INTERPRETER_BLOCKS)
+    grad_out = torch.randn(num_tokens, device=device)
+
+    def backward(chunk_rows):
+        with poisoned_allocations():
+            return linear_logprob_bwd_triton(grad_out, hidden, weight, labels, bias, max_logit, log_norm, -100,
+                                             INTERPRETER_BLOCKS, (True, True, True), chunk_rows=chunk_rows)
+
+    chunked, single = backward(50), backward(None)
+    gold_grads, base_grads = (reference_grads(hidden, weight, bias, labels, grad_out, compute_dtype)
+                              for compute_dtype in (torch.float64, torch.float32))
+    names = ("d_hidden", "d_weight", "d_bias")
+    for name, grad, one_chunk, gold_grad, base_grad in zip(names, chunked, single, gold_grads, base_grads,
+                                                           strict=True):
+        assert grad.dtype == dtype
+        require([compare_to_gold(grad, gold_grad, base_grad.to(dtype), TOLERANCES[dtype].grad, name)])
+        # Only the order of the fp32 sums differs (matmuls of other heights, chunks added up): a rounding of the output
+        # dtype apart at most, and fp32 sums within the direct fp32 bound. A misplaced or lost chunk is far outside.
+        scale = one_chunk.abs().max().item()
+        torch.testing.assert_close(grad, one_chunk, rtol=0, atol=max(2 * torch.finfo(dtype).eps, FP32_DIRECT) * scale)
+
+
+def test_backward_chunk_rows():
+    # LLaVA-1.5's head in 16-bit: 2048 rows fill 128 MiB, so a few pairs' responses are a single chunk.
+    assert backward_chunk_rows(32064, torch.bfloat16) == 2048
+    assert backward_chunk_rows(32064, torch.float32) == 1024
+    for vocab_size in (50, 32064, 151936, 10**6):
+        rows = backward_chunk_rows(vocab_size, torch.float16)
+        assert rows % CHUNK_ROW_MULTIPLE == 0
+        assert rows == CHUNK_ROW_MULTIPLE or rows * vocab_size * 2 <= D_LOGITS_CHUNK_BYTES
 
 
 def test_textbook_dpo_equivalence(device):
@@ -227,8 +301,9 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
         dama_kernels.token_logps(hidden, weight, labels, impl="triton")
 
 
-def test_triton_rejects_float64():
-    hidden, weight, _, labels = make_inputs(4, 8, 20, torch.float64, "cpu")
+def test_triton_rejects_float64(device):
+    # On the device the triton path runs on (CUDA, or the CPU under the interpreter), so that the dtype is the problem.
+    hidden, weight, _, labels = make_inputs(4, 8, 20, torch.float64, device)
     with pytest.raises(ValueError, match="impl='triton' takes float16, bfloat16, float32"):
         dama_kernels.token_logps(hidden, weight, labels, impl="triton")
 

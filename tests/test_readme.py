@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dama.arguments import fields_markdown
+from dama.training.arguments import fields_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -11,15 +11,17 @@ import pytest
 import torch
 from transformers import LlavaProcessor
 
-import dama.reference as reference
+import dama.offline.reference as reference
 from dama.cli import main as dama_main
-from dama.collator import PackedCollator, PaddedCollator
-from dama.data import PreferenceDataset
-from dama.demo_data import make_demo_data
-from dama.model import DamaPolicy, load_llava
-from dama.reference import OUTPUT_COLUMNS, main, partial_path, precompute_reference
-from dama.rlaif_io import metadata_path, read_hardness_mean, read_metadata, write_metadata
-from dama.tiny import build_tiny_llava
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.data.formats import metadata_path, read_hardness_mean, read_metadata, write_metadata
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.loading import load_llava
+from dama.model.policy import DamaPolicy
+from dama.offline.passes import partial_path, write_dataset
+from dama.offline.reference import OUTPUT_COLUMNS, main, precompute_reference
 
 NUM_PAIRS = 7
 HARDNESS_MEAN = 0.3125
@@ -41,7 +43,7 @@ def setup(tmp_path_factory, single_thread):
     """A tiny LLaVA, the demo data with hardness metadata beside it, and the reference pass over it (3 pairs/batch)."""
     root = tmp_path_factory.mktemp("reference")
     model_path = root / "tiny"
-    build_tiny_llava(model_path, seed=1)
+    build_tiny_llava(demo_corpus(), model_path, seed=1)
     data = make_demo_data(root / "data", num_train=NUM_PAIRS, num_eval=1)["train"]
     write_metadata(data, {"hardness_mean": HARDNESS_MEAN, "count": NUM_PAIRS})
     output = root / "out" / "train_ref.parquet"
@@ -219,7 +221,11 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
     skipped = [r for r in written if r["ref_chosen_logps"] is None]
     assert len(skipped) == metadata["skipped_count"] >= 1
     assert all(r["logps"] is None and r["ref_rejected_token_logps"] is None for r in skipped)
-    assert metadata["skipped"] == [f"pairs.json:{n}" for n, r in enumerate(written) if r["ref_chosen_logps"] is None]
+    assert [(e["row_id"], e["reason"], e["output_row_id"]) for e in metadata["skipped"]] == [
+        (f"pairs.json:{n}", "over-long", f"pairs_ref.json:{n}") for n, r in enumerate(written)
+        if r["ref_chosen_logps"] is None
+    ]
+    assert metadata["skipped_by_reason"] == {"over-long": len(skipped)}
 
     processor = LlavaProcessor.from_pretrained(setup["model"], local_files_only=True)
     dataset = PreferenceDataset.from_path(output, processor, image_folder=folder / "images", max_length=max_length,
@@ -289,6 +295,6 @@ def test_an_empty_parquet_input_gives_an_empty_output(tmp_path):
     source = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"question": pa.array([], pa.string()), "chosen": pa.array([], pa.string()),
                              "rejected": pa.array([], pa.string())}), source)
-    reference.write_reference_dataset(source, tmp_path / "out.parquet", {})
+    write_dataset(source, tmp_path / "out.parquet", reference.REFERENCE_COLUMNS, lambda row_id: {})
     assert pq.read_table(tmp_path / "out.parquet").column_names == ["question", "chosen", "rejected",
                                                                      *OUTPUT_COLUMNS]

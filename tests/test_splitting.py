@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dama.splitting import (
+from dama.demo.tiny_clip import train_clip_tokenizer
+from dama.offline.splitting import (
     CLIP_TEXT_LIMIT,
     LMSplitter,
     RuleSplitter,
@@ -11,7 +12,6 @@ from dama.splitting import (
     approximate_clip_tokens,
     clip_token_counter,
 )
-from dama.tiny_clip import train_clip_tokenizer
 
 LONG_SENTENCE = (
     "The large brown dog with a bright red collar is sitting near the old wooden fence at the back of the garden, "

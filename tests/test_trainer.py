@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from dama.arguments import parse_training_arguments
-from dama.demo_data import make_demo_data
-from dama.tiny import build_tiny_llava
-from dama.train import build_trainer
-from dama.trainer import COMPLETE_MARKER, DAMA_STATE_NAME, NonFiniteLossError, newest_checkpoint
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.training.arguments import parse_training_arguments
+from dama.training.checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, newest_checkpoint
+from dama.training.train import build_trainer
+from dama.training.trainer import NonFiniteLossError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -21,7 +22,7 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    build_tiny_llava(root / "model", seed=0)
+    build_tiny_llava(demo_corpus(), root / "model", seed=0)
     paths = make_demo_data(root / "data", num_train=24, num_eval=8, image_size=32)
     return root, paths
 

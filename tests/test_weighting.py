@@ -1,4 +1,4 @@
-"""The pure DAMA weighting functions against hand computations on small numbers (spec sections 2.6, 3, 4).
+"""The pure DAMA weighting functions against hand computations on small numbers (paper Eq. 6, 8-15).
 
 Sigmoids used below: s(-1) = 0.2689414213699951, s(-0.5) = 0.3775406687981454, s(0) = 0.5,
 s(1/3) = 0.5825702064623147, s(0.5) = 0.6224593312018546, s(1) = 0.7310585786300049, s(2) = 0.8807970779778823.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dama.weighting import (
+from dama.method.weighting import (
     alpha_data,
     alpha_model,
     combined_beta,
@@ -31,7 +31,7 @@ def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# alpha_D = s(delta) / s(delta_bar), NaN -> 1 (spec 2.6)
+# alpha_D = s(delta) / s(delta_bar), NaN -> 1 (paper Eq. 6)
 
 
 def test_alpha_data_by_hand():
@@ -58,7 +58,7 @@ def test_alpha_data_rejects_bad_input():
         alpha_data(torch.zeros(2), NAN)
 
 
-# Filter weights w = exp(-1/2 ((A - R) / width)^2), scaled so that the largest is 1 (spec 3.2)
+# Filter weights w = exp(-1/2 ((A - R) / width)^2), scaled so that the largest is 1 (docs/method.md section 4)
 
 
 def test_filter_weights_by_hand():
@@ -155,7 +155,7 @@ def test_select_pairs_falls_back_to_all_pairs(weights, keep_ratio):
     assert selected.tolist() == [True] * len(weights)
 
 
-# alpha_M, release vs paper (spec 3.3)
+# alpha_M, release vs paper (docs/method.md section 6)
 
 
 def test_alpha_model_release_and_paper_by_hand():
@@ -184,7 +184,7 @@ def test_alpha_model_rejects_bad_input():
         alpha_model(_tensor([1.0, 2.0]), torch.tensor([False, False]), 0.0, "paper")
 
 
-# beta_C = max(beta * alpha_D * alpha_M, beta_min) (spec 4)
+# beta_C = max(beta * alpha_D * alpha_M, beta_min) (paper Eq. 15)
 
 
 def test_combined_beta_by_hand_with_the_floor():
@@ -199,7 +199,7 @@ def test_combined_beta_is_beta_when_both_factors_are_one():
     assert beta_c.tolist() == [0.1] * 4 and num_clamped.item() == 0
 
 
-# EMA of the running margin (spec 3.4)
+# EMA of the running margin (docs/method.md section 4)
 
 
 def test_ema_target_terms_release_and_paper():

@@ -1,11 +1,7 @@
 """Preference pairs as LLaVA-1.5 sees them: template, tokens, supervised labels, image tensors, reference log-probs.
 
-Inputs (spec section 5), read offline through `datasets`:
-- parquet: the RLAIF-V shards (a file, or a folder of `*.parquet` read in name order), columns ds_name,
-  image {bytes, path}, question, chosen, rejected, origin_dataset, origin_split, idx, image_path;
-- json: the authors' JSON list (question, chosen, rejected, image_path, idx, logps, chosen_logits, ...).
-An image comes from `image.bytes`, else from `image.path` / `image_path` resolved under the image folder (default:
-the folder of the input). Every row is named "<file name>:<row number in that file>", as the hardness pass does.
+Rows are read by dama.data.formats (RLAIF-V parquet and the authors' JSON, row ids, the one rule for images);
+docs/method.md section 9 describes the data.
 
 Template (LLaVA-1.5, vicuna v1): "<s>" + "{system} USER: <image>\\n{question} ASSISTANT:" is the prompt and
 " {response}" + "</s>" the response. The prompt and the response are tokenized separately and concatenated, so the
@@ -33,7 +29,6 @@ The per-pair `hardness` column is passed through (NaN when absent).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -45,23 +40,25 @@ import datasets
 import torch
 from PIL import Image
 
-from dama.rlaif_io import detect_format, parquet_files, read_json_list
+from .batch import IGNORE_INDEX, PreferenceExample
+from .formats import (
+    IMAGE_COLUMNS,
+    REF_LOGPS_COLUMNS,
+    REF_MEAN_COLUMNS,
+    REF_TOKEN_COLUMNS,
+    default_image_folder,
+    load_preference_rows,
+    open_row_image,
+)
 
-IGNORE_INDEX = -100
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions."
 )
 OVERLONG_POLICIES = ("error", "skip")
-# The reference log-prob columns this project writes and reads (sums, means, lists over supervised tokens).
-REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-REF_MEAN_COLUMNS = ("ref_chosen_mean_logps", "ref_rejected_mean_logps")
-REF_TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+IMAGE_ASPECT_RATIOS = ("crop", "pad")
 # Positions of (sum, mean, per-token) of the chosen and the rejected response in the authors' `logps` list.
 AUTHORS_LOGPS_SLOTS = ((0, 1, 2), (3, 4, 5))
-TEXT_COLUMNS = ("question", "chosen", "rejected")
-IMAGE_COLUMNS = ("image", "image_path")
-OPTIONAL_COLUMNS = (*IMAGE_COLUMNS, "logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS, "hardness")
 # Rows per tokenizer call while encoding a dataset: the fast tokenizer encodes a batch in parallel.
 ENCODE_BATCH = 1024
 
@@ -82,29 +79,6 @@ class ConversationTemplate:
     def response_context(self) -> str:
         """The text the response follows directly; it is tokenized with the response and cut off again."""
         return f"{self.assistant_role}:"
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One tokenized pair. Both sequences start with the same prompt (bos, template, image tokens, question).
-
-    Shapes: chosen_input_ids, chosen_labels (Lc,); rejected_input_ids, rejected_labels (Lr,); pixel_values (3, h, w).
-    Labels are aligned with the input ids (not shifted): the token id on the response and its "</s>", -100 on the
-    first prompt_length tokens. Reference values are NaN when the data has none.
-    """
-
-    row_id: str
-    prompt_length: int
-    chosen_input_ids: torch.Tensor
-    chosen_labels: torch.Tensor
-    rejected_input_ids: torch.Tensor
-    rejected_labels: torch.Tensor
-    pixel_values: torch.Tensor
-    ref_chosen_logps: float
-    ref_rejected_logps: float
-    ref_chosen_mean_logps: float
-    ref_rejected_mean_logps: float
-    hardness: float
 
 
 def num_image_tokens(processor: Any) -> int:
@@ -179,45 +153,6 @@ class PairEncoder:
         return encoded
 
 
-def load_preference_rows(
-    path: str | Path, *, cache_dir: str | Path | None = None, limit: int | None = None
-) -> datasets.Dataset:
-    """The rows of a parquet input (file or folder of shards) or of the authors' JSON list, as a `datasets.Dataset`.
-
-    Keeps the columns this module reads (question, chosen, rejected, image, image_path, logps, the ref_* columns,
-    hardness) and adds `row_id`. Parquet is converted once into `datasets`' memory-mapped cache (`cache_dir`, by
-    default datasets' own); images stay undecoded until an example is read.
-    """
-    path = Path(path)
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    if detect_format(path) == "json":
-        rows = _json_rows(path)
-    else:
-        shards = []
-        for file in parquet_files(path):
-            shard = datasets.Dataset.from_parquet(str(file), cache_dir=None if cache_dir is None else str(cache_dir))
-            shard = shard.select_columns([c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if c in shard.column_names])
-            shards.append(shard.add_column("row_id", [f"{file.name}:{n}" for n in range(shard.num_rows)]))
-        rows = datasets.concatenate_datasets(shards)
-    missing = [c for c in TEXT_COLUMNS if c not in rows.column_names]
-    if missing:
-        raise ValueError(f"{path} lacks the columns {missing}; a preference pair needs question, chosen, rejected")
-    return rows if limit is None else rows.select(range(min(limit, rows.num_rows)))
-
-
-def _json_rows(path: Path) -> datasets.Dataset:
-    records = read_json_list(path)
-    present = [c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if any(c in r for r in records)]
-    columns: dict[str, list] = {c: [r.get(c) for r in records] for c in present}
-    # The authors' `logps` mixes numbers and lists, which Arrow cannot type; its JSON text keeps it intact.
-    for column in ("logps", "image"):
-        if column in columns:
-            columns[column] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns[column]]
-    columns["row_id"] = [f"{path.name}:{n}" for n in range(len(records))]
-    return datasets.Dataset.from_dict(columns)
-
-
 def _float_or_nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
@@ -263,10 +198,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
         max_length: int | None = 2048,
         overlong: str = "error",
         template: ConversationTemplate = ConversationTemplate(),
-        pad_to_square: bool = False,
+        image_aspect_ratio: str = "crop",
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens or None, got {max_length}")
         if "row_id" not in rows.column_names:
@@ -274,7 +211,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.encoder = PairEncoder(processor, template)
         self.image_folder = None if image_folder is None else Path(image_folder)
-        self.pad_to_square = pad_to_square
+        self.image_aspect_ratio = image_aspect_ratio
         self.max_length = max_length
         self._images = rows.select_columns([c for c in IMAGE_COLUMNS if c in rows.column_names])
         self._rows: list[int] = []
@@ -301,9 +238,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
     ) -> PreferenceDataset:
         """Read a parquet or JSON input (see load_preference_rows); images resolve under `image_folder`, by default
         the input's folder (the input itself when it is a folder of shards)."""
-        path = Path(path)
         if image_folder is None:
-            image_folder = path if path.is_dir() else path.parent
+            image_folder = default_image_folder(path)
         rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit)
         return cls(rows, processor, image_folder=image_folder, **options)
 
@@ -382,47 +318,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def pixel_values(self, index: int) -> torch.Tensor:
         """The pair's image as the CLIP processor makes it: (3, h, w) float32."""
-        image = self._load_image(index)
-        if self.pad_to_square:
+        record = self._images[self._rows[index]]
+        image = open_row_image(record.get("image"), record.get("image_path"), self.image_folder, self._row_ids[index])
+        if self.image_aspect_ratio == "pad":
             image = _expand_to_square(image, self.processor.image_processor.image_mean)
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def _load_image(self, index: int) -> Image.Image:
-        row_id, record = self._row_ids[index], self._images[self._rows[index]]
-        image = record.get("image")
-        if isinstance(image, str):
-            image = json.loads(image) if image.startswith("{") else {"path": image}
-        path = record.get("image_path")
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, Mapping):
-            if image.get("bytes") is not None:
-                return _open(io.BytesIO(image["bytes"]), row_id)
-            path = image.get("path") or path
-        if not path:
-            raise ValueError(f"row {row_id} has no image: no image bytes and no image path")
-        file = Path(path)
-        if not file.is_absolute() and self.image_folder is not None:
-            file = self.image_folder / file
-        return _open(file, row_id)
-
-
-def _open(source: Any, row_id: str) -> Image.Image:
-    try:
-        # convert() decodes every pixel now, so a truncated file fails here, with the row named.
-        return Image.open(source).convert("RGB")
-    except (OSError, ValueError) as error:
-        where = f" {source}" if isinstance(source, Path) else ""
-        raise ValueError(f"row {row_id}: cannot read its image{where} ({error})") from error
-
 
 def _expand_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
-    """LLaVA-1.5's "pad" aspect ratio: centre the image on a square of the CLIP mean colour."""
+    """LLaVA-1.5's "pad" aspect ratio: centre the image on a square of the processor's mean colour, each channel
+    255 * mean truncated to an integer as LLaVA's own preprocessing does (CLIP's mean gives (122, 116, 104))."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    square = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in mean))
+    square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 

@@ -1,4 +1,4 @@
-"""DamaLoss: the DAMA objective over a data-parallel global batch, with its running state (spec sections 1, 3, 4, 6).
+"""DamaLoss: the DAMA objective over a data-parallel global batch, with its running state (paper Eq. 1-2, 8-16).
 
 One forward, on every rank:
   1. gather the detached per-pair quantities of all ranks (log-ratios, log-probs, alpha_D, ...) in GLOBAL rank order;
@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dama_kernels import dama_sigmoid_loss
-
-from .config import DamaMethodConfig
-from .distributed import all_gather_cat, get_rank
-from .weighting import (
+from dama.method.config import DamaMethodConfig
+from dama.method.distributed import all_gather_cat, get_rank
+from dama.method.weighting import (
     alpha_data,
     alpha_model,
     combined_beta,
@@ -40,6 +38,7 @@ from .weighting import (
     filter_weights,
     select_pairs,
 )
+from dama_kernels import dama_sigmoid_loss
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ logger = logging.getLogger(__name__)
 _COLUMNS = ("chosen_logratio", "rejected_logratio", "policy_chosen", "policy_rejected", "alpha_data", "missing",
             "selected")
 _COL = {name: index for index, name in enumerate(_COLUMNS)}
-# Running statistics, all start at 0 like R (spec 3); the std and loss statistics are only logged.
+# Running statistics, all start at 0 like R (docs/method.md section 4); the std and loss statistics are only logged.
 _RUNNING = ("running_margin", "running_margin_std", "running_loss_mean", "running_loss_std")
 # Totals since the start of training. num_steps counts training forwards (one filter draw each, and the draw's seed),
 # num_updates the moves of the running statistics; the others count pairs (or draws, for filter_fallbacks).

@@ -2,8 +2,8 @@
 
 LLaVA-1.5 is a CLIP ViT-L/14-336 vision tower, a two-layer MLP projector and a Llama (Vicuna) language model; its
 processor is a Llama tokenizer with an `<image>` token plus a CLIPImageProcessor (shortest side resized to 336,
-centre crop). Nothing here downloads anything: the tokenizer is a byte-level BPE trained in-process on the demo
-data's vocabulary and the conversation template, the image processor is built from its arguments, and the model
+centre crop). Nothing here downloads anything: the tokenizer is a byte-level BPE trained in-process on a corpus the
+caller gives (the demo's: `dama.demo.data.demo_corpus`), the image processor is built from its arguments, and the model
 is random, so the code under test loads all of it exactly as it would load the real one
 (`LlavaForConditionalGeneration.from_pretrained(path)`, `LlavaProcessor.from_pretrained(path)`).
 
@@ -14,7 +14,6 @@ num_key_value_heads < num_attention_heads are exercised. A forward and backward 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -29,36 +28,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dama.demo_data import QUESTIONS, describe, hallucinate, random_scene
-
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 # Trained first, so they take ids 0-4 in this order.
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
-# The vicuna v1 system line and roles: training on them makes the template a handful of tokens.
-TEMPLATE_TEXT = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions. USER: ASSISTANT:"
-)
-
-
-def demo_corpus(num_scenes: int = 200, seed: int = 0) -> list[str]:
-    """Texts in the demo data's vocabulary: the template, the questions, faithful and hallucinated answers."""
-    rng = random.Random(seed)
-    corpus = [TEMPLATE_TEXT, *QUESTIONS]
-    for index in range(num_scenes):
-        scene = random_scene(rng)
-        corpus.append(" ".join(describe(scene)))
-        corpus.append(" ".join(hallucinate(scene, ("one_word", "half", "all")[index % 3], rng)))
-    return corpus
-
-
-def train_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600) -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(corpus: list[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with LLaVA's special tokens, wrapped as a fast tokenizer.
 
     Byte-level, so any text encodes without `<unk>`; like Llama's tokenizer it puts `<s>` in front when called with
     add_special_tokens=True. `<image>` is a special token, so it is never split or merged with its neighbours.
+    `corpus` is the text the merges are learned from: the data's vocabulary and the conversation template.
     """
-    corpus = demo_corpus() if corpus is None else corpus
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
         raise ValueError(
@@ -88,7 +67,7 @@ def train_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600)
 
 
 def build_tiny_processor(
-    tokenizer: PreTrainedTokenizerFast | None = None, image_size: int = 32, patch_size: int = 8
+    tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8
 ) -> LlavaProcessor:
     """A LlavaProcessor as LLaVA-1.5's: CLIP preprocessing (shortest side to `image_size`, centre crop, CLIP mean
     and std) and one `<image>` token per patch (the CLS feature is dropped, vision_feature_select_strategy
@@ -100,7 +79,7 @@ def build_tiny_processor(
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=train_tiny_tokenizer() if tokenizer is None else tokenizer,
+        tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         image_token=IMAGE_TOKEN,
@@ -159,13 +138,14 @@ def tiny_llava_config(
 
 
 def build_tiny_llava(
-    output_dir: str | Path | None = None, seed: int = 0, image_size: int = 32, patch_size: int = 8
+    corpus: list[str], output_dir: str | Path | None = None, seed: int = 0, image_size: int = 32, patch_size: int = 8
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random tiny LLaVA and its processor; saved with `save_pretrained` to `output_dir` when one is given.
+    """A random tiny LLaVA and its processor, its tokenizer trained on `corpus`; saved with `save_pretrained` to
+    `output_dir` when one is given.
 
     The weights are a function of `seed`; the model is returned in eval mode, in float32.
     """
-    processor = build_tiny_processor(image_size=image_size, patch_size=patch_size)
+    processor = build_tiny_processor(train_tiny_tokenizer(corpus), image_size=image_size, patch_size=patch_size)
     config = tiny_llava_config(processor)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -177,14 +157,4 @@ def build_tiny_llava(
     if output_dir is not None:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-    return model, processor
-
-
-def load_tiny_llava(path: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The model and processor saved by `build_tiny_llava`, read from the folder only (never from the hub)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} holds no saved model (no config.json); build one with build_tiny_llava(path)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
-    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
     return model, processor

@@ -1,4 +1,4 @@
-"""Every option of the DAMA method (spec sections 1-4), as one dataclass the trainer's arguments inherit from.
+"""Every option of the DAMA method (docs/method.md section 7), as one dataclass the trainer's arguments inherit from.
 
 The field names avoid those of transformers.TrainingArguments (hence `filter_seed`, not `seed`), so that
 `class DamaTrainingArguments(TrainingArguments, DamaMethodConfig)` is a valid dataclass that HfArgumentParser
@@ -12,14 +12,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-VARIANTS = ("release", "paper")
+from dama_kernels.functional import IMPLS as LOSS_IMPLS
+
+from .weighting import VARIANTS
+
 EMA_UPDATES = ("micro_batch", "optimizer_step")
-LOSS_IMPLS = ("auto", "triton", "torch")
 
 
 @dataclass
 class DamaMethodConfig:
-    # DPO core (spec section 1) and the combination (section 4)
+    # DPO core (paper Eq. 1-2) and the combination (paper Eq. 15-16)
     beta: float = field(
         default=0.1,
         metadata={"help": "Base DPO temperature beta; DAMA scales it per pair by alpha_D * alpha_M. Must be > 0."},
@@ -45,7 +47,7 @@ class DamaMethodConfig:
         metadata={"help": "Loss implementation: 'auto' (Triton on CUDA, PyTorch otherwise), 'triton' or 'torch'."},
     )
 
-    # Data-aware strategy (spec section 2): alpha_D = sigmoid(hardness) / sigmoid(hardness_mean)
+    # Data-aware strategy (paper Eq. 3-6): alpha_D = sigmoid(hardness) / sigmoid(hardness_mean)
     data_aware: bool = field(
         default=True,
         metadata={"help": "Scale beta per pair by the offline data hardness (alpha_D); off means alpha_D = 1."},
@@ -55,7 +57,7 @@ class DamaMethodConfig:
         metadata={"help": "Override of the dataset mean hardness; None takes it from the dataset's metadata."},
     )
 
-    # Model-aware strategy (spec section 3): alpha_M from a running mean R of the reward margin
+    # Model-aware strategy (paper Eq. 8-14): alpha_M from a running mean R of the reward margin
     model_aware: bool = field(
         default=True,
         metadata={"help": "Scale beta by the online model response (alpha_M) and filter outliers; off: alpha_M = 1."},

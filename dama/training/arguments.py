@@ -15,14 +15,15 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .config import DamaMethodConfig, _check_choice
+from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES
+from dama.data.validation import BAD_ROW_POLICIES
+from dama.method.config import DamaMethodConfig, _check_choice
+from dama.model.loading import DTYPES
+from dama.model.policy import HEADS
 
-HEADS = ("fused", "full_logits")
 LAYOUTS = ("packed", "padded")
 ATTENTIONS = ("packed", "sdpa", "eager")
-OVERLONG = ("error", "skip")
 REFERENCES = ("precomputed", "online")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -78,7 +79,21 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     overlong: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it and count it."},
+        metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it (counted, logged "
+                  "and listed in output_dir/skipped_rows.json)."},
+    )
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A bad row (missing, corrupt or over-large image, empty or missing response, non-finite "
+                  "hardness or reference log-probs), found by checking every row before training starts: stop with "
+                  "an error naming it, or skip it (counted by reason, logged and listed in "
+                  "output_dir/skipped_rows.json). Rows an earlier step skipped are always skipped."},
+    )
+    image_aspect_ratio: Literal["crop", "pad"] = field(
+        default="crop",
+        metadata={"help": "Image preprocessing: 'crop' resizes the shortest side and centre-crops (CLIP's, the DAMA "
+                  "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
+                  "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
     )
     layout: Literal["packed", "padded"] = field(
         default="packed",
@@ -107,7 +122,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     resume: bool = field(
         default=False,
-        metadata={"help": "Continue from the newest complete checkpoint in output_dir (if there is one)."},
+        metadata={"help": "Continue the run in output_dir (same config) from its newest complete checkpoint; a run "
+                  "that is already complete is reported and left as it is."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds another run: its checkpoints, model and run files "
+                  "are removed (and listed) once the start-up checks pass. Without it such a folder is refused."},
     )
 
     def __post_init__(self) -> None:
@@ -116,11 +137,17 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("head", self.head, HEADS)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("attention", self.attention, ATTENTIONS)
-        _check_choice("overlong", self.overlong, OVERLONG)
+        _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
+        _check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _check_choice("reference", self.reference, REFERENCES)
-        _check_choice("model_dtype", self.model_dtype, DTYPES)
+        _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
         if self.attention == "packed" and self.layout != "packed":
             raise ValueError("attention='packed' needs layout='packed'; use attention='sdpa' with layout='padded'")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir contradict each other: continue the run, or start over")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_tokens_per_batch < 0 or self.max_nonfinite_steps < 1 or self.lora_rank < 0:
@@ -140,9 +167,10 @@ def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[
         if isinstance(value, list | tuple):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
+            argv += [f"--{key}={json.dumps(value)}"]
         else:
-            argv += [f"--{key}", str(value)]
+            # One token: argparse would read a value such as -1e-05 as an option of its own.
+            argv += [f"--{key}={value}"]
     return argv
 
 
@@ -150,6 +178,9 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
     """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(DamaTrainingArguments, prog="dama train")
+    # One line, not the usage of every TrainingArguments field, then argparse's exit status 2.
+    parser.error = lambda message: parser.exit(2, f"dama train: error: {message} (`dama train --help` lists every "
+                                                  "field)\n")
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs; command-line flags win.")
     yaml_argv: list[str] = []
     if "--config" in argv:
@@ -159,7 +190,13 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
         config_path = Path(argv[position + 1])
         if not config_path.is_file():
             raise ValueError(f"--config {config_path}: no such file")
-        values = yaml.safe_load(config_path.read_text()) or {}
+        try:
+            values = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(error, "problem", None) or " ".join(str(error).split())
+            raise ValueError(f"{config_path} is not valid YAML ({where}{problem})") from error
         if not isinstance(values, dict):
             raise ValueError(f"{config_path}: expected a mapping of field: value")
         yaml_argv = _yaml_to_argv(values, {f.name for f in fields(DamaTrainingArguments)}, str(config_path))

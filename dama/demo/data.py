@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from dama.data.dataset import ConversationTemplate
+
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),
@@ -153,6 +155,19 @@ def make_demo_data(output_dir: str | Path, num_train: int = 384, num_eval: int =
         paths[split] = output_dir / f"{split}.parquet"
         write_parquet(make_rows(count, seed, image_size, split), paths[split])
     return paths
+
+
+def demo_corpus(num_scenes: int = 200, seed: int = 0) -> list[str]:
+    """Texts in the demo data's vocabulary, for training a tiny tokenizer: the conversation template, the
+    questions, and faithful and hallucinated answers at every error level."""
+    rng = random.Random(seed)
+    template = ConversationTemplate()
+    corpus = [f"{template.system} {template.user_role}: {template.assistant_role}:", *QUESTIONS]
+    for index in range(num_scenes):
+        scene = random_scene(rng)
+        corpus.append(" ".join(describe(scene)))
+        corpus.append(" ".join(hallucinate(scene, ERROR_LEVELS[index % len(ERROR_LEVELS)], rng)))
+    return corpus
 
 
 def main(argv: list[str] | None = None) -> int:

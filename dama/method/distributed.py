@@ -1,7 +1,7 @@
 """Small torch.distributed helpers over the default process group; each is a no-op without an initialised group.
 
 Ranks are GLOBAL ranks: with several nodes, the local rank would repeat across nodes and pick the wrong slice of a
-gathered batch (a defect of the released DAMA code, spec section 6).
+gathered batch (a defect of the authors' released code, docs/method.md section 10).
 """
 
 from __future__ import annotations

@@ -22,18 +22,20 @@ from pathlib import Path
 
 import torch
 
-from .arguments import parse_training_arguments
-from .collator import PackedCollator
-from .data import PreferenceDataset
-from .demo_data import make_demo_data
-from .hardness import compute_hardness
-from .model import DamaPolicy, load_llava
-from .reference import precompute_reference
-from .tiny import build_tiny_llava
-from .tiny_clip import build_tiny_clip
-from .train import build_trainer, write_run_record
+from dama.data.collator import PackedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_clip import build_tiny_clip
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.model.loading import load_llava
+from dama.model.policy import DamaPolicy
+from dama.offline.hardness import compute_hardness
+from dama.offline.reference import precompute_reference
+from dama.training.arguments import parse_training_arguments, resolved_config
+from dama.training.run_folder import mark_complete, plan_run_folder
+from dama.training.train import build_trainer, start_run
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_demo.yaml"
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_demo.yaml"
 TABLE_COLUMNS = (("step", "step"), ("loss", "loss"), ("rewards/accuracies", "reward acc"),
                  ("rewards/margins", "margin"), ("dama/beta_mean", "mean beta"), ("dama/alpha_model", "alpha_M"))
 
@@ -66,7 +68,7 @@ def supervised_warm_up(model_dir: Path, train_file: Path, steps: int, seed: int,
 def prepare_inputs(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up_steps: int) -> dict[str, Path]:
     """Steps 1-4; returns the scored-and-referenced train and eval files."""
     data = make_demo_data(output_dir / "data", num_train=num_train, num_eval=num_eval, seed=seed)
-    build_tiny_llava(output_dir / "model", seed=seed)
+    build_tiny_llava(demo_corpus(), output_dir / "model", seed=seed)
     print(f"[demo] supervised warm-up of the tiny LLaVA ({warm_up_steps} steps)", flush=True)
     torch.manual_seed(seed)
     loss = supervised_warm_up(output_dir / "model", data["train"], warm_up_steps, seed)
@@ -76,10 +78,12 @@ def prepare_inputs(output_dir: Path, num_train: int, num_eval: int, seed: int, w
     for split, path in data.items():
         scored = path.with_name(f"{split}.scored.parquet")
         print(f"[demo] hardness ({split})", flush=True)
-        compute_hardness(path, scored, clip)
+        # Each demo run makes its data and models afresh: its earlier outputs are replaced.
+        compute_hardness(path, scored, clip, overwrite=True)
         print(f"[demo] reference log-probs ({split})", flush=True)
         ready[split] = path.with_name(f"{split}.scored.ref.parquet")
-        precompute_reference(scored, ready[split], output_dir / "model", cache_dir=output_dir / "cache")
+        precompute_reference(scored, ready[split], output_dir / "model", cache_dir=output_dir / "cache",
+                             overwrite=True)
     return ready
 
 
@@ -120,10 +124,12 @@ def run_demo(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up
     args = parse_training_arguments([
         "--config", str(REPO_CONFIG), "--output_dir", str(output_dir / "run"),
         "--model_name_or_path", str(output_dir / "model"), "--train_file", str(inputs["train"]),
-        "--eval_file", str(inputs["eval"]), "--seed", str(seed), *extra_args,
+        "--eval_file", str(inputs["eval"]), "--seed", str(seed), "--overwrite_output_dir", "true", *extra_args,
     ])
-    write_run_record(args)
+    plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
+                           overwrite=args.overwrite_output_dir)
     trainer = build_trainer(args)
+    start_run(args, plan, trainer)
     before = trainer.evaluate()
     start = time.perf_counter()
     trainer.train()
@@ -131,6 +137,7 @@ def run_demo(output_dir: Path, num_train: int, num_eval: int, seed: int, warm_up
     after = trainer.evaluate()
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    mark_complete(args.output_dir, trainer.state.global_step)
 
     history = trainer.state.log_history
     print("\n" + training_table(history))

@@ -1,4 +1,4 @@
-"""`dama precompute-ref`: run the reference model once over a dataset and store its log-probs (spec section 5).
+"""`dama precompute-ref`: run the reference model once over a dataset and store its log-probs (docs/method.md 9).
 
 The reference model π_ref is scored through the code path training scores the policy with: rows are read and
 tokenized by PreferenceDataset (same template, CLIP image processing and max_length; nothing is truncated), laid out
@@ -22,6 +22,11 @@ counts go to `<output>.meta.json`. When the input has hardness metadata beside i
 `dama hardness`), its hardness_mean (δ̄, over the pairs the hardness pass scored) is copied into the output's
 metadata, so the trainer finds δ̄ beside the file it trains on.
 
+Every row is checked before the model loads (dama.data.validation: texts, a hardness that is present, image); a bad
+row stops the run naming it, or with --on-bad-row skip gets nulls and is listed with its reason in the metadata,
+beside the over-long pairs that --overlong skip leaves out. Rows the input's own metadata lists as skipped (by
+`dama hardness`) are left out the same way, with that reason, and listed again, so training skips them too.
+
 Resumable and atomic like the hardness pass: each finished batch is appended to `<output>.partial.jsonl` (flushed
 and fsynced); a rerun with the same model, dtype and max_length skips the rows found there (batch size, token budget
 and device may differ); the output and its metadata appear only complete, then the partial file is removed.
@@ -33,7 +38,6 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,30 +47,31 @@ import torch
 from tqdm.auto import tqdm
 
 import dama_kernels
-
-from .collator import PackedCollator, PreferenceBatch, TokenBudgetBatchSampler
-from .data import (
-    AUTHORS_LOGPS_SLOTS,
-    OVERLONG_POLICIES,
+from dama.command import run_command
+from dama.data.batch import PreferenceBatch
+from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
+from dama.data.dataset import AUTHORS_LOGPS_SLOTS, IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
     REF_TOKEN_COLUMNS,
-    PreferenceDataset,
-    load_preference_rows,
+    PairRow,
+    metadata_path,
+    read_metadata,
 )
-from .model import DTYPES, DamaPolicy, load_llava
-from .rlaif_io import (
+from dama.data.validation import BAD_ROW_POLICIES, RowChecks, check_input
+from dama.model.loading import DTYPES, load_llava
+from dama.model.policy import DamaPolicy
+from dama.offline.passes import (
     PARQUET_READ_ROWS,
     AddedColumn,
-    PairRow,
     PartialResults,
+    PassOutcome,
     check_output_path,
-    detect_format,
-    metadata_path,
-    partial_path,
-    read_metadata,
-    write_dataset,
-    write_metadata,
+    plan_output,
+    run_identity,
+    run_pass,
+    skipped_summary,
 )
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
@@ -79,6 +84,7 @@ REFERENCE_COLUMNS = (
 OUTPUT_COLUMNS = tuple(column.name for column in REFERENCE_COLUMNS)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048
+SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
 
 @dataclass(frozen=True)
@@ -146,15 +152,6 @@ def plan_batches(
     return [[indices[k] for k in group] for group in sampler]
 
 
-@dataclass
-class ReferenceOutcome:
-    """What `score_dataset` returns: finished rows by id (new and resumed) and counts."""
-
-    results: dict[str, dict[str, Any]]
-    resumed: int
-    computed: int
-
-
 def score_dataset(
     policy: DamaPolicy,
     dataset: PreferenceDataset,
@@ -165,13 +162,13 @@ def score_dataset(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
-) -> ReferenceOutcome:
+) -> PassOutcome:
     """Score every pair of `dataset` not already in `partial`, appending each finished batch to it.
 
     row_ids[i] is the row id of dataset[i] and `fingerprints` maps a row id to its PairRow fingerprint: a row found
     in `partial` with another fingerprint means the input changed since the interrupted run, which is an error.
     """
-    outcome = ReferenceOutcome(results={}, resumed=0, computed=0)
+    outcome = PassOutcome(results={}, skipped=[], resumed=0)
     todo = []
     for index, row_id in enumerate(row_ids):
         finished = partial.finished(row_id, fingerprints[row_id], f"row {row_id}")
@@ -193,7 +190,6 @@ def score_dataset(
             ]
             partial.append(records)
             outcome.results.update((record["row_id"], record) for record in records)
-            outcome.computed += len(records)
             progress.update(len(records))
     return outcome
 
@@ -215,17 +211,6 @@ def output_values(record: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"logps": logps, **values}
 
 
-def write_reference_dataset(
-    input_path: str | Path, output_path: str | Path, results: Mapping[str, Mapping[str, Any]], limit: int | None = None
-) -> None:
-    """Write the input rows (the first `limit`) plus OUTPUT_COLUMNS, atomically, in the input's format.
-
-    Parquet: sums and means float64, per-token lists list<double>, `logps` as JSON text; JSON: `logps` and the
-    per-token values as JSON lists. Rows without a result (pairs left out as over-long) get nulls.
-    """
-    write_dataset(input_path, output_path, REFERENCE_COLUMNS, lambda row_id: output_values(results.get(row_id)), limit)
-
-
 def input_hardness(input_path: str | Path) -> dict[str, Any]:
     """hardness_mean from the hardness metadata beside the input (and where it came from), or {} without one."""
     path = metadata_path(input_path)
@@ -245,8 +230,7 @@ def _fingerprints(rows: datasets.Dataset) -> dict[str, str]:
         for row_id, question, chosen, rejected in zip(
             batch["row_id"], batch["question"], batch["chosen"], batch["rejected"], strict=True
         ):
-            row = PairRow(row_id=row_id, question=question or "", chosen=chosen or "", rejected=rejected or "",
-                          idx=None, image_bytes=None, image_file=None)
+            row = PairRow(row_id=row_id, question=question or "", chosen=chosen or "", rejected=rejected or "")
             fingerprints[row_id] = row.fingerprint
     return fingerprints
 
@@ -266,6 +250,8 @@ def _check_arguments(
     max_tokens_per_batch: int | None,
     max_length: int,
     overlong: str,
+    on_bad_row: str,
+    image_aspect_ratio: str,
     device: str,
     dtype: str | None,
     limit: int | None,
@@ -278,6 +264,10 @@ def _check_arguments(
         raise ValueError(f"--max-length must be a positive number of tokens, got {max_length}")
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"--overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"--image-aspect-ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if limit is not None and limit < 0:
@@ -307,62 +297,60 @@ def precompute_reference(
     max_tokens_per_batch: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     overlong: str = "error",
+    on_bad_row: str = "error",
+    image_aspect_ratio: str = "crop",
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The whole pass: read, score with the reference model, write the output and `<output>.meta.json`.
+    """The whole pass: check every row, score with the reference model, write the output and `<output>.meta.json`.
 
-    Returns the metadata. `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in,
-    so that the policy at step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's
-    folder (the input itself when it is a folder of shards), as in PreferenceDataset.from_path.
+    Returns the metadata ("already_complete": True and nothing computed when the output is this run's, complete).
+    `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in, so that the policy at
+    step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's folder (the input
+    itself when it is a folder of shards), as in PreferenceDataset.from_path.
     """
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
-                     device, dtype, limit)
+                     on_bad_row, image_aspect_ratio, device, dtype, limit)
     dtype = resolve_dtype(dtype, device)
     model_path = model_path.resolve()
-    # Read before the model loads, so that a broken metadata file fails the run at once.
+    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
+                "image_aspect_ratio": image_aspect_ratio}
+    identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row, overlong=overlong,
+                            image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
+    plan = plan_output(input_path, output_path, settings, identity, overwrite)
+    if plan.action == "complete":
+        return {**read_metadata(output_path), "already_complete": True}
+    # Read before the model loads, so that a broken metadata file or a bad row fails the run at once.
     hardness = input_hardness(input_path)
-    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    checked = check_input(input_path, RowChecks(hardness=True), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
+                          image_folder=image_folder, cache_dir=cache_dir, limit=limit)
     # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
     # with another tokenizer, so they are not read at all.
-    rows = rows.remove_columns([name for name in OUTPUT_COLUMNS if name in rows.column_names])
-    if image_folder is None:
-        image_folder = input_path if input_path.is_dir() else input_path.parent
+    rows = checked.rows.remove_columns([name for name in OUTPUT_COLUMNS if name in checked.rows.column_names])
     llava, processor = load_llava(model_path, dtype)
-    dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong)
-    skipped = set(dataset.skipped_row_ids)
-    row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
+    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder, max_length=max_length,
+                                overlong=overlong, image_aspect_ratio=image_aspect_ratio)
+    checked.report.add_overlong(dataset)
+    left_out = checked.report.row_ids
+    row_ids = [row_id for row_id in rows["row_id"] if row_id not in left_out]
     policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
-    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length}
-    with PartialResults(partial_path(output_path), settings) as partial:
+
+    def score(partial: PartialResults) -> PassOutcome:
         outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
                                 max_tokens=max_tokens_per_batch, device=device)
-        write_reference_dataset(input_path, output_path, outcome.results, limit)
-        metadata = {
-            **settings,
-            "count": len(outcome.results),
-            "computed": outcome.computed,
-            "resumed": outcome.resumed,
-            "skipped_count": len(dataset.skipped_row_ids),
-            "skipped": dataset.skipped_row_ids,
-            "overlong": overlong,
-            "rows": rows.num_rows,
-            "input": str(input_path),
-            "output": output_path.name,
-            "format": detect_format(input_path),
-            "limit": limit,
-            "device": str(device),
-            "batch_size": batch_size,
-            "max_tokens_per_batch": max_tokens_per_batch,
-            **hardness,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_metadata(output_path, metadata)
-    partial.remove()
-    return metadata
+        outcome.skipped = checked.report.skipped
+        return outcome
+
+    def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
+        return {"overlong": overlong, "on_bad_row": on_bad_row, "rows": checked.report.total, "device": str(device),
+                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch, **hardness}
+
+    return run_pass(input_path, plan, step="precompute-ref", settings=settings, columns=REFERENCE_COLUMNS,
+                    score=score, row_values=output_values, metadata=reference_fields, limit=limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
         "the metadata), as training does with the same setting (default: %(default)s)",
     )
     parser.add_argument(
+        "--on-bad-row",
+        choices=BAD_ROW_POLICIES,
+        default="error",
+        help="a bad row (a missing, corrupt or over-large image, an empty or missing response, a non-finite "
+        "hardness; every row is checked before the model loads): stop with an error naming it, or skip it (null "
+        "log-probs, listed with its reason in the metadata). Rows the input's metadata lists as skipped by an "
+        "earlier step are always skipped (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
+        "with the same input and settings reports it complete and does nothing)",
+    )
+    parser.add_argument(
+        "--image-aspect-ratio",
+        choices=IMAGE_ASPECT_RATIOS,
+        default="crop",
+        help="image preprocessing, as training's image_aspect_ratio: 'crop' (CLIP's resize and centre crop) or "
+        "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device for the model (default: cuda when available, else cpu)",
@@ -437,30 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         metadata = precompute_reference(
-            args.input,
-            args.output,
-            args.model,
-            image_folder=args.image_folder,
-            batch_size=args.batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch,
-            max_length=args.max_length,
-            overlong=args.overlong,
-            device=args.device,
-            dtype=args.dtype,
-            limit=args.limit,
-            cache_dir=args.cache_dir,
+            args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
+            max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
+            on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, device=args.device,
+            dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir, overwrite=args.overwrite,
         )
-    except (ValueError, OSError) as error:
-        print(f"dama precompute-ref: error: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
-        f"{metadata['skipped_count']} over-long; {metadata['dtype']} on {metadata['device']}\n"
-        f"wrote {args.output} and {metadata_path(args.output)}"
-    )
-    return 0
+        if metadata.get("already_complete"):
+            return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "
+                    "nothing to do; pass --overwrite to compute it again")
+        return (
+            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), "
+            f"{skipped_summary(metadata)}; {metadata['dtype']} on {metadata['device']}\n"
+            f"wrote {args.output} and {metadata_path(args.output)}"
+        )
+
+    return run_command("precompute-ref", action)
 
 
 if __name__ == "__main__":

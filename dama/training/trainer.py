@@ -3,9 +3,7 @@
 compute_loss: DamaPolicy(batch) -> policy log-probs (S,) -> chosen/rejected -> DamaLoss (with the reference
 log-probs from the batch, or from a frozen reference policy when reference="online"). What it adds to the Trainer:
 - the DAMA metrics (TRL's names plus dama/*), averaged over each logging window;
-- the DamaLoss running state in every checkpoint (dama_state.pt), restored on resume;
-- atomic checkpoints: a checkpoint is written under a staging folder and renamed into place once complete, so a
-  crash mid-save never leaves a half-written checkpoint-N;
+- atomic checkpoints with the DamaLoss state (dama.training.checkpointing);
 - non-finite guard: a micro-batch whose policy log-probs are not finite (on any rank) is skipped before backward and
   counted (dama/nonfinite_steps); max_nonfinite_steps in a row stop the run with NonFiniteLossError.
   Under DeepSpeed a skipped micro-batch also shifts the gradient-accumulation boundary by one micro-batch.
@@ -13,30 +11,24 @@ log-probs from the batch, or from a frozen reference policy when reference="onli
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 from collections import defaultdict
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .collator import PreferenceBatch, TokenBudgetBatchSampler
-from .distributed import all_reduce_sum
-from .loss import DamaLoss
-from .model import DamaPolicy
+from dama.data.batch import PreferenceBatch
+from dama.data.collator import TokenBudgetBatchSampler
+from dama.method.distributed import all_reduce_sum
+from dama.method.loss import DamaLoss
+from dama.model.policy import DamaPolicy
+
+from .checkpointing import AtomicCheckpoints, newest_checkpoint, restore_dama_state
 
 logger = logging.getLogger(__name__)
-
-DAMA_STATE_NAME = "dama_state.pt"
-STAGING_DIR = ".staging"
-COMPLETE_MARKER = "checkpoint_complete.json"
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised after max_nonfinite_steps consecutive micro-batches with non-finite policy log-probs."""
@@ -52,30 +44,7 @@ class _EndOptimizerStep(TrainerCallback):
         self.dama_loss.end_optimizer_step()
 
 
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint-N folder with the largest N in output_dir, or None."""
-    candidates = []
-    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / COMPLETE_MARKER).is_file():
-            candidates.append((int(step), folder))
-    return max(candidates)[1] if candidates else None
-
-
-def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
-    """Loads the weights of a save_pretrained folder into `llava` in place, every key accounted for.
-
-    Goes through from_pretrained: transformers renames LLaVA's keys on save (to the original checkpoint layout) and
-    only its loader maps them back.
-    """
-    if not Path(folder, "config.json").is_file():
-        raise ValueError(f"{folder}: no saved model to resume from")
-    dtype = next(llava.parameters()).dtype
-    saved = type(llava).from_pretrained(folder, dtype=dtype, local_files_only=True)
-    llava.load_state_dict(saved.state_dict(), strict=True)
-
-
-class DamaTrainer(Trainer):
+class DamaTrainer(AtomicCheckpoints, Trainer):
     """Trainer for DamaPolicy models; see the module docstring. `args` is a DamaTrainingArguments."""
 
     def __init__(self, *, model: DamaPolicy, dama_loss: DamaLoss, ref_policy: DamaPolicy | None = None,
@@ -93,6 +62,8 @@ class DamaTrainer(Trainer):
             self.ref_policy = ref_policy.to(self.args.device).eval().requires_grad_(False)
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
+        # The rows left out of train_file / eval_file by the row check (dama.data.validation.SkipReport), by field.
+        self.skip_reports: dict[str, Any] = {}
         self._window_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         if self.args.ema_update == "optimizer_step":
@@ -109,7 +80,8 @@ class DamaTrainer(Trainer):
         if not self.args.max_tokens_per_batch:
             return super().get_train_dataloader()
         sampler = TokenBudgetBatchSampler(self.train_dataset.pair_lengths, self.args.max_tokens_per_batch,
-                                          shuffle=self.args.shuffle, seed=self.args.seed)
+                                          shuffle=self.args.shuffle, seed=self.args.seed,
+                                          drop_last=self.args.dataloader_drop_last)
         loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
@@ -205,65 +177,10 @@ class DamaTrainer(Trainer):
         window.clear()
         super().log(logs, start_time)
 
-    # ---- checkpoints ----
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if state_dict is not None:
-            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
-        self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(staged):
-            shutil.rmtree(staged)  # left over from a crash during an earlier save of this step
-        # The parent writes into <run_dir>/.staging/checkpoint-N; renaming it afterwards makes the save atomic.
-        self._get_output_dir = lambda trial=None: staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        if self.args.should_save:
-            torch.save(self.dama_loss.state_dict(), os.path.join(staged, DAMA_STATE_NAME))
-            marker = {"global_step": self.state.global_step, "nonfinite_steps": self.nonfinite_steps}
-            Path(staged, COMPLETE_MARKER).write_text(json.dumps(marker))
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            self._rotate_complete_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _rotate_complete_checkpoints(self, run_dir: str) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        complete = sorted((int(p.name.rsplit("-", 1)[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                          if (p / COMPLETE_MARKER).is_file())
-        for _, folder in complete[:-limit]:
-            shutil.rmtree(folder)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_llava_weights((model or self.model).llava, resume_from_checkpoint)
-
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
-            state_file = Path(resume_from_checkpoint, DAMA_STATE_NAME)
-            if not state_file.is_file():
-                raise ValueError(f"{resume_from_checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
-            self.dama_loss.load_state_dict(torch.load(state_file, map_location=self.args.device))
-            marker = json.loads(Path(resume_from_checkpoint, COMPLETE_MARKER).read_text())
-            self.nonfinite_steps = int(marker.get("nonfinite_steps", 0))
+            self.nonfinite_steps = restore_dama_state(resume_from_checkpoint, self.dama_loss, self.args.device)
             resume_from_checkpoint = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)

@@ -1,8 +1,8 @@
-"""The DAMA weighting maths as pure functions: tensors in, tensors out, no state (spec sections 2.6, 3 and 4).
+"""The DAMA weighting maths as pure functions: tensors in, tensors out, no state (paper Eq. 6, 8-14 and 15-16).
 
-Notation of the spec: A (N,) the detached reward margins of the global batch, R the running margin, S the pairs the
-outlier filter selects, delta (P,) the per-pair data hardness and delta_bar its dataset mean. Everything is computed
-in float64: these are a few scalars per pair, and float64 keeps the running statistics free of drift.
+Notation (docs/method.md): A (N,) the detached reward margins of the global batch, R the running margin, S the
+pairs the outlier filter selects, delta (P,) the per-pair data hardness and delta_bar its dataset mean. Everything is
+computed in float64: these are a few scalars per pair, and float64 keeps the running statistics free of drift.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _check_selected(values: torch.Tensor, selected: torch.Tensor) -> None:
 
 
 def alpha_data(hardness: torch.Tensor, hardness_mean: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data-aware factor alpha_D,i = sigmoid(delta_i) / sigmoid(delta_bar)  (spec 2.6, paper Eq. 6).
+    """Data-aware factor alpha_D,i = sigmoid(delta_i) / sigmoid(delta_bar)  (paper Eq. 6).
 
     A NaN hardness means "no hardness for this pair": its alpha_D is 1 (the pair keeps the base beta).
 
@@ -52,7 +52,7 @@ def alpha_data(hardness: torch.Tensor, hardness_mean: float) -> tuple[torch.Tens
 
 
 def filter_weights(margins: torch.Tensor, running_margin: torch.Tensor | float, width: float) -> torch.Tensor:
-    """Gaussian outlier-filter weights around the running margin (spec 3.2).
+    """Gaussian outlier-filter weights around the running margin (docs/method.md section 4).
 
         w_j = exp(-1/2 ((A_j - R) / width)^2)
     returned divided by max_j w_j (computed as exp(-1/2 (d_j^2 - min d^2)) with d = (A - R) / width). The draw only
@@ -69,7 +69,7 @@ def filter_weights(margins: torch.Tensor, running_margin: torch.Tensor | float, 
 
 
 def num_to_keep(num_pairs: int, keep_ratio: float) -> int:
-    """K = floor(keep_ratio * N), the number of pairs the filter keeps (spec 3.2)."""
+    """K = floor(keep_ratio * N), the number of pairs the filter keeps (docs/method.md section 4)."""
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
     return math.floor(keep_ratio * num_pairs + _FLOOR_TOLERANCE)
@@ -78,7 +78,7 @@ def num_to_keep(num_pairs: int, keep_ratio: float) -> int:
 def select_pairs(
     weights: torch.Tensor, keep_ratio: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, bool]:
-    """Outlier filter draw: K = floor(keep_ratio * N) distinct indices with probability proportional to w (spec 3.2).
+    """Outlier filter draw: K = floor(keep_ratio * N) distinct indices, drawn with probability ∝ w (paper Eq. 8-14).
 
     Every rank must pass a generator in the same state (seeded from the same (seed, step)) and the same weights, so
     that the draw is identical everywhere. Degenerate cases select every pair and report fallback=True: N < 2,
@@ -107,7 +107,7 @@ def select_pairs(
 def alpha_model(
     margins: torch.Tensor, selected: torch.Tensor, running_margin: torch.Tensor | float, variant: str
 ) -> torch.Tensor:
-    """Model-aware factor alpha_M, one scalar for the global batch (spec 3.3, from paper Eq. 8-14).
+    """Model-aware factor alpha_M, one scalar for the global batch (paper Eq. 8-14; docs/method.md 6).
 
         release: alpha_M = mean_{j in S} sigmoid(A_j) / sigmoid(R)
         paper:   alpha_M = sigmoid(mean_{j in S} A_j) / sigmoid(R)
@@ -129,7 +129,7 @@ def alpha_model(
 def combined_beta(
     beta: float, alpha_data: torch.Tensor, alpha_model: torch.Tensor | float, beta_min: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair temperature beta_C,i = max(beta * alpha_D,i * alpha_M, beta_min)  (spec 4, paper Eq. 15).
+    """Per-pair temperature beta_C,i = max(beta * alpha_D,i * alpha_M, beta_min)  (paper Eq. 15).
 
     Shapes: alpha_data (P,); alpha_model float or 0-dim. Returns (beta_c (P,) float64, num_clamped () int64), where
     num_clamped counts the pairs whose product fell below beta_min.
@@ -140,7 +140,7 @@ def combined_beta(
 
 
 def ema_target_terms(margins: torch.Tensor, selected: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of the margins the running margin moves towards (spec 3.4, from paper Eq. 8-14).
+    """Sum and count of the margins the running margin moves towards (paper Eq. 8-14; docs/method.md 6).
 
         release: the target is the mean over all pairs of A;  paper: the mean over the selected pairs S.
     Returned as (sum, count) rather than the mean so that the terms of several micro-batches add up to the target
@@ -157,7 +157,7 @@ def ema_target_terms(margins: torch.Tensor, selected: torch.Tensor, variant: str
 
 
 def ema_update(running: torch.Tensor | float, target: torch.Tensor | float, gamma: float) -> torch.Tensor:
-    """R <- gamma * R + (1 - gamma) * target  (spec 3.4). Returns () float64."""
+    """R <- gamma * R + (1 - gamma) * target  (docs/method.md section 4). Returns () float64."""
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     running = torch.as_tensor(running, dtype=torch.float64)

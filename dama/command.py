@@ -1,0 +1,22 @@
+"""How every `dama <command>` ends: its summary on stdout and exit 0, or one error line on stderr and exit 1.
+
+Bad input (a missing file, a wrong option, a bad row) is reported as `dama <command>: error: <what to do>`, never as
+a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+def run_command(name: str, action: Callable[[], str | None]) -> int:
+    """Runs `action` (which returns the summary to print, or None) as the command `dama <name>`."""
+    try:
+        summary = action()
+    except (ValueError, OSError) as error:
+        print(f"dama {name}: error: {error}", file=sys.stderr)
+        return 1
+    if summary:
+        print(summary)
+    return 0

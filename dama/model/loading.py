@@ -1,0 +1,67 @@
+"""Loading a LLaVA checkpoint from a local folder and choosing what trains: freezing, LoRA, liger's kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_llava(path: str | Path, dtype: str = "float32") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LLaVA model and its processor from a local folder (never the hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def configure_trainable(
+    model: LlavaForConditionalGeneration,
+    *,
+    freeze_vision_tower: bool = True,
+    freeze_projector: bool = False,
+    freeze_language_model: bool = False,
+) -> dict[str, int]:
+    """Sets requires_grad per part; returns the trainable parameter count of each part."""
+    parts = {
+        "vision_tower": (model.model.vision_tower, freeze_vision_tower),
+        "projector": (model.model.multi_modal_projector, freeze_projector),
+        "language_model": (model.model.language_model, freeze_language_model),
+        "lm_head": (model.lm_head, freeze_language_model),
+    }
+    counts = {}
+    for name, (module, frozen) in parts.items():
+        module.requires_grad_(not frozen)
+        # Under ZeRO-3 a parameter is partitioned at load time and its full size is kept in ds_numel.
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+    if not any(counts.values()):
+        raise ValueError("every part of the model is frozen: nothing would train")
+    return counts
+
+
+def apply_lora(model: LlavaForConditionalGeneration, rank: int, alpha: float) -> LlavaForConditionalGeneration:
+    """LoRA adapters on the language model's attention and MLP projections (peft, an optional extra)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as missing:
+        raise ValueError("lora_rank > 0 needs peft: pip install '.[lora]'") from missing
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    return inject_adapter_in_model(config, model)
+
+
+def apply_liger_patches(model: LlavaForConditionalGeneration) -> None:
+    """liger-kernel's Llama kernels (RMSNorm, SwiGLU, RoPE) on the language model; they need a GPU."""
+    if not torch.cuda.is_available():
+        raise ValueError("liger_patches needs a CUDA GPU (liger's Triton kernels do not run on the CPU)")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model.model.language_model, rms_norm=True, swiglu=True, rope=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)

@@ -1,0 +1,405 @@
+"""What the offline passes (`dama hardness`, `dama precompute-ref`) share: writing a dataset with added columns,
+resuming from a partial-results file, and running a pass from its CLI.
+
+A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns as
+`AddedColumn`s), written atomically. Finished rows are appended to `<output>.partial.jsonl` as they are scored
+(`PartialResults`); a rerun with the same settings skips them, and the file is removed once the output and its
+metadata are complete.
+
+Before anything is loaded, `plan_output` decides what a pass may do with its output path: start (nothing there),
+resume (a partial file of the same settings), report "already complete" (the output and metadata of this very run:
+same input files, settings and options), or refuse (anything else there) unless --overwrite, which discards the
+partial file at the start and replaces the output when the new one is complete. The metadata's `skipped` list gives
+each left-out row's id in the output too (`output_row_id`), which is how the next step finds them
+(dama.data.validation.upstream_skips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dama.data.formats import (
+    atomic_path,
+    detect_format,
+    metadata_path,
+    parquet_files,
+    read_json_list,
+    write_json_atomic,
+    write_metadata,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Rows per Arrow record batch when streaming parquet: bounds memory, since each row carries its image bytes.
+PARQUET_READ_ROWS = 256
+
+
+@dataclass(frozen=True)
+class AddedColumn:
+    """A column a pass adds to every row of its output; a column of the same name in the input is replaced.
+
+    `arrow_type` is the column's type in a parquet output. With `json_text_in_parquet`, parquet holds each value's
+    JSON text instead (for values Arrow cannot type, such as a list mixing numbers and lists); a JSON output always
+    holds the values themselves.
+    """
+
+    name: str
+    arrow_type: pa.DataType
+    json_text_in_parquet: bool = False
+
+    def arrow_array(self, values: list[Any]) -> pa.Array:
+        """One parquet batch of this column: `values` (one per row, None for a null) as an array of `arrow_type`."""
+        import pyarrow as pa
+
+        if self.json_text_in_parquet:
+            values = [None if value is None else json.dumps(value) for value in values]
+        return pa.array(values, type=self.arrow_type)
+
+
+def write_dataset(
+    input_path: str | Path,
+    output_path: str | Path,
+    columns: Sequence[AddedColumn],
+    values_for_row: Callable[[str], Mapping[str, Any]],
+    limit: int | None = None,
+) -> None:
+    """Write the input rows (the first `limit`) plus `columns`, atomically, in the input's format.
+
+    `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
+    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
+    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
+    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
+    """
+    input_path = Path(input_path)
+    if detect_format(input_path) == "json":
+        records = read_json_list(input_path)
+        records = records if limit is None else records[:limit]
+        for number, record in enumerate(records):
+            record.update(values_for_row(f"{input_path.name}:{number}"))
+        write_json_atomic(output_path, records)
+        return
+    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit)
+
+
+def _write_parquet(
+    input_path: Path,
+    output_path: Path,
+    columns: Sequence[AddedColumn],
+    values_for_row: Callable[[str], Mapping[str, Any]],
+    limit: int | None,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = {column.name for column in columns}
+    remaining = limit
+    with atomic_path(output_path) as temporary:
+        writer = None
+        try:
+            for file in parquet_files(input_path):
+                number = 0
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_READ_ROWS):
+                    if remaining is not None:
+                        if remaining <= 0:
+                            break
+                        batch = batch.slice(0, remaining)
+                        remaining -= batch.num_rows
+                    table = pa.Table.from_batches([batch])
+                    table = table.drop_columns([name for name in table.column_names if name in names])
+                    rows = [values_for_row(f"{file.name}:{number + i}") for i in range(table.num_rows)]
+                    number += table.num_rows
+                    for column in columns:
+                        table = table.append_column(column.name, column.arrow_array([row[column.name] for row in rows]))
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, table.schema)
+                    elif table.schema != writer.schema:
+                        table = _cast_like(table, writer.schema, file)
+                    writer.write_table(table)
+            if writer is None:
+                # No rows at all: still write a valid, empty file with the input's columns and the added ones.
+                schema = pq.ParquetFile(parquet_files(input_path)[0]).schema_arrow
+                schema = pa.schema([field for field in schema if field.name not in names])
+                for column in columns:
+                    schema = schema.append(pa.field(column.name, column.arrow_type))
+                writer = pq.ParquetWriter(temporary, schema)
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _cast_like(table: Any, schema: Any, file: Path) -> Any:
+    try:
+        return table.cast(schema)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise ValueError(
+            f"{file.name}: its columns do not match the earlier shards and cannot be cast to them ({error}); "
+            "score the shards separately"
+        ) from error
+
+
+def check_output_path(input_path: Path, output_path: Path) -> None:
+    """ValueError unless the output is in the input's format and is another file (the passes' --input / --output)."""
+    input_format = detect_format(input_path)
+    expected = ".parquet" if input_format == "parquet" else ".json"
+    if output_path.suffix != expected:
+        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+
+
+def run_identity(input_path: Path, settings: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+    """What makes two runs of a pass the same run: its settings, the options that decide which rows are kept, and
+    the input files (path, size, modification time: an input rewritten since gives another run)."""
+    files = [input_path] if input_path.is_file() else parquet_files(input_path)
+    return {
+        "settings": dict(settings),
+        **options,
+        "input": str(input_path.resolve()),
+        "input_files": [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files],
+    }
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a pass does with its output: "new", "resume", "complete" (nothing to do) or "replace" (--overwrite)."""
+
+    output_path: Path
+    action: str
+    identity: dict[str, Any]
+
+    def start(self, step: str) -> None:
+        """Called once every start-up check has passed: under "replace", discard the old partial results."""
+        if self.action != "replace":
+            return
+        partial = partial_path(self.output_path)
+        if partial.exists():
+            partial.unlink()
+            print(f"dama {step}: --overwrite: removed {partial}", file=sys.stderr)
+        print(f"dama {step}: --overwrite: {self.output_path} and its metadata are replaced when this run completes",
+              file=sys.stderr)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "input_files":
+            names.append("the input files (changed since)")
+        elif isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
+            names += [f"{key}.{name}: {old[key].get(name)!r} -> {new[key].get(name)!r}"
+                      for name in sorted(set(old[key]) | set(new[key])) if old[key].get(name) != new[key].get(name)]
+        else:
+            names.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(names)
+
+
+def _partial_settings(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        return json.loads(first).get("settings")
+    except (ValueError, AttributeError):
+        return None
+
+
+def plan_output(
+    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
+) -> OutputPlan:
+    """Decide what the pass does with `output_path` (see the module docstring); ValueError when it must refuse.
+
+    Reads only: nothing is removed or written here.
+    """
+    check_output_path(input_path, output_path)
+    partial, metadata = partial_path(output_path), metadata_path(output_path)
+    if not any(path.exists() for path in (output_path, metadata, partial)):
+        return OutputPlan(output_path, "new", identity)
+    if overwrite:
+        return OutputPlan(output_path, "replace", identity)
+    if partial.exists():
+        if _partial_settings(partial) == dict(settings):
+            return OutputPlan(output_path, "resume", identity)
+        raise ValueError(
+            f"{partial} holds the partial results of a run with other settings ({_partial_settings(partial)}; now "
+            f"{dict(settings)}): rerun with those settings to finish it, or pass --overwrite to start over"
+        )
+    recorded = None
+    if metadata.is_file():
+        try:
+            recorded = json.loads(metadata.read_text(encoding="utf-8")).get("run")
+        except (ValueError, AttributeError):
+            recorded = None
+    if output_path.exists() and recorded == identity:
+        return OutputPlan(output_path, "complete", identity)
+    why = (f"another run's output ({_differences(recorded, identity)})" if isinstance(recorded, Mapping)
+           else "a file this pass cannot tell is its own (no run record in its metadata)")
+    raise ValueError(
+        f"{output_path} already holds {why}: choose another --output, or pass --overwrite to replace it"
+    )
+
+
+def partial_path(output_path: str | Path) -> Path:
+    """Where a pass keeps its finished rows (`PartialResults`) until its output is written: beside the output."""
+    return Path(f"{output_path}.partial.jsonl")
+
+
+class PartialResults:
+    """The append-only JSON-lines file of finished rows that makes a run resumable.
+
+    Line 1 is a header with the run's settings; a rerun with other settings (another CLIP, raw scores) would mix
+    incompatible numbers, so it is refused. Each further line is one finished row, keyed by row id and carrying
+    the row's fingerprint. Lines are flushed and fsynced per batch; a line torn by a crash is cut off on reopening.
+    """
+
+    def __init__(self, path: str | Path, settings: Mapping[str, Any]):
+        self.path = Path(path)
+        self.settings = dict(settings)
+        self.done: dict[str, dict[str, Any]] = {}
+        lines = self._complete_lines() if self.path.exists() else []
+        if lines:
+            self._load(lines)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({"settings": self.settings}) + "\n")
+        # Kept open for the whole run (one append per batch); `close` or leaving the `with` block closes it.
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def __enter__(self) -> PartialResults:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _complete_lines(self) -> list[str]:
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]
+        if len(complete) != len(raw):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(complete))
+        return complete.decode("utf-8").splitlines()
+
+    def _load(self, lines: list[str]) -> None:
+        header = json.loads(lines[0])
+        if header.get("settings") != self.settings:
+            raise ValueError(
+                f"{self.path} holds partial results made with other settings ({header.get('settings')}; now "
+                f"{self.settings}). Delete it to start over, or rerun with the same settings to resume."
+            )
+        for line in lines[1:]:
+            record = json.loads(line)
+            self.done[record["row_id"]] = record
+
+    def finished(self, row_id: str, fingerprint: str, description: str) -> dict[str, Any] | None:
+        """The record of a row an earlier run finished, or None; `description` names the row in the error.
+
+        ValueError when that row then held another pair (another `fingerprint`): the input changed since.
+        """
+        record = self.done.get(row_id)
+        if record is not None and record["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{description} differs from the one in {self.path}: the input changed since the interrupted run. "
+                "Delete that file to start over."
+            )
+        return record
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._handle.write(json.dumps(record) + "\n")
+            self.done[record["row_id"]] = record
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class PassOutcome:
+    """What a pass's scoring step returns: the finished record of every scored row by id (new and resumed), the
+    rows it left out with their reasons, and how many records came from an earlier run."""
+
+    results: dict[str, dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    resumed: int
+
+    @property
+    def computed(self) -> int:
+        """Rows scored by this run (not resumed from an earlier one)."""
+        return len(self.results) - self.resumed
+
+
+def run_pass(
+    input_path: Path,
+    plan: OutputPlan,
+    *,
+    step: str,
+    settings: Mapping[str, Any],
+    columns: Sequence[AddedColumn],
+    score: Callable[[PartialResults], PassOutcome],
+    row_values: Callable[[Mapping[str, Any] | None], Mapping[str, Any]],
+    metadata: Callable[[PassOutcome], Mapping[str, Any]],
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Read, resume, score, write: the skeleton every offline pass runs, into `plan.output_path`.
+
+    `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it) and lists every row
+    left out; `row_values(record)` turns a row's finished record (None for a row left out) into its values of
+    `columns`; `metadata(outcome)` adds the pass's own fields to the metadata written beside the output. `settings`
+    must be equal for a rerun to resume. Returns the metadata.
+    """
+    output_path = plan.output_path
+    plan.start(step)
+    with PartialResults(partial_path(output_path), settings) as partial:
+        outcome = score(partial)
+        output_row_ids: dict[str, str] = {}
+
+        def values_for_row(row_id: str) -> Mapping[str, Any]:
+            # Called once per output row, in output order: the row's id in the output is its position there.
+            output_row_ids[row_id] = f"{output_path.name}:{len(output_row_ids)}"
+            return row_values(outcome.results.get(row_id))
+
+        write_dataset(input_path, output_path, columns, values_for_row, limit)
+        skipped = [{**entry, "output_row_id": output_row_ids.get(entry["row_id"])} for entry in outcome.skipped]
+        counts: dict[str, int] = {}
+        for entry in skipped:
+            counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
+        written = {
+            **settings,
+            "count": len(outcome.results),
+            "computed": outcome.computed,
+            "resumed": outcome.resumed,
+            "skipped_count": len(skipped),
+            "skipped_by_reason": counts,
+            "skipped": skipped,
+            "input": str(input_path),
+            "output": output_path.name,
+            "format": detect_format(input_path),
+            "limit": limit,
+            **metadata(outcome),
+            "run": plan.identity,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_metadata(output_path, written)
+    partial.remove()
+    return written
+
+
+def skipped_summary(metadata: Mapping[str, Any]) -> str:
+    """ "skipped N" and the count by reason, for a pass's closing line."""
+    counts = metadata.get("skipped_by_reason") or {}
+    reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
+    return f"skipped {metadata['skipped_count']}" + (f" ({reasons})" if reasons else "")

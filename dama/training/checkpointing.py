@@ -1,0 +1,113 @@
+"""Checkpoints of a DamaTrainer: atomic saves that carry the DamaLoss state, rotation, and resume.
+
+A checkpoint is written under <output_dir>/.staging/checkpoint-N and renamed into place once complete (with a
+completion marker), so a crash mid-save never leaves a half-written checkpoint-N; only complete checkpoints count for
+rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from dama.method.loss import DamaLoss
+
+DAMA_STATE_NAME = "dama_state.pt"
+STAGING_DIR = ".staging"
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint-N folder with the largest N in output_dir, or None."""
+    candidates = []
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / COMPLETE_MARKER).is_file():
+            candidates.append((int(step), folder))
+    return max(candidates)[1] if candidates else None
+
+
+def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
+    """Loads the weights of a save_pretrained folder into `llava` in place, every key accounted for.
+
+    Goes through from_pretrained: transformers renames LLaVA's keys on save (to the original checkpoint layout) and
+    only its loader maps them back.
+    """
+    if not Path(folder, "config.json").is_file():
+        raise ValueError(f"{folder}: no saved model to resume from")
+    dtype = next(llava.parameters()).dtype
+    saved = type(llava).from_pretrained(folder, dtype=dtype, local_files_only=True)
+    llava.load_state_dict(saved.state_dict(), strict=True)
+
+def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss, device: torch.device | str) -> int:
+    """Loads the DamaLoss running state of a complete checkpoint into `dama_loss`; returns its non-finite count."""
+    state_file = Path(checkpoint, DAMA_STATE_NAME)
+    if not state_file.is_file():
+        raise ValueError(f"{checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
+    # weights_only, explicitly (an environment variable can change the default): a checkpoint folder is data, and
+    # must not be able to run code when it is resumed from.
+    try:
+        state = torch.load(state_file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{state_file} holds more than tensors and was not loaded ({error})") from error
+    dama_loss.load_state_dict(state)
+    marker = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
+    return int(marker.get("nonfinite_steps", 0))
+
+
+class AtomicCheckpoints:
+    """Mixin for a transformers.Trainer subclass with `model.llava` and `dama_loss`: the checkpoint methods."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is not None:
+            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
+        self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)  # left over from a crash during an earlier save of this step
+        # The parent writes into <run_dir>/.staging/checkpoint-N; renaming it afterwards makes the save atomic.
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.args.should_save:
+            torch.save(self.dama_loss.state_dict(), os.path.join(staged, DAMA_STATE_NAME))
+            marker = {"global_step": self.state.global_step, "nonfinite_steps": self.nonfinite_steps}
+            Path(staged, COMPLETE_MARKER).write_text(json.dumps(marker))
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            self._rotate_complete_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_complete_checkpoints(self, run_dir: str) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        complete = sorted((int(p.name.rsplit("-", 1)[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if (p / COMPLETE_MARKER).is_file())
+        for _, folder in complete[:-limit]:
+            shutil.rmtree(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_llava_weights((model or self.model).llava, resume_from_checkpoint)

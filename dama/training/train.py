@@ -1,0 +1,169 @@
+"""`dama train`: build the policy, data and DAMA loss from one config and run DamaTrainer.
+
+Start-up, in order, before a step runs: parse the config; decide what to do with output_dir
+(dama.training.run_folder: a folder holding another run is refused, a complete run is reported and left alone);
+check every row of train_file and eval_file (dama.data.validation; on_bad_row decides whether a bad row stops the
+run or is left out); load the model. Only then is output_dir written: the old run removed under
+--overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Every failure up to there
+is one line, `dama train: error: ...`, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from dama.command import run_command
+from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.dataset import PreferenceDataset
+from dama.data.formats import metadata_path, read_hardness_mean
+from dama.data.validation import CheckedInput, RowChecks, check_input
+from dama.method.loss import DamaLoss
+from dama.model.loading import apply_liger_patches, apply_lora, configure_trainable, load_llava
+from dama.model.policy import DamaPolicy
+from dama.training.arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
+from dama.training.run_folder import (
+    SKIPPED_ROWS,
+    RunFolderPlan,
+    clear_run,
+    finish_from_checkpoint,
+    mark_complete,
+    plan_run_folder,
+    write_run_record,
+)
+from dama.training.trainer import DamaTrainer
+
+logger = logging.getLogger(__name__)
+SKIP_HINT = (f"Fix the row, or set on_bad_row: skip (--on_bad_row skip) to leave such rows out; they are listed in "
+             f"output_dir/{SKIPPED_ROWS}.")
+VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "dama")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def dataset_hardness_mean(args: DamaTrainingArguments) -> float | None:
+    """delta_bar for alpha_D: the config override, else the metadata written beside the training data."""
+    if not args.data_aware or args.hardness_mean is not None:
+        return None
+    if not metadata_path(args.train_file).is_file():
+        raise ValueError(
+            f"data_aware=True needs the dataset's mean hardness: no {metadata_path(args.train_file)}. Score the data "
+            "with `dama hardness` (which writes it), set --hardness_mean, or pass --data_aware false."
+        )
+    return read_hardness_mean(args.train_file)
+
+
+def check_data_file(args: DamaTrainingArguments, name: str) -> CheckedInput:
+    """Every row of the file in field `name` (train_file or eval_file) checked and the bad ones left out or raised."""
+    path = getattr(args, name)
+    if not Path(path).exists():
+        raise ValueError(f"{name} {path} does not exist")
+    checks = RowChecks(hardness=True, reference=args.reference == "precomputed")
+    return check_input(path, checks, on_bad_row=args.on_bad_row, skip_hint=SKIP_HINT, image_folder=args.image_folder)
+
+
+def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
+    """The trainer, its data checked row by row (the rows left out are in `trainer.skip_reports`)."""
+    if not args.model_name_or_path or not args.train_file:
+        raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
+    if args.reference == "online" and is_deepspeed_zero3_enabled():
+        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
+                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+    # The rows are checked before the model loads: a bad row costs seconds, not a model load.
+    checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
+    hardness_mean = dataset_hardness_mean(args)
+    llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
+    reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
+    configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower, freeze_projector=args.freeze_projector,
+                        freeze_language_model=args.freeze_language_model)
+    if args.lora_rank:
+        llava = apply_lora(llava, args.lora_rank, args.lora_alpha)
+    if args.liger_patches:
+        apply_liger_patches(llava)
+    packed = args.attention == "packed"
+    if not packed:
+        llava.set_attn_implementation({"text_config": args.attention})
+
+    def policy_of(model):
+        return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
+                          packed_attention=packed)
+
+    pairs = {}
+    for name, data in checked.items():
+        pairs[name] = PreferenceDataset(data.rows, processor, image_folder=data.image_folder,
+                                        max_length=args.max_length, overlong=args.overlong,
+                                        image_aspect_ratio=args.image_aspect_ratio)
+        data.report.add_overlong(pairs[name])
+        if data.report.skipped:
+            logger.warning("%s %s: %s; listed in %s", name, getattr(args, name), data.report.summary(),
+                           Path(args.output_dir) / SKIPPED_ROWS)
+    collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
+    trainer = DamaTrainer(
+        model=policy_of(llava),
+        dama_loss=DamaLoss(args, hardness_mean=hardness_mean),
+        ref_policy=policy_of(reference_llava) if reference_llava is not None else None,
+        args=args,
+        train_dataset=pairs["train_file"],
+        eval_dataset=pairs.get("eval_file"),
+        data_collator=collator,
+        processing_class=processor,
+    )
+    trainer.skip_reports = {name: data.report for name, data in checked.items()}
+    return trainer
+
+
+def start_run(args: DamaTrainingArguments, plan: RunFolderPlan, trainer: DamaTrainer) -> None:
+    """After the start-up checks: clear the old run (--overwrite_output_dir) and write the run record."""
+    trainer.accelerator.wait_for_everyone()  # every process has read the folder before process 0 changes it
+    if args.should_save:
+        clear_run(plan)
+        skipped = {name: {"path": str(getattr(args, name)), **report.as_dict()}
+                   for name, report in trainer.skip_reports.items()}
+        write_run_record(args.output_dir, resolved_config(args), package_versions(), skipped)
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = {}
+
+    def start_up() -> str | None:
+        args = parse_training_arguments(argv)
+        plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
+                               overwrite=args.overwrite_output_dir)
+        if plan.action == "complete":
+            return f"{args.output_dir}: this run is already complete; nothing to do"
+        if plan.action == "finish":
+            if args.should_save:
+                finish_from_checkpoint(plan)
+            return (f"{args.output_dir}: training had reached its last step ({plan.checkpoint.name}) before it was "
+                    "stopped; wrote the final model from that checkpoint, without another step")
+        trainer = build_trainer(args)
+        start_run(args, plan, trainer)
+        started.update(args=args, plan=plan, trainer=trainer)
+        return None
+
+    code = run_command("train", start_up)
+    if code != 0 or not started:
+        return code
+    args, plan, trainer = started["args"], started["plan"], started["trainer"]
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json with the whole log history, beside the final model
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    if args.should_save:
+        mark_complete(args.output_dir, trainer.state.global_step)
+    return 0
