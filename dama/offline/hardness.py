@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -279,8 +279,12 @@ def compute_hardness(
     limit: int | None = None,
     scorer: ImageTextScorer | None = None,
     cache_dir: str | Path | None = None,
+    select: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole pass: read, split, score, write the output and `<output>.meta.json`; returns the metadata.
+
+    `select` keeps the rows meeting its conditions (dama.data.formats): only they are scored and written, and the
+    mean hardness is theirs.
 
     `scorer` replaces the CLIP scorer built from `clip_path` (tests wrap the real one); the splitter still uses
     the tokenizer at `clip_path` to measure lengths.
@@ -295,8 +299,9 @@ def compute_hardness(
         "raw": raw,
         "splitter": splitter,
         "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
+        "select": list(select),
     }
-    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit, select=select)
     folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
 
     def score(partial: PartialResults) -> PassOutcome:
@@ -313,7 +318,8 @@ def compute_hardness(
         }
 
     return run_pass(input_path, output_path, settings=settings, columns=HARDNESS_COLUMNS, score=score,
-                    row_values=output_values, metadata=hardness_fields, limit=limit)
+                    row_values=output_values, metadata=hardness_fields, limit=limit,
+                    keep=set(rows["row_id"]) if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a row with a missing/corrupt image or an empty response: stop with an error naming it, or skip it "
         "and list it in the metadata (default: %(default)s)",
     )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
+        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
     parser.add_argument(
         "--cache-dir",
@@ -375,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata = compute_hardness(
             args.input, args.output, args.clip, image_folder=args.image_folder, batch_size=args.batch_size,
             device=args.device, raw=args.raw, splitter=args.splitter, splitter_model=args.splitter_model,
-            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir,
+            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir, select=args.select,
         )
         mean = metadata["hardness_mean"]
         return (

@@ -17,8 +17,10 @@ A sum is dama_kernels.sum_per_sequence over the per-token values, as DamaPolicy.
 value is written as float64 (parquet) or its shortest repr (JSON), so reading it back gives the same number.
 
 The output is the input in its own format (parquet in, parquet out; JSON in, JSON out) with every column kept and
-the reference columns added (earlier ones replaced); pairs left out as over-long get nulls. The run's settings and
-counts go to `<output>.meta.json`. When the input has hardness metadata beside it (`<input>.meta.json`, written by
+the reference columns added (earlier ones replaced); pairs left out as over-long get nulls; with `select`, only the
+selected rows are written. The run's settings and counts go to `<output>.meta.json`, among them the encoding
+(`PairEncoder.signature`: template and tokenizer) and `image_aspect_ratio`, which training checks against its own
+before it uses these values. When the input has hardness metadata beside it (`<input>.meta.json`, written by
 `dama hardness`), its hardness_mean (δ̄, over the pairs the hardness pass scored) is copied into the output's
 metadata, so the trainer finds δ̄ beside the file it trains on.
 
@@ -45,7 +47,13 @@ import dama_kernels
 from dama.command import run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
-from dama.data.dataset import AUTHORS_LOGPS_SLOTS, IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.dataset import (
+    IMAGE_ASPECT_RATIOS,
+    OVERLONG_POLICIES,
+    VICUNA_V1_SYSTEM,
+    ConversationTemplate,
+    PreferenceDataset,
+)
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
@@ -56,6 +64,7 @@ from dama.data.formats import (
     metadata_path,
     read_metadata,
 )
+from dama.data.row_values import AUTHORS_LOGPS_SLOTS
 from dama.model.loading import DTYPES, load_llava
 from dama.model.policy import DamaPolicy
 from dama.offline.passes import (
@@ -287,6 +296,8 @@ def precompute_reference(
     max_length: int = DEFAULT_MAX_LENGTH,
     overlong: str = "error",
     image_aspect_ratio: str = "crop",
+    system_prompt: str = VICUNA_V1_SYSTEM,
+    select: Sequence[str] = (),
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
@@ -296,7 +307,9 @@ def precompute_reference(
 
     Returns the metadata. `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in,
     so that the policy at step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's
-    folder (the input itself when it is a folder of shards), as in PreferenceDataset.from_path.
+    folder (the input itself when it is a folder of shards), as in PreferenceDataset.from_path. `system_prompt` is the
+    conversation template's system text (training's `system_prompt`); `select` keeps the rows meeting its conditions
+    (dama.data.formats), and only those are written.
     """
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
@@ -305,7 +318,7 @@ def precompute_reference(
     model_path = model_path.resolve()
     # Read before the model loads, so that a broken metadata file fails the run at once.
     hardness = input_hardness(input_path)
-    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit, select=select)
     # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
     # with another tokenizer, so they are not read at all.
     rows = rows.remove_columns([name for name in OUTPUT_COLUMNS if name in rows.column_names])
@@ -313,12 +326,15 @@ def precompute_reference(
         image_folder = default_image_folder(input_path)
     llava, processor = load_llava(model_path, dtype)
     dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong,
-                                image_aspect_ratio=image_aspect_ratio)
+                                image_aspect_ratio=image_aspect_ratio,
+                                template=ConversationTemplate(system=system_prompt))
     skipped = set(dataset.skipped_row_ids)
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
     policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
+    # `encoding` and `image_aspect_ratio` let training refuse these values if it tokenizes or sees images otherwise.
     settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
-                "image_aspect_ratio": image_aspect_ratio}
+                "image_aspect_ratio": image_aspect_ratio, "system_prompt": system_prompt,
+                "encoding": dataset.encoder.signature, "select": list(select)}
     skipped = [{"row_id": row_id, "reason": "over-long"} for row_id in dataset.skipped_row_ids]
 
     def score(partial: PartialResults) -> PassOutcome:
@@ -332,7 +348,8 @@ def precompute_reference(
                 "max_tokens_per_batch": max_tokens_per_batch, **hardness}
 
     return run_pass(input_path, output_path, settings=settings, columns=REFERENCE_COLUMNS, score=score,
-                    row_values=output_values, metadata=reference_fields, limit=limit)
+                    row_values=output_values, metadata=reference_fields, limit=limit,
+                    keep=set(rows["row_id"]) if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
         "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
     )
     parser.add_argument(
+        "--system-prompt",
+        default=VICUNA_V1_SYSTEM,
+        help="system text of the conversation template, as training's system_prompt (default: LLaVA-1.5's vicuna v1 "
+        "wording, \"A chat between a curious user and an artificial intelligence assistant. ...\")",
+    )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring case'",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device for the model (default: cuda when available, else cpu)",
@@ -419,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata = precompute_reference(
             args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
             max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
-            image_aspect_ratio=args.image_aspect_ratio,
+            image_aspect_ratio=args.image_aspect_ratio, system_prompt=args.system_prompt, select=args.select,
             device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
         )
         return (

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES
+from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
@@ -86,6 +86,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
                   "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
                   "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
     )
+    system_prompt: str = field(
+        default=VICUNA_V1_SYSTEM,
+        metadata={"help": "System text of the conversation template \"{system} USER: <image>\\n{question} "
+                  "ASSISTANT: {answer}</s>\". Default: LLaVA-1.5's vicuna v1 wording (its instruction tuning and the "
+                  "DAMA authors' trainer); set it for checkpoints tuned with another. precompute-ref must use the "
+                  "same (--system-prompt)."},
+    )
     layout: Literal["packed", "padded"] = field(
         default="packed",
         metadata={"help": "Micro-batch layout: 'packed' puts the 2P sequences in one row without padding; "
@@ -153,6 +160,20 @@ def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[
     return argv
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The field: value mapping of a YAML config; ValueError for a missing file, another shape or unknown keys."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ValueError(f"--config {config_path}: no such file")
+    values = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: expected a mapping of field: value")
+    unknown = sorted(set(values) - {f.name for f in fields(DamaTrainingArguments)})
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {unknown}; `dama train --help` lists every field")
+    return values
+
+
 def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArguments:
     """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,13 +184,9 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a YAML file path")
-        config_path = Path(argv[position + 1])
-        if not config_path.is_file():
-            raise ValueError(f"--config {config_path}: no such file")
-        values = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path}: expected a mapping of field: value")
-        yaml_argv = _yaml_to_argv(values, {f.name for f in fields(DamaTrainingArguments)}, str(config_path))
+        config_path = argv[position + 1]
+        yaml_argv = _yaml_to_argv(read_config(config_path), {f.name for f in fields(DamaTrainingArguments)},
+                                  config_path)
     (arguments, _config) = parser.parse_args_into_dataclasses(args=yaml_argv + argv, return_remaining_strings=False)
     return arguments
 
