@@ -273,8 +273,9 @@ def run_pass(
     """
     with PartialResults(partial_path(output_path), settings) as partial:
         outcome = score(partial)
-        write_dataset(input_path, output_path, columns, lambda row_id: row_values(outcome.results.get(row_id)), limit,
-                      keep)
+        # `keep` already holds the selection cut to `limit`; the limit then must not cut the input rows again.
+        write_dataset(input_path, output_path, columns, lambda row_id: row_values(outcome.results.get(row_id)),
+                      limit if keep is None else None, keep)
         written = {
             **settings,
             "count": len(outcome.results),
