@@ -112,10 +112,12 @@ def test_data_aware_needs_a_hardness_and_takes_its_mean_from_the_rows(tiny_setup
     assert trainer.dama_loss.hardness_mean == 0.0 and "mean over the 16 training pairs" in trainer.hardness_source
 
 
-def test_the_recipe_does_not_clip_gradients_as_the_authors_did(tmp_path):
+def test_the_recipe_does_not_clip_gradients_and_saves_once_per_epoch(tmp_path):
     deepspeed = pytest.importorskip("deepspeed")
     del deepspeed
     args = parse_training_arguments(["--config", str(REPO / "configs" / "llava15_7b_dama.yaml"), "--output_dir",
                                      str(tmp_path), "--use_cpu", "true"])
     assert args.max_grad_norm == 0
     assert args.hf_deepspeed_config.config["gradient_clipping"] == 0  # zero3.json's "auto" takes max_grad_norm
+    # ~100 GB per ZeRO-3 checkpoint of the 7B model: one per epoch, the newest kept.
+    assert (args.save_strategy, args.save_total_limit) == ("epoch", 1)
