@@ -203,14 +203,16 @@ def read_instances(paths: Sequence[str | Path]) -> GroundTruth:
     return truth
 
 
-def add_caption_objects(truth: GroundTruth, paths: Sequence[str | Path], vocabulary: ObjectVocabulary) -> None:
-    """Adds the objects that COCO-format reference captions (`annotations` with `image_id`, `caption`) mention."""
+def add_caption_objects(truth: GroundTruth, paths: Sequence[str | Path], vocabulary: ObjectVocabulary,
+                        images: set[Any] | None = None) -> None:
+    """Adds the objects that COCO-format reference captions (`annotations` with `image_id`, `caption`) mention,
+    for the images of `images` only when it is given (COCO has hundreds of thousands of captions)."""
     for path in map(Path, paths):
         data = _read_json(path, "captions file")
         _require(data, ("annotations",), path)
         for annotation in data["annotations"]:
             key = truth.image_key(annotation.get("image_id"))
-            if key is not None:
+            if key is not None and (images is None or key in images):
                 truth.objects[key].update(m.category for m in vocabulary.mentions(str(annotation.get("caption", ""))))
 
 
@@ -287,19 +289,16 @@ def evaluate_chair(responses: Sequence[Mapping[str, Any]], annotations: Sequence
     """
     truth = read_instances(annotations)
     vocabulary = ObjectVocabulary.for_categories(truth.categories, truth.synonyms)
-    if captions:
-        add_caption_objects(truth, captions, vocabulary)
-    scores, unknown = [], []
-    for number, record in enumerate(responses):
-        key = truth.image_key(record.get("image_id"))
-        if key is None:
-            unknown.append(record.get("image_id"))
-            continue
-        scores.append(score_response(vocabulary, record["response"], truth.objects[key],
-                                     id=record.get("id", number), image_id=record.get("image_id")))
+    keys = [truth.image_key(record.get("image_id")) for record in responses]
+    unknown = [record.get("image_id") for record, key in zip(responses, keys, strict=True) if key is None]
     if unknown:
         raise ValueError(f"{len(unknown)} of {len(responses)} responses name images the annotations do not hold (first:"
                          f" image_id {unknown[0]!r}); give the instances file of those images")
+    if captions:
+        add_caption_objects(truth, captions, vocabulary, images=set(keys))
+    scores = [score_response(vocabulary, record["response"], truth.objects[key], id=record.get("id", number),
+                             image_id=record.get("image_id"))
+              for number, (record, key) in enumerate(zip(responses, keys, strict=True))]
     return {**chair_totals(scores), "per_response": [asdict(score) for score in scores]}
 
 
