@@ -16,6 +16,8 @@ COMMANDS = {
     "hardness": ("dama.offline.hardness", "score each pair's hardness with CLIP (offline, once per dataset)"),
     "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
     "show-example": ("dama.training.show_example", "show one pair as training sees it: tokens, labels, image tokens"),
+    "generate": ("dama.evaluation.generate", "answer {image, question} rows with a trained model (JSONL out)"),
+    "eval-chair": ("dama.evaluation.chair", "score responses for object hallucination with CHAIR (CHAIR_s, CHAIR_i)"),
 }
 
 

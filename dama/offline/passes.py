@@ -76,9 +76,10 @@ def write_dataset(
     the input's format.
 
     `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
-    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
-    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
-    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
+    the pass left out; row ids are those of `load_preference_rows`. Parquet is streamed shard by shard into one
+    output file, every input column kept and the added ones last, in the order of `columns`. JSON is written as one
+    list; a record keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row`
+    returns.
     """
     input_path = Path(input_path)
     if detect_format(input_path) == "json":
