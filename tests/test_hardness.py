@@ -292,6 +292,13 @@ def test_cli_raw_limit_and_argument_checks(tmp_path, clip_path, capsys):
     assert rows[0]["hardness"] == pytest.approx(sum(rows[0]["chosen_logits"]) - sum(rows[0]["rejected_logits"]))
     assert metadata["hardness_mean"] == pytest.approx((rows[0]["hardness"] + rows[1]["hardness"]) / 2)
 
+    # --limit counts selected rows: the one row meeting both conditions is the fourth of the input, idx 103.
+    assert main([*argv, "--select", "idx~10", "--select", "question~picture 3", "--limit", "1", "--overwrite"]) == 0
+    assert [row["idx"] for row in _read_output(output)] == [103]
+    assert read_metadata(output)["select"] == ["idx~10", "question~picture 3"]
+    assert main([*argv, "--select", "origin_split=test", "--overwrite"]) == 1
+    assert "values found: origin_split: 'train' (" in capsys.readouterr().err
+
     assert main([*argv[:-1], str(tmp_path / "out.parquet")]) == 1
     assert "give an --output ending in .json" in capsys.readouterr().err
     assert main([*argv, "--splitter", "lm"]) == 1

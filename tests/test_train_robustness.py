@@ -213,5 +213,5 @@ def test_a_crafted_dama_state_cannot_run_code_even_when_torch_is_told_to_allow_i
     loss = DamaLoss(parse_training_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true",
                                               "--report_to", "none"]))
     with pytest.raises(ValueError, match=r"dama_state.pt holds more than tensors and was not loaded"):
-        restore_dama_state(checkpoint, loss, "cpu")
+        restore_dama_state(checkpoint, loss)
     assert not marker.exists()

@@ -8,6 +8,12 @@ Two input formats:
 
 Every row gets a stable id, "<file name>:<row number in that file>", used for resuming and in every message.
 
+Row selection (`select`, the passes' `--select`): conditions `KEY=VALUE` (equal) or `KEY~VALUE` (contains, ignoring
+case), all of which a row must meet. KEY is a column (`ds_name=...`) or `column.field` for a column holding a JSON
+object as text, like RLAIF-V's `origin_split` (`origin_split.model=...`). Row ids are given before selecting, so a
+selected row keeps the id it has in the whole input. A selection that keeps no row is an error listing the values
+the keys take.
+
 Images, one rule for every step: the image's bytes when the row carries them (`image.bytes`), else the file named by
 `image.path`, `image_path` or a plain-string `image`. A relative path is resolved under the image folder, which is
 the input's own folder (the input itself when it is a folder of shards) unless an image folder is given. An image
@@ -27,7 +33,8 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +50,9 @@ REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 REF_MEAN_COLUMNS = ("ref_chosen_mean_logps", "ref_rejected_mean_logps")
 REF_TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 OPTIONAL_COLUMNS = (*IMAGE_COLUMNS, "idx", "logps", *REF_LOGPS_COLUMNS, *REF_MEAN_COLUMNS, *REF_TOKEN_COLUMNS,
-                    "hardness")
+                    "hardness", "chosen_logits", "rejected_logits")
+# Columns of the authors' JSON that hold a number, a list or JSON text from row to row; Arrow types them as text.
+JSON_TEXT_COLUMNS = ("logps", "image", "chosen_logits", "rejected_logits")
 # The most pixels an image may have: 50 megapixels (e.g. 8660 x 5773), 150 MB once decoded to RGB. Below PIL's own
 # decompression-bomb limit (about 89.5 megapixels), so that limit never decides; LLaVA-1.5 sees 336 x 336 anyway.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -88,42 +97,120 @@ def read_json_list(path: Path) -> list[dict]:
 
 
 def load_preference_rows(
-    path: str | Path, *, cache_dir: str | Path | None = None, limit: int | None = None
+    path: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+    select: Sequence[str] = (),
 ) -> datasets.Dataset:
     """The rows of a parquet input (file or folder of shards) or of the authors' JSON list, as a `datasets.Dataset`.
 
     Keeps the columns the steps read (question, chosen, rejected, image, image_path, idx, logps, the ref_* columns,
-    hardness) and adds `row_id`. Parquet is converted once into `datasets`' memory-mapped cache (`cache_dir`, by
-    default datasets' own); images stay undecoded until an example is read.
+    hardness, chosen_logits, rejected_logits, and those `select` names) and adds `row_id`. `select` keeps the rows
+    that meet every condition (module docstring), then `limit` the first of those. Parquet is converted once into
+    `datasets`' memory-mapped cache (`cache_dir`, by default datasets' own); images stay undecoded until an example
+    is read.
     """
     path = Path(path)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    selectors = [RowSelector.parse(text) for text in select]
+    wanted = (*TEXT_COLUMNS, *OPTIONAL_COLUMNS, *(s.column for s in selectors))
     if detect_format(path) == "json":
-        rows = _json_rows(path)
+        rows = _json_rows(path, wanted)
     else:
         shards = []
         for file in parquet_files(path):
             shard = datasets.Dataset.from_parquet(str(file), cache_dir=None if cache_dir is None else str(cache_dir))
-            shard = shard.select_columns([c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if c in shard.column_names])
+            shard = shard.select_columns([c for c in dict.fromkeys(wanted) if c in shard.column_names])
             shards.append(shard.add_column("row_id", [f"{file.name}:{n}" for n in range(shard.num_rows)]))
         rows = datasets.concatenate_datasets(shards)
     missing = [c for c in TEXT_COLUMNS if c not in rows.column_names]
     if missing:
         raise ValueError(f"{path} lacks the columns {missing}; a preference pair needs question, chosen, rejected")
+    if selectors:
+        rows = select_rows(rows, selectors, str(path))
     return rows if limit is None else rows.select(range(min(limit, rows.num_rows)))
 
 
-def _json_rows(path: Path) -> datasets.Dataset:
+def _json_rows(path: Path, wanted: Sequence[str]) -> datasets.Dataset:
     records = read_json_list(path)
-    present = [c for c in (*TEXT_COLUMNS, *OPTIONAL_COLUMNS) if any(c in r for r in records)]
+    present = [c for c in dict.fromkeys(wanted) if any(c in r for r in records)]
     columns: dict[str, list] = {c: [r.get(c) for r in records] for c in present}
     # The authors' `logps` mixes numbers and lists, which Arrow cannot type; its JSON text keeps it intact.
-    for column in ("logps", "image"):
+    for column in JSON_TEXT_COLUMNS:
         if column in columns:
             columns[column] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns[column]]
     columns["row_id"] = [f"{path.name}:{n}" for n in range(len(records))]
     return datasets.Dataset.from_dict(columns)
+
+
+@dataclass(frozen=True)
+class RowSelector:
+    """One row condition: `column[.field]=value` (equal) or `column[.field]~value` (contains, ignoring case)."""
+
+    column: str
+    field: str | None
+    value: str
+    contains: bool
+
+    @classmethod
+    def parse(cls, text: str) -> RowSelector:
+        positions = [p for p in (text.find("="), text.find("~")) if p > 0]
+        if not positions:
+            raise ValueError(f"select {text!r}: write KEY=VALUE or KEY~VALUE (e.g. origin_split.model~llava)")
+        cut = min(positions)
+        key, value = text[:cut].strip(), text[cut + 1:].strip()
+        column, _, field = key.partition(".")
+        return cls(column=column, field=field or None, value=value, contains=text[cut] == "~")
+
+    @property
+    def key(self) -> str:
+        return self.column if self.field is None else f"{self.column}.{self.field}"
+
+    def cell_value(self, cell: Any, row_id: str) -> str | None:
+        """The value the condition compares: the cell as text, or its JSON object's `field`."""
+        if self.field is None:
+            return None if cell is None else str(cell)
+        if isinstance(cell, str):
+            try:
+                cell = json.loads(cell)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"row {row_id}: select {self.key} needs JSON in {self.column}, got {cell[:60]!r}") \
+                    from error
+        if not isinstance(cell, Mapping):
+            return None
+        value = cell.get(self.field)
+        return None if value is None else str(value)
+
+    def matches(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        return self.value.lower() in value.lower() if self.contains else value == self.value
+
+
+def select_rows(rows: datasets.Dataset, selectors: Sequence[RowSelector], source: str) -> datasets.Dataset:
+    """The rows meeting every selector; ValueError naming an absent column, or listing the values when none is kept."""
+    for selector in selectors:
+        if selector.column not in rows.column_names:
+            raise ValueError(f"select {selector.key}: {source} has no column {selector.column!r} (it has "
+                             f"{sorted(c for c in rows.column_names if c != 'row_id')})")
+    columns = list(dict.fromkeys(["row_id", *(s.column for s in selectors)]))
+    table = rows.select_columns(columns)
+    keep, seen = [], {s.key: Counter() for s in selectors}
+    for start in range(0, table.num_rows, 4096):
+        batch = table[start:start + 4096]
+        for offset, row_id in enumerate(batch["row_id"]):
+            values = [s.cell_value(batch[s.column][offset], row_id) for s in selectors]
+            for selector, value in zip(selectors, values, strict=True):
+                seen[selector.key][value] += 1
+            if all(s.matches(v) for s, v in zip(selectors, values, strict=True)):
+                keep.append(start + offset)
+    if not keep:
+        found = "; ".join(f"{key}: " + ", ".join(f"{value!r} ({count})" for value, count in counts.most_common(12))
+                          for key, counts in seen.items())
+        raise ValueError(f"no row of {source} meets every condition of select; values found: {found}")
+    return rows.select(keep)
 
 
 def default_image_folder(input_path: str | Path) -> Path:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any
 
 import datasets
 
-from .dataset import PreferenceDataset, _reference_values
+from .dataset import PreferenceDataset
 from .formats import (
     IMAGE_COLUMNS,
     REF_LOGPS_COLUMNS,
@@ -44,6 +44,7 @@ from .formats import (
     open_row_image,
     read_metadata,
 )
+from .row_values import stored_reference
 
 BAD_ROW_POLICIES = ("error", "skip")
 MISSING_FIELD = "missing field"
@@ -137,7 +138,7 @@ def _text_problem(record: Mapping[str, Any], checks: RowChecks) -> tuple[str, st
             return BAD_HARDNESS, f"{row}: its hardness is {hardness}; a hardness is finite, or null if not scored"
     if checks.reference:
         try:
-            sums, means, _ = _reference_values(record)
+            sums, means = stored_reference(record)
         except (TypeError, ValueError) as error:
             return BAD_REFERENCE, f"{row}: its reference log-probs cannot be read ({error})"
         if any(math.isnan(value) for value in sums):
@@ -244,6 +245,11 @@ class CheckedInput:
     image_folder: Path
     report: SkipReport
 
+    @property
+    def selected_row_ids(self) -> set[str]:
+        """The ids of every row read (selected), kept or skipped: what a pass with a selection writes."""
+        return set(self.rows["row_id"]) | {entry["row_id"] for entry in self.report.skipped}
+
 
 def check_input(
     path: str | Path,
@@ -254,13 +260,14 @@ def check_input(
     image_folder: str | Path | None = None,
     cache_dir: str | Path | None = None,
     limit: int | None = None,
+    select: Sequence[str] = (),
 ) -> CheckedInput:
     """Read an input (load_preference_rows), check every row with the skips of the step before, keep the good ones.
 
     Images resolve under `image_folder`, by default the input's folder (formats.default_image_folder).
     """
     folder = Path(image_folder) if image_folder is not None else default_image_folder(path)
-    rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit)
+    rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit, select=select)
     report = validate_rows(rows, folder, checks, on_bad_row=on_bad_row, skip_hint=skip_hint, source=Path(path).name,
                            upstream=upstream_skips(path))
     return CheckedInput(keep_rows(rows, report), folder, report)

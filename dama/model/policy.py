@@ -71,9 +71,16 @@ class DamaPolicy(nn.Module):
         """The LLaVA's config: engines read sizes from it (DeepSpeed fills its "auto" bucket sizes this way)."""
         return self.llava.config
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute the language model's activations in the backward (the Trainer calls this)."""
-        self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the LLaVA's layer activations in the backward; the Trainer calls this with these arguments when
+        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name."""
+        self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                   every_n_layers=every_n_layers, offload=offload)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.llava.is_activation_checkpointing
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         if self.head_kind == "fused":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -290,8 +290,12 @@ def compute_hardness(
     scorer: ImageTextScorer | None = None,
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
+    select: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole pass: check every row, split, score, write the output and `<output>.meta.json`; returns the metadata.
+
+    `select` keeps the rows meeting its conditions (dama.data.formats): only they are scored and written, and the
+    mean hardness is theirs.
 
     `scorer` replaces the CLIP scorer built from `clip_path` (tests wrap the real one); the splitter still uses
     the tokenizer at `clip_path` to measure lengths. When the output is already this run's complete output, nothing
@@ -305,6 +309,7 @@ def compute_hardness(
         "raw": raw,
         "splitter": splitter,
         "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
+        "select": list(select),
     }
     identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row,
                             image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
@@ -312,7 +317,7 @@ def compute_hardness(
     if plan.action == "complete":
         return {**read_metadata(output_path), "already_complete": True}
     checked = check_input(input_path, RowChecks(), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
-                          image_folder=image_folder, cache_dir=cache_dir, limit=limit)
+                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
     text_splitter = build_splitter(splitter, clip_path, splitter_model, device)
     scorer = scorer if scorer is not None else ClipScorer(clip_path, device=device)
 
@@ -332,7 +337,8 @@ def compute_hardness(
         }
 
     return run_pass(input_path, plan, step="hardness", settings=settings, columns=HARDNESS_COLUMNS, score=score,
-                    row_values=output_values, metadata=hardness_fields, limit=limit)
+                    row_values=output_values, metadata=hardness_fields, limit=limit,
+                    keep=checked.selected_row_ids if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
         "with the same input and settings reports it complete and does nothing)",
     )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
+        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
     parser.add_argument(
         "--cache-dir",
@@ -402,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input, args.output, args.clip, image_folder=args.image_folder, batch_size=args.batch_size,
             device=args.device, raw=args.raw, splitter=args.splitter, splitter_model=args.splitter_model,
             on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir, overwrite=args.overwrite,
+            select=args.select,
         )
         mean = metadata["hardness_mean"]
         if metadata.get("already_complete"):

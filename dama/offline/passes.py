@@ -2,9 +2,9 @@
 resuming from a partial-results file, and running a pass from its CLI.
 
 A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns as
-`AddedColumn`s), written atomically. Finished rows are appended to `<output>.partial.jsonl` as they are scored
-(`PartialResults`); a rerun with the same settings skips them, and the file is removed once the output and its
-metadata are complete.
+`AddedColumn`s), written atomically; a pass run with `--select` writes the selected rows only. Finished rows are
+appended to `<output>.partial.jsonl` as they are scored (`PartialResults`); a rerun with the same settings skips them,
+and the file is removed once the output and its metadata are complete.
 
 Before anything is loaded, `plan_output` decides what a pass may do with its output path: start (nothing there),
 resume (a partial file of the same settings), report "already complete" (the output and metadata of this very run:
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,23 +70,28 @@ def write_dataset(
     columns: Sequence[AddedColumn],
     values_for_row: Callable[[str], Mapping[str, Any]],
     limit: int | None = None,
+    keep: Collection[str] | None = None,
 ) -> None:
-    """Write the input rows (the first `limit`) plus `columns`, atomically, in the input's format.
+    """Write the input rows (the first `limit`; of those, the ids in `keep` when given) plus `columns`, atomically, in
+    the input's format.
 
     `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
-    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
-    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
-    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
+    the pass left out; row ids are those of `load_preference_rows`. Parquet is streamed shard by shard into one
+    output file, every input column kept and the added ones last, in the order of `columns`. JSON is written as one
+    list; a record keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row`
+    returns.
     """
     input_path = Path(input_path)
     if detect_format(input_path) == "json":
         records = read_json_list(input_path)
         records = records if limit is None else records[:limit]
-        for number, record in enumerate(records):
-            record.update(values_for_row(f"{input_path.name}:{number}"))
-        write_json_atomic(output_path, records)
+        ids = [f"{input_path.name}:{number}" for number in range(len(records))]
+        kept = [(row_id, record) for row_id, record in zip(ids, records, strict=True) if keep is None or row_id in keep]
+        for row_id, record in kept:
+            record.update(values_for_row(row_id))
+        write_json_atomic(output_path, [record for _, record in kept])
         return
-    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit)
+    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit, keep)
 
 
 def _write_parquet(
@@ -95,6 +100,7 @@ def _write_parquet(
     columns: Sequence[AddedColumn],
     values_for_row: Callable[[str], Mapping[str, Any]],
     limit: int | None,
+    keep: Collection[str] | None,
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -114,8 +120,13 @@ def _write_parquet(
                         remaining -= batch.num_rows
                     table = pa.Table.from_batches([batch])
                     table = table.drop_columns([name for name in table.column_names if name in names])
-                    rows = [values_for_row(f"{file.name}:{number + i}") for i in range(table.num_rows)]
+                    ids = [f"{file.name}:{number + i}" for i in range(table.num_rows)]
                     number += table.num_rows
+                    if keep is not None:
+                        mask = [row_id in keep for row_id in ids]
+                        table = table.filter(pa.array(mask, type=pa.bool_()))
+                        ids = [row_id for row_id, kept in zip(ids, mask, strict=True) if kept]
+                    rows = [values_for_row(row_id) for row_id in ids]
                     for column in columns:
                         table = table.append_column(column.name, column.arrow_array([row[column.name] for row in rows]))
                     if writer is None:
@@ -353,13 +364,15 @@ def run_pass(
     row_values: Callable[[Mapping[str, Any] | None], Mapping[str, Any]],
     metadata: Callable[[PassOutcome], Mapping[str, Any]],
     limit: int | None = None,
+    keep: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Read, resume, score, write: the skeleton every offline pass runs, into `plan.output_path`.
 
     `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it) and lists every row
     left out; `row_values(record)` turns a row's finished record (None for a row left out) into its values of
     `columns`; `metadata(outcome)` adds the pass's own fields to the metadata written beside the output. `settings`
-    must be equal for a rerun to resume. Returns the metadata.
+    must be equal for a rerun to resume. `keep`: the ids of the rows to write (a selection); None writes every row.
+    Returns the metadata.
     """
     output_path = plan.output_path
     plan.start(step)
@@ -372,7 +385,8 @@ def run_pass(
             output_row_ids[row_id] = f"{output_path.name}:{len(output_row_ids)}"
             return row_values(outcome.results.get(row_id))
 
-        write_dataset(input_path, output_path, columns, values_for_row, limit)
+        # `keep` already holds the selection cut to `limit`; the limit then must not cut the input rows again.
+        write_dataset(input_path, output_path, columns, values_for_row, limit if keep is None else None, keep)
         skipped = [{**entry, "output_row_id": output_row_ids.get(entry["row_id"])} for entry in outcome.skipped]
         counts: dict[str, int] = {}
         for entry in skipped:

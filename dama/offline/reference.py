@@ -17,8 +17,10 @@ A sum is dama_kernels.sum_per_sequence over the per-token values, as DamaPolicy.
 value is written as float64 (parquet) or its shortest repr (JSON), so reading it back gives the same number.
 
 The output is the input in its own format (parquet in, parquet out; JSON in, JSON out) with every column kept and
-the reference columns added (earlier ones replaced); pairs left out as over-long get nulls. The run's settings and
-counts go to `<output>.meta.json`. When the input has hardness metadata beside it (`<input>.meta.json`, written by
+the reference columns added (earlier ones replaced); pairs left out as over-long get nulls; with `select`, only the
+selected rows are written. The run's settings and counts go to `<output>.meta.json`, among them the encoding
+(`PairEncoder.signature`: template and tokenizer) and `image_aspect_ratio`, which training checks against its own
+before it uses these values. When the input has hardness metadata beside it (`<input>.meta.json`, written by
 `dama hardness`), its hardness_mean (δ̄, over the pairs the hardness pass scored) is copied into the output's
 metadata, so the trainer finds δ̄ beside the file it trains on.
 
@@ -50,7 +52,13 @@ import dama_kernels
 from dama.command import run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
-from dama.data.dataset import AUTHORS_LOGPS_SLOTS, IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.dataset import (
+    IMAGE_ASPECT_RATIOS,
+    OVERLONG_POLICIES,
+    VICUNA_V1_SYSTEM,
+    ConversationTemplate,
+    PreferenceDataset,
+)
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
@@ -59,6 +67,7 @@ from dama.data.formats import (
     metadata_path,
     read_metadata,
 )
+from dama.data.row_values import AUTHORS_LOGPS_SLOTS
 from dama.data.validation import BAD_ROW_POLICIES, RowChecks, check_input
 from dama.model.loading import DTYPES, load_llava
 from dama.model.policy import DamaPolicy
@@ -299,6 +308,8 @@ def precompute_reference(
     overlong: str = "error",
     on_bad_row: str = "error",
     image_aspect_ratio: str = "crop",
+    system_prompt: str = VICUNA_V1_SYSTEM,
+    select: Sequence[str] = (),
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
@@ -310,7 +321,9 @@ def precompute_reference(
     Returns the metadata ("already_complete": True and nothing computed when the output is this run's, complete).
     `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in, so that the policy at
     step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's folder (the input
-    itself when it is a folder of shards), as in PreferenceDataset.from_path.
+    itself when it is a folder of shards), as in PreferenceDataset.from_path. `system_prompt` is the conversation
+    template's system text (training's `system_prompt`); `select` keeps the rows meeting its conditions
+    (dama.data.formats), and only those are written.
     """
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
@@ -318,7 +331,7 @@ def precompute_reference(
     dtype = resolve_dtype(dtype, device)
     model_path = model_path.resolve()
     settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
-                "image_aspect_ratio": image_aspect_ratio}
+                "image_aspect_ratio": image_aspect_ratio, "system_prompt": system_prompt, "select": list(select)}
     identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row, overlong=overlong,
                             image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
     plan = plan_output(input_path, output_path, settings, identity, overwrite)
@@ -327,13 +340,14 @@ def precompute_reference(
     # Read before the model loads, so that a broken metadata file or a bad row fails the run at once.
     hardness = input_hardness(input_path)
     checked = check_input(input_path, RowChecks(hardness=True), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
-                          image_folder=image_folder, cache_dir=cache_dir, limit=limit)
+                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
     # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
     # with another tokenizer, so they are not read at all.
     rows = checked.rows.remove_columns([name for name in OUTPUT_COLUMNS if name in checked.rows.column_names])
     llava, processor = load_llava(model_path, dtype)
     dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder, max_length=max_length,
-                                overlong=overlong, image_aspect_ratio=image_aspect_ratio)
+                                overlong=overlong, image_aspect_ratio=image_aspect_ratio,
+                                template=ConversationTemplate(system=system_prompt))
     checked.report.add_overlong(dataset)
     left_out = checked.report.row_ids
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in left_out]
@@ -346,11 +360,14 @@ def precompute_reference(
         return outcome
 
     def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
+        # `encoding` and `image_aspect_ratio` let training refuse these values if it tokenizes or sees images otherwise.
         return {"overlong": overlong, "on_bad_row": on_bad_row, "rows": checked.report.total, "device": str(device),
-                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch, **hardness}
+                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch,
+                "encoding": dataset.encoder.signature, **hardness}
 
     return run_pass(input_path, plan, step="precompute-ref", settings=settings, columns=REFERENCE_COLUMNS,
-                    score=score, row_values=output_values, metadata=reference_fields, limit=limit)
+                    score=score, row_values=output_values, metadata=reference_fields, limit=limit,
+                    keep=checked.selected_row_ids if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
         "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
     )
     parser.add_argument(
+        "--system-prompt",
+        default=VICUNA_V1_SYSTEM,
+        help="system text of the conversation template, as training's system_prompt (default: LLaVA-1.5's vicuna v1 "
+        "wording, \"A chat between a curious user and an artificial intelligence assistant. ...\")",
+    )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring case'",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device for the model (default: cuda when available, else cpu)",
@@ -452,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         metadata = precompute_reference(
             args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
             max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
-            on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, device=args.device,
-            dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir, overwrite=args.overwrite,
+            on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, system_prompt=args.system_prompt,
+            select=args.select, device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
+            overwrite=args.overwrite,
         )
         if metadata.get("already_complete"):
             return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES
+from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
 from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
@@ -94,6 +94,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         metadata={"help": "Image preprocessing: 'crop' resizes the shortest side and centre-crops (CLIP's, the DAMA "
                   "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
                   "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
+    )
+    system_prompt: str = field(
+        default=VICUNA_V1_SYSTEM,
+        metadata={"help": "System text of the conversation template \"{system} USER: <image>\\n{question} "
+                  "ASSISTANT: {answer}</s>\". Default: LLaVA-1.5's vicuna v1 wording (its instruction tuning and the "
+                  "DAMA authors' trainer); set it for checkpoints tuned with another. precompute-ref must use the "
+                  "same (--system-prompt)."},
     )
     layout: Literal["packed", "padded"] = field(
         default="packed",
@@ -174,6 +181,26 @@ def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[
     return argv
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The field: value mapping of a YAML config; ValueError for a missing file, another shape or unknown keys."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ValueError(f"--config {config_path}: no such file")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ValueError(f"{config_path} is not valid YAML ({where}{problem})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: expected a mapping of field: value")
+    unknown = sorted(set(values) - {f.name for f in fields(DamaTrainingArguments)})
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {unknown}; `dama train --help` lists every field")
+    return values
+
+
 def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArguments:
     """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,19 +214,9 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a YAML file path")
-        config_path = Path(argv[position + 1])
-        if not config_path.is_file():
-            raise ValueError(f"--config {config_path}: no such file")
-        try:
-            values = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            problem = getattr(error, "problem", None) or " ".join(str(error).split())
-            raise ValueError(f"{config_path} is not valid YAML ({where}{problem})") from error
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path}: expected a mapping of field: value")
-        yaml_argv = _yaml_to_argv(values, {f.name for f in fields(DamaTrainingArguments)}, str(config_path))
+        config_path = argv[position + 1]
+        yaml_argv = _yaml_to_argv(read_config(config_path), {f.name for f in fields(DamaTrainingArguments)},
+                                  config_path)
     (arguments, _config) = parser.parse_args_into_dataclasses(args=yaml_argv + argv, return_remaining_strings=False)
     return arguments
 

@@ -5,8 +5,9 @@ not), the staging folder, trainer_state.json, a saved model, or the completion m
 - without --resume and without --overwrite_output_dir: refused, naming what is there (another run's checkpoints
   would otherwise be rotated against the new ones and resumed from);
 - with --resume true: the folder's resolved_config.json must equal this run's (LAUNCH_FIELDS aside), else refused
-  with the fields that differ. A complete run (its marker, written after the final save) is reported "already
-  complete" and left as it is; a run whose newest checkpoint is at its last step (stopped before its final save)
+  with the fields that differ; only its length (LENGTH_FIELDS) may grow, and then the run goes on from its newest
+  checkpoint. A complete run (its marker, written after the final save) is reported "already complete" and left as
+  it is; a run whose newest checkpoint is at its last step (stopped before its final save)
   gets its final model from that checkpoint, without another step; otherwise training resumes from the newest
   complete checkpoint;
 - with --overwrite_output_dir true: once the start-up checks pass, the run's entries are removed and listed:
@@ -45,6 +46,9 @@ LAUNCH_FIELDS = frozenset({
     "logging_dir", "report_to", "run_name", "save_steps", "save_total_limit", "eval_steps", "disable_tqdm",
     "dataloader_num_workers",
 })
+# Fields that set how long a run trains: a resumed run may be given more steps or epochs. It goes on from its newest
+# checkpoint, complete or not, with the learning-rate schedule stretched to the new length (as the Trainer does).
+LENGTH_FIELDS = frozenset({"max_steps", "num_train_epochs"})
 # The files a run writes at the top of output_dir: the run record, the final model with its processor, the state.
 RUN_FILE_PATTERNS = (
     RUN_RECORD, VERSIONS, SKIPPED_ROWS, RUN_COMPLETE, TRAINER_STATE, "training_args.bin", "config.json",
@@ -101,8 +105,8 @@ def _step(name: str) -> int:
 
 
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The fields (LAUNCH_FIELDS aside) whose values differ, as "name: old -> new"."""
-    names = sorted((set(recorded) | set(current)) - LAUNCH_FIELDS)
+    """The fields (LAUNCH_FIELDS and LENGTH_FIELDS aside) whose values differ, as "name: old -> new"."""
+    names = sorted((set(recorded) | set(current)) - LAUNCH_FIELDS - LENGTH_FIELDS)
     return [f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}" for name in names
             if recorded.get(name) != current.get(name)]
 
@@ -153,16 +157,20 @@ def plan_run_folder(
             f"output_dir {folder} holds another run: its config differs in {'; '.join(differences)}. Resume with "
             "the same config, choose another output_dir, or pass --overwrite_output_dir true instead of --resume"
         )
-    if (folder / RUN_COMPLETE).is_file():
+    lengthened = any(recorded.get(name) != config.get(name) for name in LENGTH_FIELDS)
+    if (folder / RUN_COMPLETE).is_file() and not lengthened:
         return RunFolderPlan(folder, "complete")
     checkpoint = newest_checkpoint(folder)
-    if checkpoint is not None and _finished_at(checkpoint):
+    if checkpoint is not None and not lengthened and _finished_at(checkpoint):
         return RunFolderPlan(folder, "finish", checkpoint=checkpoint)
     return RunFolderPlan(folder, "resume", checkpoint=checkpoint)
 
 
 def clear_run(plan: RunFolderPlan) -> None:
-    """Under "overwrite": remove the old run's entries, saying what goes (call on one process, after the checks)."""
+    """Under "overwrite": remove the old run's entries, saying what goes; under "resume": the completion marker of a
+    run given more steps, until it completes again (call on one process, after the checks)."""
+    if plan.action == "resume":
+        (plan.path / RUN_COMPLETE).unlink(missing_ok=True)
     if plan.action != "overwrite":
         return
     print(f"dama train: --overwrite_output_dir: removing from {plan.path}: {', '.join(p.name for p in plan.remove)}",

@@ -20,8 +20,8 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.command import run_command
 from dama.data.collator import PackedCollator, PaddedCollator
-from dama.data.dataset import PreferenceDataset
-from dama.data.formats import metadata_path, read_hardness_mean
+from dama.data.dataset import ConversationTemplate, PreferenceDataset
+from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
 from dama.method.loss import DamaLoss
 from dama.model.loading import apply_liger_patches, apply_lora, configure_trainable, load_llava
@@ -36,6 +36,7 @@ from dama.training.run_folder import (
     plan_run_folder,
     write_run_record,
 )
+from dama.training.show_example import format_example
 from dama.training.trainer import DamaTrainer
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,25 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def dataset_hardness_mean(args: DamaTrainingArguments) -> float | None:
-    """delta_bar for alpha_D: the config override, else the metadata written beside the training data."""
-    if not args.data_aware or args.hardness_mean is not None:
-        return None
-    if not metadata_path(args.train_file).is_file():
+def dataset_hardness_mean(args: DamaTrainingArguments, dataset: PreferenceDataset) -> tuple[float | None, str]:
+    """delta_bar for alpha_D and where it comes from: the config's hardness_mean (returned as None, DamaLoss reads it
+    from the config), else the metadata beside the training data, else the mean over the training pairs.
+
+    data_aware without a single pair that has a hardness is an error, not a run with alpha_D = 1 everywhere.
+    """
+    if not args.data_aware:
+        return None, "data_aware off"
+    if dataset.num_with_hardness == 0:
         raise ValueError(
-            f"data_aware=True needs the dataset's mean hardness: no {metadata_path(args.train_file)}. Score the data "
-            "with `dama hardness` (which writes it), set --hardness_mean, or pass --data_aware false."
+            f"data_aware=True, but no pair of {args.train_file} has a hardness (no `hardness` column, nor "
+            "`chosen_logits` / `rejected_logits`): score the data with `dama hardness` first, or pass "
+            "--data_aware false"
         )
-    return read_hardness_mean(args.train_file)
+    if args.hardness_mean is not None:
+        return None, "hardness_mean in the config"
+    if metadata_path(args.train_file).is_file() and read_metadata(args.train_file).get("hardness_mean") is not None:
+        return read_hardness_mean(args.train_file), str(metadata_path(args.train_file))
+    return dataset.hardness_mean, f"mean over the {dataset.num_with_hardness} training pairs with a hardness"
 
 
 def check_data_file(args: DamaTrainingArguments, name: str) -> CheckedInput:
@@ -84,32 +94,38 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
                          "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
     # The rows are checked before the model loads: a bad row costs seconds, not a model load.
     checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
-    hardness_mean = dataset_hardness_mean(args)
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
-    reference_llava = copy.deepcopy(llava) if args.reference == "online" else None
     configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower, freeze_projector=args.freeze_projector,
                         freeze_language_model=args.freeze_language_model)
-    if args.lora_rank:
-        llava = apply_lora(llava, args.lora_rank, args.lora_alpha)
     if args.liger_patches:
         apply_liger_patches(llava)
     packed = args.attention == "packed"
     if not packed:
         llava.set_attn_implementation({"text_config": args.attention})
+    # Copied after the kernels and the attention are set, so the reference runs exactly what the policy runs; LoRA
+    # comes after the copy, so the reference stays the starting model.
+    reference_llava = copy.deepcopy(llava).requires_grad_(False) if args.reference == "online" else None
+    if args.lora_rank:
+        llava = apply_lora(llava, args.lora_rank, args.lora_alpha)
 
     def policy_of(model):
         return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
                           packed_attention=packed)
 
+    template = ConversationTemplate(system=args.system_prompt)
     pairs = {}
     for name, data in checked.items():
+        path = getattr(args, name)
+        record = read_metadata(path) if metadata_path(path).is_file() else None
         pairs[name] = PreferenceDataset(data.rows, processor, image_folder=data.image_folder,
                                         max_length=args.max_length, overlong=args.overlong,
-                                        image_aspect_ratio=args.image_aspect_ratio)
+                                        image_aspect_ratio=args.image_aspect_ratio, template=template,
+                                        reference_record=record)
         data.report.add_overlong(pairs[name])
         if data.report.skipped:
-            logger.warning("%s %s: %s; listed in %s", name, getattr(args, name), data.report.summary(),
+            logger.warning("%s %s: %s; listed in %s", name, path, data.report.summary(),
                            Path(args.output_dir) / SKIPPED_ROWS)
+    hardness_mean, hardness_source = dataset_hardness_mean(args, pairs["train_file"])
     collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
     trainer = DamaTrainer(
         model=policy_of(llava),
@@ -122,6 +138,7 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
         processing_class=processor,
     )
     trainer.skip_reports = {name: data.report for name, data in checked.items()}
+    trainer.hardness_source = hardness_source
     return trainer
 
 
@@ -136,29 +153,40 @@ def start_run(args: DamaTrainingArguments, plan: RunFolderPlan, trainer: DamaTra
     trainer.accelerator.wait_for_everyone()
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = {}
+def start_summary(trainer: DamaTrainer) -> str:
+    """What `dama train` prints before the first step: the first pair as the model sees it, counts and δ̄."""
+    args, dataset = trainer.args, trainer.train_dataset
+    delta_bar = f"{trainer.dama_loss.hardness_mean:.6g} ({trainer.hardness_source})" if args.data_aware else "off"
+    report = trainer.skip_reports["train_file"]
+    skipped = report.summary() if report.skipped else "none skipped"
+    return f"{format_example(dataset, 0)}\n{len(dataset)} training pairs ({skipped}); data-aware delta_bar: {delta_bar}"
 
-    def start_up() -> str | None:
-        args = parse_training_arguments(argv)
-        plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
-                               overwrite=args.overwrite_output_dir)
-        if plan.action == "complete":
-            return f"{args.output_dir}: this run is already complete; nothing to do"
-        if plan.action == "finish":
-            if args.should_save:
-                finish_from_checkpoint(plan)
-            return (f"{args.output_dir}: training had reached its last step ({plan.checkpoint.name}) before it was "
-                    "stopped; wrote the final model from that checkpoint, without another step")
-        trainer = build_trainer(args)
-        start_run(args, plan, trainer)
-        started.update(args=args, plan=plan, trainer=trainer)
-        return None
 
-    code = run_command("train", start_up)
-    if code != 0 or not started:
-        return code
-    args, plan, trainer = started["args"], started["plan"], started["trainer"]
+def prepare_training(args: DamaTrainingArguments) -> tuple[RunFolderPlan, DamaTrainer | None]:
+    """Start-up: what to do with output_dir, then the trainer and the run record. No trainer when there is nothing to
+    train: the run is complete, or it had reached its last step and its final model is now written. ValueError for bad
+    input (config, data, model folder, output_dir), raised before anything is written."""
+    plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
+                           overwrite=args.overwrite_output_dir)
+    if plan.action == "finish" and args.should_save:
+        finish_from_checkpoint(plan)
+    if plan.action in ("complete", "finish"):
+        return plan, None
+    trainer = build_trainer(args)
+    start_run(args, plan, trainer)
+    return plan, trainer
+
+
+def run_training(trainer: DamaTrainer, plan: RunFolderPlan) -> None:
+    """Show the first pair, train (from the plan's checkpoint when resuming), save the model and state, evaluate."""
+    args = trainer.args
+    if trainer.is_world_process_zero():
+        # Like the usual trainers: a template or tokenization mistake shows before hours of training.
+        print(start_summary(trainer), flush=True)
+        if plan.checkpoint is not None:
+            print(f"resuming from {plan.checkpoint}", flush=True)
+        elif args.resume:
+            print(f"no complete checkpoint in {args.output_dir} to resume from: training starts at step 0", flush=True)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json with the whole log history, beside the final model
@@ -166,4 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         trainer.evaluate()
     if args.should_save:
         mark_complete(args.output_dir, trainer.state.global_step)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepared = {}
+
+    def start_up() -> str | None:
+        args = parse_training_arguments(argv)
+        plan, trainer = prepare_training(args)
+        if plan.action == "complete":
+            return f"{args.output_dir}: this run is already complete; nothing to do"
+        if plan.action == "finish":
+            return (f"{args.output_dir}: training had reached its last step ({plan.checkpoint.name}) before it was "
+                    "stopped; wrote the final model from that checkpoint, without another step")
+        prepared.update(plan=plan, trainer=trainer)
+        return None
+
+    code = run_command("train", start_up)
+    if code == 0 and prepared:
+        run_training(prepared["trainer"], prepared["plan"])
+    return code

@@ -181,6 +181,6 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
-            self.nonfinite_steps = restore_dama_state(resume_from_checkpoint, self.dama_loss, self.args.device)
+            self.nonfinite_steps = restore_dama_state(resume_from_checkpoint, self.dama_loss)
             resume_from_checkpoint = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
