@@ -188,8 +188,21 @@ def packed_seq_ids(num_tokens: int, device: torch.device | str) -> tuple[torch.T
     return seq_ids[torch.randperm(num_tokens)].to(device), num_seqs
 
 
-def _leaves(inputs: LogprobInputs) -> list[torch.Tensor | None]:
-    return [None if t is None else t.detach().requires_grad_(True) for t in (inputs.hidden, inputs.weight, inputs.bias)]
+def _leaves(inputs: LogprobInputs, round_to_tf32: bool = False) -> list[torch.Tensor | None]:
+    tensors = (inputs.hidden, inputs.weight, inputs.bias)
+    if round_to_tf32:
+        tensors = (tensors[0].detach().clone(), tensors[1].detach().clone(), tensors[2])
+        tensors = (_tf32(tensors[0]), _tf32(tensors[1]), tensors[2])
+    return [None if t is None else t.detach().requires_grad_(True) for t in tensors]
+
+
+def _tf32(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to TF32's 10 explicit mantissa bits (nearest, ties to even): the operands tensor cores
+    multiply in TF32 mode. The fp32 baseline is computed from them, since a matmul library may or may not pick a TF32
+    kernel for a given shape."""
+    bits = tensor.contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
 
 
 def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_outputs, device,
@@ -204,7 +217,8 @@ def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_ou
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
     results = {}
     for compute_dtype in (torch.float64, torch.float32):
-        ref_leaves = _leaves(inputs)
+        tf32_baseline = compute_dtype == torch.float32 and dtype == torch.float32 and fp32_precision != "highest"
+        ref_leaves = _leaves(inputs, round_to_tf32=tf32_baseline)
         with float32_matmul_precision(fp32_precision):
             ref_out = reference_fn(*ref_leaves, compute_dtype)
             ref_grads = torch.autograd.grad(ref_out, [t for t in ref_leaves if t is not None],
@@ -213,7 +227,7 @@ def _compare_logprob_op(name, case, dtype, inputs, ours_fn, reference_fn, num_ou
             ref_grads = [g.to(dtype) for g in ref_grads]
         results[compute_dtype] = (ref_out, ref_grads)
     (gold, gold_grads), (base, base_grads) = results[torch.float64], results[torch.float32]
-    # TF32 products round the inputs to 10 bits: only the baseline term (TF32 too) can bound them.
+    # TF32 products round the inputs to 10 bits: only the baseline term (on TF32-rounded inputs) can bound them.
     direct = case.well_conditioned and fp32_precision == "highest"
     comparisons = [
         expect(f"{name} dtype", out.dtype == torch.float32, f"returned {out.dtype}, expected float32"),

@@ -104,6 +104,7 @@ def target_limits(capability: tuple[int, int]) -> TargetLimits:
 # reduction. 128 x 128 fp32 accumulators with 64-wide K steps are the usual start for 16-bit tiles; fp32 tiles halve
 # the K step, which keeps them within 99 KiB too. Not yet timed on hardware: bench/tune_blocks.py sweeps alternatives
 # on a GPU, and a larger candidate goes first in a list with its measured need.
+TILES_16_BIT_WIDE = LinearLogprobBlocks(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3)
 TILES_16_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 TILES_32_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
 LINEAR_LOGPROB_CANDIDATES = {
@@ -112,11 +113,27 @@ LINEAR_LOGPROB_CANDIDATES = {
     ("forward", 4): ((TILES_32_BIT, 97 * KIB),),
     ("backward", 4): ((TILES_32_BIT, 97 * KIB),),
 }
+# Candidates measured faster on one GPU generation (bench/tune_blocks.py, bench/RESULTS.md), tried there before the
+# general ones. On an H200 (sm_90, wgmma), 128 x 256 tiles ran the bf16 forward at 71-77% of the measured bf16 matmul
+# peak against 54-59% for 128 x 128, and the d_logits kernel at 80-83% against 65-67%. On sm_80-sm_89 (mma) the same
+# tiles spill 144-256 bytes of registers per thread and are untimed, so they are not used there.
+MEASURED_CANDIDATES = {
+    ((9, 0), "forward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
+    ((9, 0), "backward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
+}
 KINDS = ("forward", "backward")
 INTERPRETER_BLOCKS = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=1)
 
 # Pairs per program of the DAMA loss kernels (one element per lane; P is at most a few thousand).
 LOSS_BLOCK = 1024
+
+
+def linear_logprob_candidates(
+    kind: str, capability: tuple[int, int], dtype: torch.dtype
+) -> tuple[tuple[LinearLogprobBlocks, int], ...]:
+    """(blocks, shared memory bytes) in the order they are tried on this target: its measured ones, then the rest."""
+    measured = MEASURED_CANDIDATES.get((tuple(capability), kind, dtype.itemsize), ())
+    return measured + LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)]
 
 
 def linear_logprob_blocks(kind: str, capability: tuple[int, int], dtype: torch.dtype) -> LinearLogprobBlocks:
@@ -126,7 +143,7 @@ def linear_logprob_blocks(kind: str, capability: tuple[int, int], dtype: torch.d
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the linear log-prob kernels take float16, bfloat16 or float32 tiles, got {dtype}")
-    candidates = LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)]
+    candidates = linear_logprob_candidates(kind, capability, dtype)
     limit = target_limits(capability).shared_memory_bytes
     for blocks, shared_bytes in candidates:
         if shared_bytes <= limit:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dama_kernels.aot_compile import PRECISIONS, TARGETS, all_specs, compile_targets, logprob_blocks
-from dama_kernels.launch_config import LINEAR_LOGPROB_CANDIDATES, running_in_interpreter
+from dama_kernels.launch_config import linear_logprob_candidates, running_in_interpreter
 
 SPECS = all_specs(list(TARGETS))
 
@@ -45,7 +45,7 @@ def test_compiles_within_the_targets_limits(spec, compiled):
                                     f"s{blocks.num_stages}")
         kind = "forward" if spec.kernel == "linear_logprob_fwd" else "backward"
         dtype = PRECISIONS[spec.precision][0]
-        recorded = dict(LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)])[blocks]
+        recorded = dict(linear_logprob_candidates(kind, TARGETS[spec.target], dtype))[blocks]
         assert record["shared_bytes"] <= recorded, "launch_config's recorded need is below what Triton allocates"
         if dtype != torch.float32 or spec.precision == "tf32":
             assert record["tensor_cores"] == ("wgmma" if spec.target == "sm_90" else "mma")

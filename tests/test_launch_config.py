@@ -12,18 +12,20 @@ from dama_kernels.launch_config import (
     KIB,
     KINDS,
     LINEAR_LOGPROB_CANDIDATES,
+    MEASURED_CANDIDATES,
     TARGET_LIMITS,
     LinearLogprobBlocks,
     device_blocks,
     linear_logprob_blocks,
+    linear_logprob_candidates,
     target_limits,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def recorded_need(kind: str, dtype: torch.dtype, blocks) -> int:
-    return dict(LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)])[blocks]
+def recorded_need(kind: str, capability, dtype: torch.dtype, blocks) -> int:
+    return dict(linear_logprob_candidates(kind, capability, dtype))[blocks]
 
 
 @pytest.mark.parametrize("capability", [*TARGET_LIMITS, (7, 5), (12, 0)])
@@ -31,7 +33,7 @@ def recorded_need(kind: str, dtype: torch.dtype, blocks) -> int:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_choice_fits_the_target(capability, kind, dtype):
     blocks = linear_logprob_blocks(kind, capability, dtype)
-    assert recorded_need(kind, dtype, blocks) <= target_limits(capability).shared_memory_bytes
+    assert recorded_need(kind, capability, dtype, blocks) <= target_limits(capability).shared_memory_bytes
     # 8 warps x 32 threads x 255 registers stays inside the 64K register file whatever ptxas allocates.
     assert blocks.num_warps * 32 * 255 <= target_limits(capability).registers_per_block
 
@@ -40,6 +42,7 @@ def test_first_candidate_that_fits_the_target_is_chosen(monkeypatch):
     large, medium, small = (LinearLogprobBlocks(128, block_v, 64, num_warps=8) for block_v in (256, 128, 64))
     candidates = ((large, 200 * KIB), (medium, 150 * KIB), (small, 90 * KIB))
     monkeypatch.setitem(LINEAR_LOGPROB_CANDIDATES, ("backward", 2), candidates)
+    monkeypatch.setattr("dama_kernels.launch_config.MEASURED_CANDIDATES", {})
     assert linear_logprob_blocks("backward", (9, 0), torch.bfloat16) == large  # 227 KiB
     assert linear_logprob_blocks("backward", (8, 0), torch.bfloat16) == medium  # 163 KiB
     assert linear_logprob_blocks("backward", (8, 9), torch.bfloat16) == small  # 99 KiB
@@ -80,3 +83,12 @@ def test_interpreter_and_cpu_use_the_interpreter_blocks(monkeypatch):
     assert device_blocks("forward", torch.device("cuda", 0), torch.bfloat16) == INTERPRETER_BLOCKS
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert device_blocks("backward", torch.device("cpu"), torch.bfloat16) == INTERPRETER_BLOCKS
+
+
+def test_measured_candidates_apply_only_to_their_generation():
+    wide = MEASURED_CANDIDATES[((9, 0), "forward", 2)][0][0]
+    assert linear_logprob_blocks("forward", (9, 0), torch.bfloat16) == wide
+    assert linear_logprob_blocks("backward", (9, 0), torch.float16) == wide
+    for capability in ((8, 0), (8, 6), (8, 9)):
+        assert linear_logprob_blocks("forward", capability, torch.bfloat16) != wide
+    assert linear_logprob_blocks("forward", (9, 0), torch.float32) != wide  # measured for 16-bit tiles only
