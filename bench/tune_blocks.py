@@ -7,7 +7,8 @@ at several chunk heights. Side by side in the same run: the chunked torch path, 
 usual way (bf16 logits, separate softmax) and the full-logits head. Rates are useful TFLOP/s: 2 N H V for the forward
 and for the d_logits kernel, 4 N H V for a backward (its recomputation of the logits is not counted), against a large
 matmul in the same dtype timed in the same run. Each Triton record carries its error against the torch path (fp32
-maths). A configuration that does not compile or launch on this device is reported with the reason.
+maths). A configuration that does not compile or launch on this device is reported with the reason. The blocks the
+launchers pick on this device (dama_kernels.launch_config.linear_logprob_blocks) are always swept, marked "<- launcher".
 
 Output: a table per (dtype, N) and the records as JSON in --output.
 """
@@ -24,7 +25,7 @@ import triton
 import triton.testing
 
 from dama_kernels.functional import CHUNK_ELEMENTS
-from dama_kernels.launch_config import LinearLogprobBlocks, backward_blocks
+from dama_kernels.launch_config import LinearLogprobBlocks, linear_logprob_blocks
 from dama_kernels.linear_logprob_backward import (
     backward_chunk_rows,
     linear_logprob_bwd_triton,
@@ -126,6 +127,13 @@ def cublas_chunked_ms(hidden, weight, labels, grad) -> tuple[float, float]:
     return time_ms(forward), time_ms(backward)
 
 
+def candidates_for(kind: str, candidates: list[LinearLogprobBlocks], dtype: torch.dtype,
+                   device: torch.device) -> list[tuple[LinearLogprobBlocks, bool]]:
+    """The launchers' pick for `kind` on this device first, then the other candidates; True marks the pick."""
+    pick = linear_logprob_blocks(kind, torch.cuda.get_device_capability(device), dtype)
+    return [(blocks, blocks == pick) for blocks in dict.fromkeys([pick, *candidates])]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
@@ -166,8 +174,8 @@ def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, p
         return {"d_hidden_rel_err_vs_torch": relative_error(d_hidden, ref_d_hidden),
                 "d_weight_rel_err_vs_torch": relative_error(d_weight, ref_d_weight)}
 
-    for blocks in FORWARD_CANDIDATES:
-        fields = {"blocks": blocks.__dict__}
+    for blocks, launcher_pick in candidates_for("forward", FORWARD_CANDIDATES, dtype, device):
+        fields = {"blocks": blocks.__dict__, "launcher_pick": launcher_pick}
         try:
             token_logps, _, _ = linear_logprob_fwd_triton(hidden, weight, labels, None, IGNORE_INDEX, blocks)
             fields["max_abs_err_vs_torch"] = (token_logps - ref_logps).abs().max().item()
@@ -179,8 +187,8 @@ def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, p
     # The d_logits kernel alone, on the first chunk of rows the backward would launch it on.
     rows = min(num_tokens, backward_chunk_rows(vocab_size, dtype))
     d_logits = torch.empty((rows, vocab_size), dtype=dtype, device=device)
-    for blocks in BACKWARD_CANDIDATES:
-        fields = {"blocks": blocks.__dict__, "d_logits_rows": rows}
+    for blocks, launcher_pick in candidates_for("backward", BACKWARD_CANDIDATES, dtype, device):
+        fields = {"blocks": blocks.__dict__, "launcher_pick": launcher_pick, "d_logits_rows": rows}
         try:
             fields |= backward_errors(blocks)
             d_logits_ms = time_ms(lambda b=blocks: linear_logprob_d_logits_triton(
@@ -192,7 +200,7 @@ def sweep(dtype_name: str, num_tokens: int, hidden_size: int, vocab_size: int, p
         except Exception as error:
             failed("triton_backward", error, **fields)
 
-    default_blocks = backward_blocks(device)
+    default_blocks = linear_logprob_blocks("backward", torch.cuda.get_device_capability(device), dtype)
     for chunk_rows in [c for c in CHUNK_ROWS if c <= num_tokens]:
         fields = {"blocks": default_blocks.__dict__, "chunk_rows": chunk_rows}
         try:
@@ -228,6 +236,8 @@ def format_table(records: list[dict]) -> str:
                      f"s{blocks['num_stages']}")
         if "chunk_rows" in r:
             name += f" C{r['chunk_rows']}"
+        if r.get("launcher_pick"):
+            name += " <- launcher"
         if r.get("error"):
             lines.append(f"{r['dtype']:>5} N {r['N']:>5}  {name:<42} failed: {r['error'][:90]}")
             continue

@@ -15,6 +15,10 @@ COMMANDS = {
     "make-demo-data": ("dama.demo.data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
     "hardness": ("dama.offline.hardness", "score each pair's hardness with CLIP (offline, once per dataset)"),
     "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
+    "show-example": ("dama.training.show_example", "show one pair as training sees it: tokens, labels, image tokens"),
+    "generate": ("dama.evaluation.generate", "answer {image, question} rows with a trained model (JSONL out)"),
+    "eval-chair": ("dama.evaluation.chair", "score responses for object hallucination with CHAIR (CHAIR_s, CHAIR_i)"),
+    "selftest": ("dama_kernels.selftest", "check the kernels on this machine against float64 before a training run"),
     "plan": ("dama.planning.plan_command", "predict a training config's peak GPU memory per part, before any run"),
     "export": ("dama.training.export", "fold a LoRA run's adapters into its base model (dama export --merge)"),
 }

@@ -1,11 +1,9 @@
 """dama_kernels: fused sequence log-probs from hidden states (no (N, V) logits) and the weighted DAMA sigmoid loss."""
 
 from .functional import DamaLossOutput, dama_sigmoid_loss, sequence_logps, sum_per_sequence, token_logps
-from .modules import LinearSequenceLogps
 
 __all__ = [
     "DamaLossOutput",
-    "LinearSequenceLogps",
     "dama_sigmoid_loss",
     "sequence_logps",
     "sum_per_sequence",

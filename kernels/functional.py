@@ -2,6 +2,11 @@
 
 impl="auto" runs the Triton kernels on CUDA tensors and the chunked PyTorch path otherwise. impl="triton" on CPU
 tensors is accepted only under TRITON_INTERPRET=1 (the Triton interpreter, used by the tests).
+
+Dtypes follow what F.linear does in the same place: under torch.autocast the hidden states, weight and bias enter the
+head in the autocast dtype (a custom autograd Function is not autocast-aware by itself, so an fp32 model trained with
+--bf16 would otherwise reach the kernels in fp32); outside autocast, fp32 inputs multiply as
+torch.get_float32_matmul_precision() allows (see linear_logprob_forward.dot_settings). Softmax arithmetic is fp32.
 """
 
 from __future__ import annotations
@@ -72,6 +77,27 @@ def _check_ids(name: str, ids: torch.Tensor, length: int, upper: int, what: str,
         raise ValueError(f"{name} has values outside [0, {upper}) {what}: first offenders {bad}")
 
 
+def _cast_like_linear(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Under autocast for the tensors' device type, the inputs in the autocast dtype, as F.linear would take them.
+
+    Autocast casts every floating tensor but float64 (which it leaves alone); the casts are differentiable, so the
+    gradients reach the original tensors in their own dtypes.
+    """
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+            return tensor
+        return tensor.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _supervised_token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -96,6 +122,7 @@ def _supervised_token_logps(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     _check_device(hidden, weight=weight, labels=labels, bias=bias)
     impl = _resolve_impl(impl, hidden.device)
+    hidden, weight, bias = _cast_like_linear(hidden, weight, bias)
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if tensor is not None:
             _check_dtype(name, tensor, impl)
@@ -135,7 +162,8 @@ def token_logps(
     """Log-probability of each token's label under the linear head, without building the (N, V) logits.
 
     Value: log_softmax(hidden @ weight.T + bias)[label], and 0 where label == ignore_index. Differentiable w.r.t.
-    hidden, weight and bias. Only supervised rows are computed.
+    hidden, weight and bias. Only supervised rows are computed. Under torch.autocast the matmul takes its inputs in
+    the autocast dtype, as F.linear does.
 
     Shapes:
         hidden (N, H) fp16/bf16/fp32 (fp64 too with impl="torch"); weight (V, H) same dtype; labels (N,) integer in

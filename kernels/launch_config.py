@@ -1,20 +1,43 @@
-"""Block sizes for the Triton kernels, kept apart for real GPUs and for the CPU interpreter.
+"""How the Triton kernels are launched: tile sizes per GPU target and input dtype, and the launch record itself.
 
 Under TRITON_INTERPRET=1 every tile operation is one Python call, so the interpreter wants few, large tiles; a GPU wants
-tiles that fit its registers and shared memory. The tests use the interpreter blocks on purpose: test shapes are chosen
+tiles that fit its shared memory and registers. The tests use the interpreter blocks on purpose: test shapes are chosen
 to be larger than these blocks and not multiples of them, so masked tails are exercised.
+
+On a GPU the blocks depend on the target and on the bytes per tile element: the software pipeline keeps
+`num_stages - 1` hidden and weight tiles in flight in shared memory, so fp32 tiles need twice the room of 16-bit ones
+at the same K step, and what fits an H100 (227 KiB per block) need not fit an RTX 4090 (99 KiB). `linear_logprob_blocks`
+picks, for one target and dtype, the first candidate whose shared memory fits; the ahead-of-time compile checks
+(dama_kernels.aot_compile, run by the tests and by `dama selftest --compile-only`) build every choice for sm_80, sm_86,
+sm_89 and sm_90 and hold it to the target's limits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+KIB = 1024
 
 
 def running_in_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) for the block only ("highest": IEEE fp32, "high": TF32)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @dataclass(frozen=True)
@@ -29,21 +52,110 @@ class LinearLogprobBlocks:
     vocab_splits: int = 0
 
 
-# Not yet tuned on hardware: 128 x 128 fp32 accumulators with 64-wide K steps are the usual starting point on Hopper.
-GPU_FORWARD_BLOCKS = LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
-GPU_BACKWARD_BLOCKS = LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of a Triton kernel, built before it runs.
+
+    The launchers build it and run it; dama_kernels.aot_compile builds the same record from tensors on the meta device
+    and compiles it for GPU targets, so what is checked there is exactly what the launchers launch.
+    `arguments` holds every kernel parameter by name, constexprs included; `options` holds num_warps / num_stages
+    when the launch sets them (Triton's defaults otherwise).
+    """
+
+    kernel: Any  # a triton.jit function, or the interpreter's stand-in for one under TRITON_INTERPRET=1
+    grid: tuple[int, ...]
+    arguments: dict[str, Any]
+    options: dict[str, int] = field(default_factory=dict)
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.arguments, **self.options)
+
+
+@dataclass(frozen=True)
+class TargetLimits:
+    """Per-block limits of a GPU target: opt-in shared memory and the register file (32-bit registers)."""
+
+    shared_memory_bytes: int
+    registers_per_block: int = 64 * KIB
+    registers_per_thread: int = 255
+
+
+# Opt-in shared memory per block (CUDA programming guide, "Compute capabilities"). Unknown targets get the smallest
+# limit of the tensor-core GPUs Triton builds for, so their blocks are the conservative ones.
+TARGET_LIMITS = {
+    (8, 0): TargetLimits(163 * KIB),  # A100
+    (8, 6): TargetLimits(99 * KIB),  # RTX 30xx, A10, A40
+    (8, 7): TargetLimits(163 * KIB),  # Jetson Orin
+    (8, 9): TargetLimits(99 * KIB),  # RTX 40xx, L4, L40
+    (9, 0): TargetLimits(227 * KIB),  # H100, H200
+}
+DEFAULT_LIMITS = TargetLimits(99 * KIB)
+
+
+def target_limits(capability: tuple[int, int]) -> TargetLimits:
+    return TARGET_LIMITS.get(tuple(capability), DEFAULT_LIMITS)
+
+
+# Candidates per (kind, bytes per tile element), best first, each with the shared memory one launch needs: the most
+# Triton 3.8 allocates for it on sm_80 / sm_86 / sm_89 / sm_90 with the launchers' argument specialisation (unit
+# strides, 16-byte aligned pointers), over IEEE and TF32 products for fp32 tiles (TF32 feeds tensor cores through
+# shared memory and needs more), rounded up to KiB. The last candidate of each list fits the smallest limit (99 KiB).
+# "backward" is the backward's d_logits kernel, the same logit tile as the forward's with a store instead of a
+# reduction. 128 x 128 fp32 accumulators with 64-wide K steps are the usual start for 16-bit tiles; fp32 tiles halve
+# the K step, which keeps them within 99 KiB too. Not yet timed on hardware: bench/tune_blocks.py sweeps alternatives
+# on a GPU, and a larger candidate goes first in a list with its measured need.
+TILES_16_BIT_WIDE = LinearLogprobBlocks(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3)
+TILES_16_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+TILES_32_BIT = LinearLogprobBlocks(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
+LINEAR_LOGPROB_CANDIDATES = {
+    ("forward", 2): ((TILES_16_BIT, 97 * KIB),),
+    ("backward", 2): ((TILES_16_BIT, 97 * KIB),),
+    ("forward", 4): ((TILES_32_BIT, 97 * KIB),),
+    ("backward", 4): ((TILES_32_BIT, 97 * KIB),),
+}
+# Candidates measured faster on one GPU generation (bench/tune_blocks.py, bench/RESULTS.md), tried there before the
+# general ones. On an H200 (sm_90, wgmma), 128 x 256 tiles ran the bf16 forward at 71-77% of the measured bf16 matmul
+# peak against 54-59% for 128 x 128, and the d_logits kernel at 80-83% against 65-67%. On sm_80-sm_89 (mma) the same
+# tiles spill 144-256 bytes of registers per thread and are untimed, so they are not used there.
+MEASURED_CANDIDATES = {
+    ((9, 0), "forward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
+    ((9, 0), "backward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
+}
+KINDS = ("forward", "backward")
 INTERPRETER_BLOCKS = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=1)
 
 # Pairs per program of the DAMA loss kernels (one element per lane; P is at most a few thousand).
 LOSS_BLOCK = 1024
 
 
-def forward_blocks(device: torch.device) -> LinearLogprobBlocks:
-    return INTERPRETER_BLOCKS if running_in_interpreter() or device.type != "cuda" else GPU_FORWARD_BLOCKS
+def linear_logprob_candidates(
+    kind: str, capability: tuple[int, int], dtype: torch.dtype
+) -> tuple[tuple[LinearLogprobBlocks, int], ...]:
+    """(blocks, shared memory bytes) in the order they are tried on this target: its measured ones, then the rest."""
+    measured = MEASURED_CANDIDATES.get((tuple(capability), kind, dtype.itemsize), ())
+    return measured + LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)]
 
 
-def backward_blocks(device: torch.device) -> LinearLogprobBlocks:
-    return INTERPRETER_BLOCKS if running_in_interpreter() or device.type != "cuda" else GPU_BACKWARD_BLOCKS
+def linear_logprob_blocks(kind: str, capability: tuple[int, int], dtype: torch.dtype) -> LinearLogprobBlocks:
+    """The blocks the launchers use for the `kind` ("forward" or "backward") kernel on a GPU of compute capability
+    `capability` (major, minor) with `dtype` hidden states and weight (fp16, bf16 or fp32; TF32 uses fp32 tiles)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the linear log-prob kernels take float16, bfloat16 or float32 tiles, got {dtype}")
+    candidates = linear_logprob_candidates(kind, capability, dtype)
+    limit = target_limits(capability).shared_memory_bytes
+    for blocks, shared_bytes in candidates:
+        if shared_bytes <= limit:
+            return blocks
+    return candidates[-1][0]
+
+
+def device_blocks(kind: str, device: torch.device, dtype: torch.dtype) -> LinearLogprobBlocks:
+    """Blocks for a launch on `device`: the interpreter's, or those of the CUDA device's compute capability."""
+    if running_in_interpreter() or device.type != "cuda":
+        return INTERPRETER_BLOCKS
+    return linear_logprob_blocks(kind, torch.cuda.get_device_capability(device), dtype)
 
 
 def vocab_split_count(blocks: LinearLogprobBlocks, num_tokens: int, vocab_size: int, device: torch.device) -> int:

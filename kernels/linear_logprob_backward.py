@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import LinearLogprobBlocks
+from .launch_config import KernelLaunch, LinearLogprobBlocks
 from .linear_logprob_forward import dot_settings
 from .linear_logprob_tiles import logit_tile
 
@@ -115,6 +115,59 @@ def _linear_logprob_d_logits_kernel(
     )
 
 
+def linear_logprob_d_logits_launch(
+    d_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_logit: torch.Tensor,
+    log_norm: torch.Tensor,
+    grad_token_logps: torch.Tensor,
+    ignore_index: int,
+    blocks: LinearLogprobBlocks,
+) -> KernelLaunch:
+    """The d_logits kernel's launch for C rows, which writes every element of `d_logits`.
+
+    Shapes: d_logits (C, V) contiguous, in hidden's dtype; hidden (C, H); weight (V, H); labels (C,) contiguous;
+    bias (V,) or None; max_logit, log_norm (C,) fp32 from the forward; grad_token_logps (C,) contiguous.
+    """
+    num_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    upcast, precision = dot_settings(hidden.dtype)
+    arguments = dict(
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else hidden,  # never read when HAS_BIAS is False
+        labels_ptr=labels,
+        max_logit_ptr=max_logit,
+        log_norm_ptr=log_norm,
+        grad_ptr=grad_token_logps,
+        d_logits_ptr=d_logits,
+        stride_hidden_n=hidden.stride(0),
+        stride_hidden_h=hidden.stride(1),
+        stride_weight_v=weight.stride(0),
+        stride_weight_h=weight.stride(1),
+        stride_d_logits_n=d_logits.stride(0),
+        num_rows=num_rows,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        HAS_BIAS=bias is not None,
+        UPCAST_DOT=upcast,
+        INPUT_PRECISION=precision,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_H=blocks.block_h,
+    )
+    return KernelLaunch(
+        kernel=_linear_logprob_d_logits_kernel,
+        grid=(triton.cdiv(num_rows, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)),
+        arguments=arguments,
+        options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
+    )
+
+
 def linear_logprob_d_logits_triton(
     d_logits: torch.Tensor,
     hidden: torch.Tensor,
@@ -127,42 +180,10 @@ def linear_logprob_d_logits_triton(
     ignore_index: int,
     blocks: LinearLogprobBlocks,
 ) -> None:
-    """Launch the d_logits kernel for C rows, writing every element of `d_logits`.
-
-    Shapes: d_logits (C, V) contiguous, in hidden's dtype; hidden (C, H); weight (V, H); labels (C,) contiguous;
-    bias (V,) or None; max_logit, log_norm (C,) fp32 from the forward; grad_token_logps (C,) contiguous.
-    """
-    num_rows, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
-    upcast, precision = dot_settings(hidden.dtype)
-    grid = (triton.cdiv(num_rows, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
-    _linear_logprob_d_logits_kernel[grid](
-        hidden,
-        weight,
-        bias if bias is not None else hidden,  # never read when HAS_BIAS is False
-        labels,
-        max_logit,
-        log_norm,
-        grad_token_logps,
-        d_logits,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        d_logits.stride(0),
-        num_rows,
-        hidden_size,
-        vocab_size,
-        ignore_index,
-        HAS_BIAS=bias is not None,
-        UPCAST_DOT=upcast,
-        INPUT_PRECISION=precision,
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
-    )
+    """Launch the d_logits kernel for C rows (shapes as in linear_logprob_d_logits_launch)."""
+    linear_logprob_d_logits_launch(
+        d_logits, hidden, weight, labels, bias, max_logit, log_norm, grad_token_logps, ignore_index, blocks
+    ).run()
 
 
 def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ backward even for logits in the thousands.
 
 Numerics: every loaded tile is converted to fp32 when `UPCAST_DOT` is set (always under the interpreter, whose bf16
 arithmetic is wrong); on a GPU 16-bit tiles go into tl.dot as they are, which multiplies exactly and accumulates in
-fp32. All softmax arithmetic is fp32.
+fp32, and fp32 tiles use IEEE or TF32 products as torch.get_float32_matmul_precision() says (see dot_settings). All
+softmax arithmetic is fp32.
 
 Limits: labels equal to ignore_index must be masked by the caller (the host returns 0 for them); offsets are int64.
 """
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import LinearLogprobBlocks, running_in_interpreter, vocab_split_count
+from .launch_config import KernelLaunch, LinearLogprobBlocks, running_in_interpreter, vocab_split_count
 from .linear_logprob_tiles import logit_tile
 
 
@@ -91,9 +92,73 @@ def _linear_logprob_fwd_kernel(
 
 
 def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST_DOT, INPUT_PRECISION) for tiles of this dtype: fp32 tiles use exact IEEE products."""
-    upcast = running_in_interpreter() or dtype == torch.float32
-    return upcast, "ieee"
+    """(UPCAST_DOT, INPUT_PRECISION) of tl.dot for tiles of this dtype, read at launch time like cuBLAS reads it.
+
+    16-bit tiles go into tl.dot as they are (exact products, fp32 accumulation). fp32 tiles follow
+    torch.get_float32_matmul_precision(): "highest" multiplies in IEEE fp32 (no tensor cores), "high" and "medium"
+    allow TF32 tensor cores, as they do for torch.matmul. The interpreter upcasts every tile (its 16-bit arithmetic is
+    wrong) and has no TF32, so it always gets IEEE.
+    """
+    if running_in_interpreter():
+        return True, "ieee"
+    if dtype == torch.float32:
+        return True, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return False, "ieee"
+
+
+def linear_logprob_fwd_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: LinearLogprobBlocks,
+) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward launch and the buffers it writes: (launch, partial_max, partial_sum, target_logits).
+
+    Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None -> partial_max, partial_sum (splits, N) and
+    target_logits (N,), fp32. target_logits starts at 0: a row's target is written by the one split that owns it.
+    """
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    splits = vocab_split_count(blocks, num_tokens, vocab_size, hidden.device)
+    vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
+    split_size = triton.cdiv(vocab_tiles, splits) * blocks.block_v
+    splits = triton.cdiv(vocab_size, split_size)  # no empty range
+    partial_max = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    partial_sum = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    target_logits = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+    upcast, precision = dot_settings(hidden.dtype)
+    arguments = dict(
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else hidden,  # never read when HAS_BIAS is False
+        labels_ptr=labels,
+        partial_max_ptr=partial_max,
+        partial_sum_ptr=partial_sum,
+        target_logit_ptr=target_logits,
+        stride_hidden_n=hidden.stride(0),
+        stride_hidden_h=hidden.stride(1),
+        stride_weight_v=weight.stride(0),
+        stride_weight_h=weight.stride(1),
+        stride_partial_split=partial_max.stride(0),
+        num_tokens=num_tokens,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        split_size=split_size,
+        HAS_BIAS=bias is not None,
+        UPCAST_DOT=upcast,
+        INPUT_PRECISION=precision,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_H=blocks.block_h,
+    )
+    launch = KernelLaunch(
+        kernel=_linear_logprob_fwd_kernel,
+        grid=(triton.cdiv(num_tokens, blocks.block_n), splits),
+        arguments=arguments,
+        options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
+    )
+    return launch, partial_max, partial_sum, target_logits
 
 
 def linear_logprob_fwd_triton(
@@ -110,43 +175,8 @@ def linear_logprob_fwd_triton(
     Returns (token_logps, max_logit, log_norm), each (N,) fp32, with lse = max_logit + log_norm; token_logps is 0
     where labels == ignore_index.
     """
-    num_tokens, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
-    splits = vocab_split_count(blocks, num_tokens, vocab_size, hidden.device)
-    vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
-    split_size = triton.cdiv(vocab_tiles, splits) * blocks.block_v
-    splits = triton.cdiv(vocab_size, split_size)  # no empty range
-    partial_max = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
-    partial_sum = torch.empty((splits, num_tokens), dtype=torch.float32, device=hidden.device)
-    target_logits = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
-    upcast, precision = dot_settings(hidden.dtype)
-    grid = (triton.cdiv(num_tokens, blocks.block_n), splits)
-    _linear_logprob_fwd_kernel[grid](
-        hidden,
-        weight,
-        bias if bias is not None else hidden,  # never read when HAS_BIAS is False
-        labels,
-        partial_max,
-        partial_sum,
-        target_logits,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        partial_max.stride(0),
-        num_tokens,
-        hidden_size,
-        vocab_size,
-        split_size,
-        HAS_BIAS=bias is not None,
-        UPCAST_DOT=upcast,
-        INPUT_PRECISION=precision,
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
-    )
+    launch, partial_max, partial_sum, target_logits = linear_logprob_fwd_launch(hidden, weight, labels, bias, blocks)
+    launch.run()
     max_logit = partial_max.max(dim=0).values  # (N,)
     log_norm = (partial_sum * torch.exp(partial_max - max_logit)).sum(dim=0).log()  # (N,)
     supervised = labels != ignore_index

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch_config import backward_blocks, forward_blocks
+from .launch_config import device_blocks
 from .linear_logprob_backward import linear_logprob_bwd_triton
 from .linear_logprob_forward import linear_logprob_fwd_triton
 from .linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
@@ -26,18 +26,23 @@ class LinearLogprobFunction(torch.autograd.Function):
 
     Naive torch equivalent (which this avoids materialising):
         torch.log_softmax(hidden.float() @ weight.float().T + bias, -1).gather(1, labels[:, None])[:, 0]
+
+    The caller has already applied autocast's casts (see functional._cast_like_linear); autocast is switched off
+    inside, else the torch path's fp32 matmuls would be cast back down to 16-bit.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LinearLogprobParams):
-        if params.impl == "triton":
-            token_logps, max_logit, log_norm = linear_logprob_fwd_triton(
-                hidden, weight, labels, bias, params.ignore_index, forward_blocks(hidden.device)
-            )
-        else:
-            token_logps, max_logit, log_norm = linear_logprob_fwd_torch(
-                hidden, weight, labels, bias, params.ignore_index, params.chunk_size
-            )
+        with torch.autocast(hidden.device.type, enabled=False):
+            if params.impl == "triton":
+                token_logps, max_logit, log_norm = linear_logprob_fwd_triton(
+                    hidden, weight, labels, bias, params.ignore_index,
+                    device_blocks("forward", hidden.device, hidden.dtype),
+                )
+            else:
+                token_logps, max_logit, log_norm = linear_logprob_fwd_torch(
+                    hidden, weight, labels, bias, params.ignore_index, params.chunk_size
+                )
         ctx.save_for_backward(hidden, weight, bias, labels, max_logit, log_norm)
         ctx.params = params
         return token_logps
@@ -49,14 +54,15 @@ class LinearLogprobFunction(torch.autograd.Function):
         needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if grad_token_logps is None or not any(needs_grad):
             return None, None, None, None, None
-        if params.impl == "triton":
-            d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
-                grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
-                backward_blocks(hidden.device), needs_grad,
-            )
-        else:
-            d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
-                grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
-                params.chunk_size, needs_grad,
-            )
+        with torch.autocast(hidden.device.type, enabled=False):
+            if params.impl == "triton":
+                d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
+                    grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
+                    device_blocks("backward", hidden.device, hidden.dtype), needs_grad,
+                )
+            else:
+                d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
+                    grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
+                    params.chunk_size, needs_grad,
+                )
         return d_hidden, d_weight, d_bias, None, None

@@ -17,3 +17,11 @@ import pytest  # noqa: E402
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def llava15_checkpoint(tmp_path_factory):
+    """A saved checkpoint shaped like llava-hf/llava-1.5-7b-hf, tiny in width and depth (tests/llava15_shaped.py)."""
+    from tests.llava15_shaped import build_llava15_shaped
+
+    return build_llava15_shaped(tmp_path_factory.mktemp("llava15") / "model")

@@ -6,71 +6,30 @@ import pytest
 import torch
 
 import dama_kernels
-from dama_kernels.reference import reference_dama_sigmoid_loss
-from tests.kernel_checks import assert_matches_gold, poisoned_allocations
+from dama_kernels.checks import LOSS_CASES, check_dama_sigmoid_loss, require
+from dama_kernels.launch_config import LOSS_BLOCK
 
 IMPLS = ["triton", "torch"]
-OUTPUT_NAMES = ("loss", "losses", "margins", "chosen_rewards", "rejected_rewards")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(impl, case, dtype, device):
+    require(check_dama_sigmoid_loss(case, dtype, impl, device))
+
+
+def test_grid_covers_the_hard_cases():
+    """One pair, an odd count, more than two kernel blocks, a per-pair beta, a float mask with a global count."""
+    counts = {case.num_pairs for case in LOSS_CASES}
+    assert 1 in counts and any(n % 2 for n in counts - {1}) and max(counts) > 2 * LOSS_BLOCK
+    assert any(case.beta is None for case in LOSS_CASES)
+    assert any(case.mask == "float" and case.num_selected for case in LOSS_CASES)
 
 
 def make_logps(num_pairs, dtype, device, spread=20.0):
     """Sequence log-probs of the size real responses have (tens to hundreds of nats), as (P,) tensors."""
     return [(torch.randn(num_pairs, device=device) * spread - 100).to(dtype) for _ in range(4)]
-
-
-def run_both(impl, logps, beta, grad_loss, grad_losses, **kwargs):
-    """Ours and the float64 / fp32 references: values and gradients w.r.t. the two policy inputs."""
-    results = {}
-    for name in ("ours", "gold", "base"):
-        policy = [t.detach().clone().requires_grad_(True) for t in logps[:2]]
-        if name == "ours":
-            with poisoned_allocations():
-                out = dama_kernels.dama_sigmoid_loss(*policy, *logps[2:], beta, impl=impl, **kwargs)
-                objective = out.loss * grad_loss + (out.losses * grad_losses).sum()
-                grads = torch.autograd.grad(objective, policy)
-        else:
-            dtype = torch.float64 if name == "gold" else torch.float32
-            out = reference_dama_sigmoid_loss(*policy, *logps[2:], beta, compute_dtype=dtype, **kwargs)
-            objective = out[0] * grad_loss + (out[1] * grad_losses.to(dtype)).sum()
-            grads = torch.autograd.grad(objective, policy)
-        results[name] = (list(out), list(grads))
-    return results
-
-
-def check(results, dtype):
-    (ours, ours_grads), (gold, gold_grads), (base, base_grads) = (results[k] for k in ("ours", "gold", "base"))
-    for name, value, gold_value, base_value in zip(OUTPUT_NAMES, ours, gold, base, strict=True):
-        assert_matches_gold(value, gold_value, base_value, torch.float32, name)
-    for name, grad, gold_grad, base_grad in zip(("d_policy_chosen", "d_policy_rejected"), ours_grads, gold_grads,
-                                                base_grads, strict=True):
-        assert grad.dtype == dtype
-        assert_matches_gold(grad, gold_grad, base_grad.to(dtype), dtype, name)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("num_pairs", [1, 37, 2500])  # one pair, an odd count, more than two kernel blocks
-def test_matches_reference_per_pair_beta_and_mask(impl, num_pairs, device):
-    logps = make_logps(num_pairs, torch.float32, device)
-    beta = torch.rand(num_pairs, device=device) * 0.3 + 1e-3
-    mask = torch.rand(num_pairs, device=device) < 0.7
-    grad_loss, grad_losses = torch.tensor(1.7), torch.randn(num_pairs, device=device)
-    check(run_both(impl, logps, beta, grad_loss, grad_losses, mask=mask, base_beta=0.1), torch.float32)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_inputs(impl, dtype, device):
-    logps = make_logps(29, dtype, device)
-    check(run_both(impl, logps, 0.1, torch.tensor(1.0), torch.zeros(29, device=device)), dtype)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_global_normaliser_and_float_mask(impl, device):
-    """num_selected given by a data-parallel caller: the loss is the local masked sum over the global count."""
-    logps = make_logps(16, torch.float32, device)
-    mask = (torch.rand(16, device=device) < 0.5).float()
-    check(run_both(impl, logps, 0.25, torch.tensor(-0.5), torch.zeros(16, device=device), mask=mask,
-                   num_selected=40.0), torch.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -71,7 +71,7 @@ def test_template_prompt_response_boundary_and_labels(tmp_path, processor, demo_
         assert ids.tolist() == whole
         assert tokenizer.decode(ids[cut:]) == f" {row['chosen']}</s>"
         assert tokenizer.decode(ids[:cut]).endswith(f"\n{row['question']} ASSISTANT:")
-        assert tokenizer.decode(ids[1:cut]).startswith("A chat between a curious human and an artificial")
+        assert tokenizer.decode(ids[1:cut]).startswith("A chat between a curious user and an artificial")
 
         assert bool((labels[:cut] == IGNORE_INDEX).all())
         assert torch.equal(labels[cut:], ids[cut:])
@@ -131,49 +131,130 @@ def _token_counts(processor, rows):
     return [len(c) for c in chosen], [len(r) for r in rejected]
 
 
-def test_authors_json_format_with_logps_and_image_folder(tmp_path, processor, demo_rows):
+def test_authors_json_format_with_logps_in_every_form_and_hardness_from_logits(tmp_path, processor, demo_rows):
     images = tmp_path / "images"
     images.mkdir()
     records = []
-    for number, row in enumerate(demo_rows[:3]):
+    for number, row in enumerate(demo_rows[:4]):
         (images / f"{number}.png").write_bytes(row["image"]["bytes"])
         records.append({key: row[key] for key in ("question", "chosen", "rejected", "idx", "origin_dataset")}
-                       | {"image_path": f"{number}.png", "chosen_logits": [0.25, 0.75], "rejected_logits": [1.0]})
+                       | {"image_path": f"{number}.png"})
     chosen_counts, rejected_counts = _token_counts(processor, records)
-    per_token = [[-0.5] * chosen_counts[0], [-0.25] * rejected_counts[0]]
-    records[0]["logps"] = [-10.0, -0.5, per_token[0], -20.0, -0.25, per_token[1]]
-    records[1]["logps"] = json.dumps([-3.0, -0.1, None, -4.0, -0.2, None])
-    records[0]["hardness"] = 0.125
+    # The per-supervised-token layout, as a plain list, as its JSON text and as RLAIF-V's {"logps": [...]} text.
+    records[0]["logps"] = [-10.0, -0.5, [-0.5] * chosen_counts[0], -20.0, -0.25, [-0.25] * rejected_counts[0]]
+    records[1]["logps"] = json.dumps([-3.0, -0.1, [-0.1] * chosen_counts[1], -4.0, -0.2, [-0.2] * rejected_counts[1]])
+    records[2]["logps"] = json.dumps({"logps": [-5.0, None, [0.0] * chosen_counts[2], -6.0, None,
+                                                [0.0] * rejected_counts[2]]})
+    # The authors' text columns of CLIP scores: delta = sum(chosen) - sum(rejected) without a hardness column.
+    records[0]["chosen_logits"], records[0]["rejected_logits"] = json.dumps([0.25, 0.5]), json.dumps([0.125])
+    records[1] |= {"chosen_logits": [0.5], "rejected_logits": [0.25, 0.125], "hardness": 0.75}
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(records))
 
     dataset = PreferenceDataset.from_path(path, processor, image_folder=images)
-    assert len(dataset) == 3 and not dataset.has_reference_logps
-    first, second, third = dataset[0], dataset[1], dataset[2]
+    assert len(dataset) == 4 and not dataset.has_reference_logps
+    first, second, third, fourth = (dataset[i] for i in range(4))
     assert (first.ref_chosen_logps, first.ref_chosen_mean_logps) == (-10.0, -0.5)
     assert (first.ref_rejected_logps, first.ref_rejected_mean_logps) == (-20.0, -0.25)
     assert (second.ref_chosen_logps, second.ref_rejected_mean_logps) == (-3.0, -0.2)
-    assert math.isnan(third.ref_chosen_logps) and math.isnan(third.ref_rejected_mean_logps)
-    assert first.hardness == 0.125 and math.isnan(second.hardness)
-    assert first.row_id == "pairs.json:0" and third.row_id == "pairs.json:2"
-    expected = processor.image_processor(images=Image.open(images / "2.png").convert("RGB"),
+    assert third.ref_rejected_logps == -6.0 and third.ref_chosen_mean_logps == pytest.approx(-5.0 / chosen_counts[2])
+    assert math.isnan(fourth.ref_chosen_logps) and math.isnan(fourth.ref_rejected_mean_logps)
+    assert first.hardness == 0.25 + 0.5 - 0.125 and second.hardness == 0.75 and math.isnan(third.hardness)
+    assert dataset.num_with_hardness == 2 and dataset.hardness_mean == pytest.approx((0.625 + 0.75) / 2)
+    assert first.row_id == "pairs.json:0" and fourth.row_id == "pairs.json:3"
+    expected = processor.image_processor(images=Image.open(images / "3.png").convert("RGB"),
                                          return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(third.pixel_values, expected)
+    torch.testing.assert_close(fourth.pixel_values, expected)
 
-    records[0]["logps"][2] = per_token[0][:-1]
-    path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match=r"pairs.json:0: the reference chosen per-token log-probs have"):
-        PreferenceDataset.from_path(path, processor, image_folder=images)
-    records[0]["logps"] = [-1.0, -2.0]
-    path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="got 2 entries"):
-        PreferenceDataset.from_path(path, processor, image_folder=images)
+    def refused(logps, match):
+        path.write_text(json.dumps([dict(records[0], logps=logps)]))
+        with pytest.raises(ValueError, match=match):
+            PreferenceDataset.from_path(path, processor, image_folder=images)
+
+    refused([-1.0, -0.5, [-0.5] * (chosen_counts[0] - 1), -2.0, -1.0, None],
+            r"pairs.json:0: the chosen reference log-probs in `logps` have \d+ per-token values.*dama precompute-ref")
+    refused([-1.0, -0.5, None, -2.0, -1.0, None], "no per-token list")
+    refused([-1.0, -2.0], "got 2 entries")
+    refused({"values": []}, "without a 'logps' key")
+
+
+def _whole_sequence_logps(dataset, index, seed):
+    """Reference values in the authors' layout for pair `index`: a value for every position but the last, filler
+    outside the response, and the sum of the response's values in the sum slot."""
+    generator = torch.Generator().manual_seed(seed)
+    slots = []
+    for input_ids, labels in dataset.sequences(index):
+        values = (-torch.rand(input_ids.numel() - 1, generator=generator, dtype=torch.float64)).tolist()
+        response = values[int((labels == IGNORE_INDEX).sum()) - 1:]
+        slots += [math.fsum(response), math.fsum(response) / len(response), values]
+    return slots
+
+
+def test_whole_sequence_logps_of_the_authors_are_used_only_when_they_fit(tmp_path, processor, demo_rows):
+    plain = _dataset(tmp_path, demo_rows[:2], processor, name="plain.parquet")
+    rows = [dict(row, logps=json.dumps({"logps": _whole_sequence_logps(plain, i, seed=i)}))
+            for i, row in enumerate(demo_rows[:2])]
+    dataset = _dataset(tmp_path, rows, processor, name="authors.parquet")
+    assert dataset.has_reference_logps
+    for index in range(2):
+        total, mean, _, rejected_total, _, _ = json.loads(rows[index]["logps"])["logps"]
+        assert (dataset[index].ref_chosen_logps, dataset[index].ref_chosen_mean_logps) == (total, mean)
+        assert dataset[index].ref_rejected_logps == rejected_total
+
+    # Whole-sequence values that fit another template's lengths are still refused: the authors' code used LLaVA's.
+    other = ConversationTemplate(system="Hi.")
+    other_plain = _dataset(tmp_path, demo_rows[:1], processor, name="other.parquet", template=other)
+    other_rows = [dict(demo_rows[0], logps=json.dumps(_whole_sequence_logps(other_plain, 0, seed=3)))]
+    with pytest.raises(ValueError, match="LLaVA-1.5's own conversation template"):
+        _dataset(tmp_path, other_rows, processor, name="other_ref.parquet", template=other)
+    # With the boundary one token off, the response's values do not add up to the stored sum.
+    shifted = json.loads(rows[0]["logps"])["logps"]
+    shifted[2] = shifted[2][1:] + [-1.0]
+    with pytest.raises(ValueError, match="add up to .* not the stored sum"):
+        _dataset(tmp_path, [dict(rows[0], logps=json.dumps(shifted))], processor, name="shifted.parquet")
+
+
+def test_reference_values_of_another_encoding_are_refused(tmp_path, processor, demo_rows):
+    rows = [dict(r, ref_chosen_logps=-1.0, ref_rejected_logps=-2.0) for r in demo_rows[:2]]
+    path = _write_parquet(rows, tmp_path / "ref.parquet")
+    signature = PairEncoder(processor).signature
+    assert signature == PairEncoder(processor).signature
+    assert signature != PairEncoder(processor, ConversationTemplate(system="Another system text.")).signature
+    (tmp_path / "ref.parquet.meta.json").write_text(json.dumps({"encoding": signature, "image_aspect_ratio": "crop"}))
+    assert PreferenceDataset.from_path(path, processor, cache_dir=tmp_path / "cache").has_reference_logps
+    with pytest.raises(ValueError, match="another template or tokenizer"):
+        PreferenceDataset.from_path(path, processor, cache_dir=tmp_path / "cache",
+                                    template=ConversationTemplate(system="Another system text."))
+    with pytest.raises(ValueError, match="image_aspect_ratio='crop'"):
+        PreferenceDataset.from_path(path, processor, cache_dir=tmp_path / "cache", image_aspect_ratio="pad")
+
+
+def test_select_keeps_matching_rows_with_their_ids(tmp_path, processor, demo_rows):
+    rows = [dict(r, origin_split=json.dumps({"model": model, "type": "qa"}), ds_name=name)
+            for r, model, name in zip(demo_rows, ["llava15_7b", "OmniLMM-12B", "LLaVA-1.5-7B", "llava15_7b",
+                                                  "MiniCPM-Llama3-V", "x"], "aabbab", strict=True)]
+    path = _write_parquet(rows, tmp_path / "all.parquet")
+    cache = tmp_path / "cache"
+    assert load_preference_rows(path, cache_dir=cache, select=["origin_split.model=llava15_7b"])["row_id"] == [
+        "all.parquet:0", "all.parquet:3"]
+    assert load_preference_rows(path, cache_dir=cache, select=["origin_split.model~LLAVA"])["row_id"] == [
+        "all.parquet:0", "all.parquet:2", "all.parquet:3"]
+    assert load_preference_rows(path, cache_dir=cache, select=["origin_split.model~llava", "ds_name=b"],
+                                limit=1)["row_id"] == ["all.parquet:2"]
+    with pytest.raises(ValueError, match=r"values found: origin_split.model: 'llava15_7b' \(2\), "):
+        load_preference_rows(path, cache_dir=cache, select=["origin_split.model=llava"])
+    with pytest.raises(ValueError, match="has no column 'split'"):
+        load_preference_rows(path, cache_dir=cache, select=["split=x"])
+    with pytest.raises(ValueError, match="write KEY=VALUE or KEY~VALUE"):
+        load_preference_rows(path, cache_dir=cache, select=["origin_split"])
+    dataset = PreferenceDataset.from_path(path, processor, cache_dir=cache, select=["ds_name=b"])
+    assert [dataset.row_id(i) for i in range(len(dataset))] == ["all.parquet:2", "all.parquet:3", "all.parquet:5"]
 
 
 def test_project_reference_columns_win_and_means_default_to_sum_over_tokens(tmp_path, processor, demo_rows):
     rows = [dict(r) for r in demo_rows[:2]]
     chosen_counts, rejected_counts = _token_counts(processor, rows)
-    rows[0] |= {"ref_chosen_logps": -6.0, "ref_rejected_logps": -9.0, "logps": json.dumps([1, 1, None, 1, 1, None]),
+    rows[0] |= {"ref_chosen_logps": -6.0, "ref_rejected_logps": -9.0, "logps": json.dumps([1, 1, [], 1, 1, []]),
                 "hardness": -0.5}
     rows[1] |= {"ref_chosen_logps": None, "ref_rejected_logps": None, "logps": None, "hardness": None}
     dataset = _dataset(tmp_path, rows, processor)

@@ -1,12 +1,15 @@
 """The synthetic demo dataset: RLAIF-V columns, decodable images, deterministic, hard and easy pairs."""
 
 import io
+import json
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dama.demo.data import COLOURS, main, make_demo_data
+from dama.demo.data import COLOURS, instances_path, main, make_demo_data
+from dama.demo.hallucination import hallucinated_word_count
+from dama.evaluation.chair import evaluate_chair
 
 RLAIF_V_COLUMNS = {"ds_name", "image", "question", "chosen", "rejected", "origin_dataset", "origin_split", "idx",
                    "image_path"}
@@ -45,3 +48,26 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys):
         main(["--output-dir", str(tmp_path), "--num-train", "0"])
     assert stop.value.code == 2
     assert "--num-train >= 1" in capsys.readouterr().err
+
+
+def test_annotation_files_describe_the_scenes(tmp_path):
+    """The chosen answers name exactly the annotated objects; rejected answers name objects that are not there."""
+    paths = make_demo_data(tmp_path, num_train=24, num_eval=3, image_size=32)
+    instances = json.loads(instances_path(paths["train"]).read_text())
+    rows = pq.read_table(paths["train"]).to_pylist()
+    assert [image["id"] for image in instances["images"]] == [row["idx"] for row in rows]
+    assert len(instances["categories"]) == len(COLOURS) * 3
+    chosen = evaluate_chair([{"image_id": row["idx"], "response": row["chosen"]} for row in rows],
+                            [instances_path(paths["train"])])
+    assert chosen["chair_s"] == 0.0 and chosen["recall"] == 1.0
+    rejected = evaluate_chair([{"image_id": row["idx"], "response": row["rejected"]} for row in rows],
+                              [instances_path(paths["train"])])
+    assert rejected["chair_i"] > 0.3
+    assert instances_path(paths["eval"]).is_file()
+
+
+def test_hallucinated_word_count():
+    chosen = "The image shows two shapes. There is a red circle on the left. The background is blue."
+    assert hallucinated_word_count(chosen, chosen) == 0
+    assert hallucinated_word_count(chosen, chosen.replace("a red", "an orange")) == 1
+    assert hallucinated_word_count(chosen, chosen.replace("red circle", "green square")) == 2

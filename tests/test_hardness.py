@@ -174,7 +174,7 @@ def test_bad_rows_stop_the_run_naming_the_row(tmp_path, clip_path, kind, capsys)
     else:
         (data, images), first_bad = _write_json(tmp_path), "pairs.json:2"
     output = tmp_path / f"out.{kind}"
-    with pytest.raises(BadRowError, match=rf"row {first_bad} \(idx 102\): missing or unreadable image"):
+    with pytest.raises(BadRowError, match=rf"row {first_bad}: cannot read its image.*: not a format PIL reads"):
         compute_hardness(data, output, clip_path, image_folder=images, batch_size=2)
     assert not output.exists() and not metadata_path(output).exists()
     argv = ["--input", str(data), "--clip", str(clip_path), "--output", str(output)]
@@ -195,8 +195,12 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
 
     assert {entry["row_id"] for entry in metadata["skipped"]} == bad
     assert metadata["skipped_count"] == len(bad) and metadata["count"] == ROW_COUNT - len(bad)
-    reasons = " ".join(entry["reason"] for entry in metadata["skipped"])
-    assert "unreadable image" in reasons and "empty rejected response" in reasons
+    expected = {"unreadable image": 1, "empty response": 1, **({"missing image": 1} if kind == "json" else {})}
+    assert metadata["skipped_by_reason"] == expected
+    assert any("its rejected response is empty" in entry["detail"] for entry in metadata["skipped"])
+    # Each skipped row is named by its id in the output too, where the next step finds it.
+    bad_numbers = (CORRUPT_ROW, EMPTY_ROW, MISSING_ROW) if kind == "json" else (CORRUPT_ROW, EMPTY_ROW)
+    assert {entry["output_row_id"] for entry in metadata["skipped"]} == {f"{output.name}:{n}" for n in bad_numbers}
     rows = _read_output(output)
     assert len(rows) == ROW_COUNT
     originals = _records()
@@ -287,6 +291,13 @@ def test_cli_raw_limit_and_argument_checks(tmp_path, clip_path, capsys):
     # Raw scores are CLIP logits (scale ~14 · cosine), not probabilities summing to one.
     assert rows[0]["hardness"] == pytest.approx(sum(rows[0]["chosen_logits"]) - sum(rows[0]["rejected_logits"]))
     assert metadata["hardness_mean"] == pytest.approx((rows[0]["hardness"] + rows[1]["hardness"]) / 2)
+
+    # --limit counts selected rows: the one row meeting both conditions is the fourth of the input, idx 103.
+    assert main([*argv, "--select", "idx~10", "--select", "question~picture 3", "--limit", "1", "--overwrite"]) == 0
+    assert [row["idx"] for row in _read_output(output)] == [103]
+    assert read_metadata(output)["select"] == ["idx~10", "question~picture 3"]
+    assert main([*argv, "--select", "origin_split=test", "--overwrite"]) == 1
+    assert "values found: origin_split: 'train' (" in capsys.readouterr().err
 
     assert main([*argv[:-1], str(tmp_path / "out.parquet")]) == 1
     assert "give an --output ending in .json" in capsys.readouterr().err

@@ -221,8 +221,11 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
     skipped = [r for r in written if r["ref_chosen_logps"] is None]
     assert len(skipped) == metadata["skipped_count"] >= 1
     assert all(r["logps"] is None and r["ref_rejected_token_logps"] is None for r in skipped)
-    assert metadata["skipped"] == [{"row_id": f"pairs.json:{n}", "reason": "over-long"}
-                                   for n, r in enumerate(written) if r["ref_chosen_logps"] is None]
+    assert [(e["row_id"], e["reason"], e["output_row_id"]) for e in metadata["skipped"]] == [
+        (f"pairs.json:{n}", "over-long", f"pairs_ref.json:{n}") for n, r in enumerate(written)
+        if r["ref_chosen_logps"] is None
+    ]
+    assert metadata["skipped_by_reason"] == {"over-long": len(skipped)}
 
     processor = LlavaProcessor.from_pretrained(setup["model"], local_files_only=True)
     dataset = PreferenceDataset.from_path(output, processor, image_folder=folder / "images", max_length=max_length,
@@ -295,3 +298,20 @@ def test_an_empty_parquet_input_gives_an_empty_output(tmp_path):
     write_dataset(source, tmp_path / "out.parquet", reference.REFERENCE_COLUMNS, lambda row_id: {})
     assert pq.read_table(tmp_path / "out.parquet").column_names == ["question", "chosen", "rejected",
                                                                      *OUTPUT_COLUMNS]
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_a_selection_writes_only_its_rows_in_both_formats(kind, tmp_path):
+    rows = [{"question": f"q{n}", "chosen": "a", "rejected": "b", "idx": n} for n in range(5)]
+    source = tmp_path / f"in.{kind}"
+    if kind == "json":
+        source.write_text(json.dumps(rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), source)
+    keep = {f"{source.name}:1", f"{source.name}:3"}
+    output = tmp_path / f"out.{kind}"
+    write_dataset(source, output, reference.REFERENCE_COLUMNS,
+                  lambda row_id: {**dict.fromkeys(OUTPUT_COLUMNS), "logps": row_id}, keep=keep)
+    written = json.loads(output.read_text()) if kind == "json" else pq.read_table(output).to_pylist()
+    assert [row["idx"] for row in written] == [1, 3]
+    assert [json.loads(row["logps"]) if kind == "parquet" else row["logps"] for row in written] == sorted(keep)

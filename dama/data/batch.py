@@ -1,4 +1,5 @@
-"""Micro-batches of preference pairs: packed (one row, no padding) and padded (the usual baseline).
+"""The data types the model sees, torch only: one tokenized pair (PreferenceExample) and the micro-batches the
+collators make of them, packed (one row, no padding) and padded (the usual baseline).
 
 Shape letters: P pairs, S = 2P sequences, N tokens of the packed row, M supervised (scored) tokens, I image slots.
 

@@ -1,38 +1,38 @@
 """Preference pairs as LLaVA-1.5 sees them: template, tokens, supervised labels, image tensors, reference log-probs.
 
-Rows are read by dama.data.formats (RLAIF-V parquet and the authors' JSON, row ids, the one rule for images);
-docs/method.md section 9 describes the data.
+Rows are read by dama.data.formats (RLAIF-V parquet and the authors' JSON, row ids, row selection, the one rule for
+images); their reference log-probs and hardness by dama.data.row_values. docs/method.md section 9 describes the data.
 
 Template (LLaVA-1.5, vicuna v1): "<s>" + "{system} USER: <image>\\n{question} ASSISTANT:" is the prompt and
-" {response}" + "</s>" the response. The prompt and the response are tokenized separately and concatenated, so the
-boundary is exact: only the response tokens and the end token "</s>" are supervised (labels -100 on the prompt).
-The response is tokenized in the context of "ASSISTANT:" and that context's tokens are cut off again, which gives
-the tokens the response has inside the full conversation for byte-level BPE and SentencePiece tokenizers alike.
-The single "<image>" token becomes as many image tokens as the vision tower yields features
-(576 for LLaVA-1.5: (336 / 14)^2; read from the processor). An "<image>" already inside a question is dropped,
-since the template places the image; questions and responses are stripped of surrounding white space.
+" {response}" + "</s>" the response. Tokenized as LLaVA-1.5 was trained (LLaVA's `tokenizer_image_token`): the
+prompt text on each side of "<image>" is tokenized by its own call, "<s>" is put in front once, and the image token
+is expanded between the two. With LLaVA-1.5's SentencePiece tokenizer every call starts with the word-boundary
+prefix, so the text after the image starts with the bare prefix piece and then "\\n" (ids 29871, 13), as in
+training; one call over the whole prompt would lose that 29871. The response is tokenized separately and appended,
+so the boundary is exact: only the response tokens and the end token "</s>" are supervised (labels -100 on the
+prompt). The response is tokenized in the context of "ASSISTANT:" and that context's tokens are cut off again, which
+gives the tokens the response has inside the full conversation for byte-level BPE and SentencePiece tokenizers
+alike. The single "<image>" token becomes as many image tokens as the vision tower yields features (576 for
+LLaVA-1.5: (336 / 14)^2; read from the processor). An "<image>" already inside a question is dropped, since the
+template places the image; questions and responses are stripped of surrounding white space.
 
 Truncation: never. A response cut short would be scored as a different response, and a prompt cut short loses the
 image or the question. A pair whose prompt plus longer response exceeds `max_length` tokens is an error
 (overlong="error", the default) or is left out and counted (overlong="skip": `num_skipped`, `skipped_row_ids`).
 
-Reference log-probs, per pair, from the first of these that is present:
-- the project's columns `ref_chosen_logps`, `ref_rejected_logps` (sums), optional `ref_chosen_mean_logps`,
-  `ref_rejected_mean_logps`, `ref_chosen_token_logps`, `ref_rejected_token_logps` (lists over supervised tokens);
-- the RLAIF-V / authors' `logps` = [chosen_sum, chosen_mean, chosen_per_token, rejected_sum, rejected_mean,
-  rejected_per_token], a list or its JSON string.
-Absent values are NaN (the trainer then runs the reference model online). A mean that is not given is the sum over
-the number of supervised tokens. A per-token list must have one value per supervised token: another length means
-the log-probs were made with another tokenization, which would make z != 0 at step 0, so it is an error.
-The per-pair `hardness` column is passed through (NaN when absent).
+Reference log-probs are used only where they fit this tokenization (dama.data.row_values checks each row). A dataset
+written by `dama precompute-ref` records the encoding it was scored with (`PairEncoder.signature`) and its image
+setting in `<dataset>.meta.json`; `from_path` refuses the dataset's reference values when these differ from the
+run's. Absent values are NaN (the trainer then needs a reference model online).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,24 @@ from .batch import IGNORE_INDEX, PreferenceExample
 from .formats import (
     IMAGE_COLUMNS,
     REF_LOGPS_COLUMNS,
-    REF_MEAN_COLUMNS,
-    REF_TOKEN_COLUMNS,
     default_image_folder,
     load_preference_rows,
+    metadata_path,
     open_row_image,
 )
+from .row_values import reference_values, row_hardness
 
+# LLaVA's `vicuna_v1` conversation, the one LLaVA-1.5 was instruction-tuned with and the DAMA authors trained with.
 VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
 )
 OVERLONG_POLICIES = ("error", "skip")
 IMAGE_ASPECT_RATIOS = ("crop", "pad")
-# Positions of (sum, mean, per-token) of the chosen and the rejected response in the authors' `logps` list.
-AUTHORS_LOGPS_SLOTS = ((0, 1, 2), (3, 4, 5))
 # Rows per tokenizer call while encoding a dataset: the fast tokenizer encodes a batch in parallel.
 ENCODE_BATCH = 1024
+# The pair PairEncoder.signature encodes: its ids pin down the template and the tokenizer's behaviour on it.
+SIGNATURE_PAIR = ("What is in the image?\nAnswer briefly.", "A cat: 3 kittens, 1 ball.")
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,14 @@ class ConversationTemplate:
     user_role: str = "USER"
     assistant_role: str = "ASSISTANT"
 
-    def prompt(self, question: str, image_token: str) -> str:
+    def prompt_chunks(self, question: str, image_token: str) -> tuple[str, str]:
+        """The prompt's text before and after the image, each tokenized by its own call like LLaVA's."""
         question = question.replace(image_token, "").strip()
-        return f"{self.system} {self.user_role}: {image_token}\n{question} {self.assistant_role}:"
+        return f"{self.system} {self.user_role}: ", f"\n{question} {self.assistant_role}:"
+
+    def prompt(self, question: str, image_token: str) -> str:
+        before, after = self.prompt_chunks(question, image_token)
+        return before + image_token + after
 
     @property
     def response_context(self) -> str:
@@ -127,15 +133,17 @@ class PairEncoder:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def encode_prompts(self, questions: Sequence[str]) -> list[list[int]]:
-        """bos + the templated prompt, its one image token expanded to num_image_tokens."""
+        """bos + the text before the image + num_image_tokens image tokens + the text after it (module docstring)."""
+        chunks = [self.template.prompt_chunks(q, self.image_token) for q in questions]
+        befores = self._encode([before for before, _ in chunks])
+        afters = self._encode([after for _, after in chunks])
+        image = [self.image_token_id] * self.num_image_tokens
         encoded = []
-        for question, ids in zip(questions, self._encode([self.template.prompt(q, self.image_token)
-                                                           for q in questions]), strict=True):
-            slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-            if len(slots) != 1:
-                raise ValueError(f"the prompt of question {question!r} has {len(slots)} image tokens, expected 1")
-            slot = slots[0]
-            encoded.append(self._bos + ids[:slot] + [self.image_token_id] * self.num_image_tokens + ids[slot + 1:])
+        for question, before, after in zip(questions, befores, afters, strict=True):
+            if self.image_token_id in before or self.image_token_id in after:
+                raise ValueError(f"the prompt of question {question!r} holds a second image token (in the template's "
+                                 "system text?); LLaVA-1.5 takes one image per prompt")
+            encoded.append(self._bos + before + image + after)
         return encoded
 
     def encode_responses(self, responses: Sequence[str]) -> list[list[int]]:
@@ -152,33 +160,16 @@ class PairEncoder:
             encoded.append(ids[cut:] + [self.tokenizer.eos_token_id])
         return encoded
 
+    @property
+    def signature(self) -> str:
+        """A short hash of the template and of the ids of a fixed pair: equal for two encoders that tokenize alike.
 
-def _float_or_nan(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _reference_values(row: Mapping[str, Any]) -> tuple[list[float], list[float], list[list[float] | None]]:
-    """(sums, means, per-token lists) of the chosen and the rejected response from one row; NaN / None if absent."""
-    sums, means, tokens = [math.nan, math.nan], [math.nan, math.nan], [None, None]
-    logps = row.get("logps")
-    if isinstance(logps, str):
-        logps = json.loads(logps)
-    if logps is not None:
-        if len(logps) != 6:
-            raise ValueError(
-                f"row {row['row_id']}: `logps` must be [chosen_sum, chosen_mean, chosen_per_token, rejected_sum, "
-                f"rejected_mean, rejected_per_token], got {len(logps)} entries"
-            )
-        for side, (total, mean, per_token) in enumerate(AUTHORS_LOGPS_SLOTS):
-            sums[side], means[side] = _float_or_nan(logps[total]), _float_or_nan(logps[mean])
-            tokens[side] = None if logps[per_token] is None else [float(v) for v in logps[per_token]]
-    for side in range(2):
-        if row.get(REF_LOGPS_COLUMNS[side]) is not None:
-            sums[side] = float(row[REF_LOGPS_COLUMNS[side]])
-            means[side] = _float_or_nan(row.get(REF_MEAN_COLUMNS[side]))
-            values = row.get(REF_TOKEN_COLUMNS[side])
-            tokens[side] = None if values is None else [float(v) for v in values]
-    return sums, means, tokens
+        `dama precompute-ref` records it beside its output; reference log-probs are refused when the run's differs.
+        """
+        question, response = SIGNATURE_PAIR
+        payload = {"template": asdict(self.template), "prompt": self.encode_prompts([question])[0],
+                   "response": self.encode_responses([response])[0]}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -199,7 +190,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         overlong: str = "error",
         template: ConversationTemplate = ConversationTemplate(),
         image_aspect_ratio: str = "crop",
+        reference_record: Mapping[str, Any] | None = None,
     ):
+        """`reference_record`: the metadata `dama precompute-ref` wrote beside these rows (its `encoding` and
+        `image_aspect_ratio`), checked against this dataset's before any reference value is used."""
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
@@ -221,6 +215,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self._reference: list[tuple[float, float, float, float]] = []
         self._hardness: list[float] = []
         self.skipped_row_ids: list[str] = []
+        if reference_record is not None and any(c in rows.column_names for c in (*REF_LOGPS_COLUMNS, "logps")):
+            self._check_reference_record(reference_record)
         small = rows.select_columns([c for c in rows.column_names if c not in IMAGE_COLUMNS])
         for start in range(0, small.num_rows, ENCODE_BATCH):
             self._encode_batch(start, small[start:start + ENCODE_BATCH], overlong)
@@ -234,14 +230,34 @@ class PreferenceDataset(torch.utils.data.Dataset):
         image_folder: str | Path | None = None,
         cache_dir: str | Path | None = None,
         limit: int | None = None,
+        select: Sequence[str] = (),
         **options: Any,
     ) -> PreferenceDataset:
-        """Read a parquet or JSON input (see load_preference_rows); images resolve under `image_folder`, by default
-        the input's folder (the input itself when it is a folder of shards)."""
+        """Read a parquet or JSON input (see load_preference_rows, which applies `select` and `limit`); images resolve
+        under `image_folder`, by default the input's folder (the input itself when it is a folder of shards). The
+        metadata beside the input, when there is one, is the `reference_record`."""
         if image_folder is None:
             image_folder = default_image_folder(path)
-        rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit)
-        return cls(rows, processor, image_folder=image_folder, **options)
+        rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit, select=select)
+        record = None
+        if metadata_path(path).is_file():
+            record = json.loads(metadata_path(path).read_text(encoding="utf-8"))
+        return cls(rows, processor, image_folder=image_folder, reference_record=record, **options)
+
+    def _check_reference_record(self, record: Mapping[str, Any]) -> None:
+        """ValueError when the reference values were computed with another encoding or image setting than this."""
+        encoding, aspect = record.get("encoding"), record.get("image_aspect_ratio")
+        if encoding is not None and encoding != self.encoder.signature:
+            raise ValueError(
+                f"the reference log-probs of this data were computed with another template or tokenizer (encoding "
+                f"{encoding}, this run's {self.encoder.signature}; system prompt then: {record.get('system_prompt')!r})"
+                ". Run `dama precompute-ref` again with this model and template."
+            )
+        if aspect is not None and aspect != self.image_aspect_ratio:
+            raise ValueError(
+                f"the reference log-probs of this data were computed with image_aspect_ratio={aspect!r}, this run "
+                f"uses {self.image_aspect_ratio!r}: use the same setting or run `dama precompute-ref` again."
+            )
 
     def _encode_batch(self, start: int, batch: dict[str, list], overlong: str) -> None:
         prompts = self.encoder.encode_prompts([q or "" for q in batch["question"]])
@@ -260,23 +276,31 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.skipped_row_ids.append(row_id)
                 continue
             row = {key: values[offset] for key, values in batch.items()}
-            sums, means, tokens = _reference_values(row)
-            for side, name in enumerate(("chosen", "rejected")):
-                count = len(responses[side])
-                if tokens[side] is not None and len(tokens[side]) != count:
-                    raise ValueError(
-                        f"row {row_id}: the reference {name} per-token log-probs have {len(tokens[side])} values but "
-                        f"the {name} response has {count} supervised tokens here; the reference was computed with "
-                        "another tokenizer or template. Recompute the reference log-probs with this setup."
-                    )
-                if math.isnan(means[side]) and not math.isnan(sums[side]):
-                    means[side] = sums[side] / count
+            chosen_ref, rejected_ref = reference_values(row, len(prompt), [len(r) for r in responses],
+                                                        self.authors_template)
             self._rows.append(start + offset)
             self._row_ids.append(row_id)
             self._prompts.append(prompt)
             self._responses.append(responses)
-            self._reference.append((sums[0], sums[1], means[0], means[1]))
-            self._hardness.append(_float_or_nan(row.get("hardness")))
+            self._reference.append((chosen_ref.logps, rejected_ref.logps, chosen_ref.mean_logps,
+                                    rejected_ref.mean_logps))
+            self._hardness.append(row_hardness(row))
+
+    @property
+    def authors_template(self) -> bool:
+        """Whether the template is LLaVA-1.5's own, with which the authors' reference log-probs were computed."""
+        return self.encoder.template == ConversationTemplate()
+
+    @property
+    def num_with_hardness(self) -> int:
+        """Kept pairs that have a hardness value."""
+        return sum(not math.isnan(h) for h in self._hardness)
+
+    @property
+    def hardness_mean(self) -> float | None:
+        """The mean hardness over the kept pairs that have one; None when none has."""
+        values = [h for h in self._hardness if not math.isnan(h)]
+        return math.fsum(values) / len(values) if values else None
 
     @property
     def num_skipped(self) -> int:
@@ -295,15 +319,23 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, index: int) -> PreferenceExample:
+    def row_id(self, index: int) -> str:
+        return self._row_ids[index]
+
+    def sequences(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, labels) of the chosen and of the rejected sequence of pair `index`, without its image.
+
+        Shapes: (L,) int64 each; labels are -100 on the prompt, the token ids on the response and its "</s>".
+        """
         prompt = self._prompts[index]
-        chosen, rejected = self._responses[index]
+        return tuple(_sequence(prompt, response) for response in self._responses[index])
+
+    def __getitem__(self, index: int) -> PreferenceExample:
         ref_chosen, ref_rejected, ref_chosen_mean, ref_rejected_mean = self._reference[index]
-        chosen_ids, chosen_labels = _sequence(prompt, chosen)
-        rejected_ids, rejected_labels = _sequence(prompt, rejected)
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = self.sequences(index)
         return PreferenceExample(
             row_id=self._row_ids[index],
-            prompt_length=len(prompt),
+            prompt_length=len(self._prompts[index]),
             chosen_input_ids=chosen_ids,
             chosen_labels=chosen_labels,
             rejected_input_ids=rejected_ids,

@@ -3,6 +3,10 @@
 Each image is a plain background with one to three coloured shapes. The chosen answer describes it correctly; the
 rejected answer hallucinates, from one swapped word (a hard pair, small hardness) to every sentence wrong (an easy
 pair), so the data has a spread of hardness like real preference data. Everything is a function of the seed.
+
+Each split also gets a COCO-format instances file of its drawn objects (`<split>.instances.json`): one category per
+colour and shape ("red circle"), one annotation per object, image ids equal to the rows' `idx`. `dama eval-chair`
+scores answers about the images against it exactly as it scores answers about COCO images.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from dama.data.dataset import ConversationTemplate
+from dama.data.formats import write_json_atomic
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -114,7 +119,45 @@ def hallucinate(scene: Scene, level: str, rng: random.Random) -> list[str]:
     return [wrong[i] if i in wrong_slots else truth[i] for i in range(len(truth))]
 
 
+def object_name(colour: str, shape: str) -> str:
+    """A drawn object's category name in the demo's annotation files: "red circle"."""
+    return f"{colour} {shape}"
+
+
+def demo_categories() -> list[dict]:
+    """Every colour-and-shape object as a COCO-style category (ids from 1); backgrounds are not objects."""
+    names = [object_name(colour, shape) for colour in COLOURS for shape in SHAPES]
+    return [{"id": number, "name": name, "supercategory": name.split()[-1]}
+            for number, name in enumerate(names, start=1)]
+
+
+def coco_instances(scenes: list[Scene], rows: list[dict], image_size: int) -> dict:
+    """A COCO-format instances file for drawn scenes: one image per row (id = the row's idx, file_name = its
+    image_path), one annotation per drawn object, the categories of `demo_categories`."""
+    category_ids = {category["name"]: category["id"] for category in demo_categories()}
+    images, annotations = [], []
+    for scene, row in zip(scenes, rows, strict=True):
+        images.append({"id": row["idx"], "file_name": row["image_path"], "width": image_size, "height": image_size})
+        for colour, shape in scene.objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": row["idx"],
+                                "category_id": category_ids[object_name(colour, shape)]})
+    return {"info": {"description": "dama demo: drawn shapes"}, "images": images, "annotations": annotations,
+            "categories": demo_categories()}
+
+
+def instances_path(split_path: str | Path) -> Path:
+    """Where the annotation file of a split's parquet lives: `<split>.instances.json` beside it."""
+    split_path = Path(split_path)
+    return split_path.with_name(f"{split_path.stem}.instances.json")
+
+
 def make_rows(num_pairs: int, seed: int, image_size: int, split: str) -> list[dict]:
+    """The parquet rows of a split (see `make_scene_rows`)."""
+    return [row for _, row in make_scene_rows(num_pairs, seed, image_size, split)]
+
+
+def make_scene_rows(num_pairs: int, seed: int, image_size: int, split: str) -> list[tuple[Scene, dict]]:
+    """The rows of a split with the scene each one was drawn from."""
     rng = random.Random(f"{seed}-{split}")
     rows = []
     for index in range(num_pairs):
@@ -124,7 +167,7 @@ def make_rows(num_pairs: int, seed: int, image_size: int, split: str) -> list[di
         image.save(buffer, format="PNG")
         level = ERROR_LEVELS[index % len(ERROR_LEVELS)]
         image_path = f"demo/{split}/{index:05d}.png"
-        rows.append({
+        rows.append((scene, {
             "ds_name": "dama-demo",
             "image": {"bytes": buffer.getvalue(), "path": image_path},
             "question": rng.choice(QUESTIONS),
@@ -134,7 +177,7 @@ def make_rows(num_pairs: int, seed: int, image_size: int, split: str) -> list[di
             "origin_split": f"{split}/{level}",
             "idx": index,
             "image_path": image_path,
-        })
+        }))
     return rows
 
 
@@ -148,12 +191,17 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 def make_demo_data(output_dir: str | Path, num_train: int = 384, num_eval: int = 96, seed: int = 0,
                    image_size: int = 64) -> dict[str, Path]:
-    """Writes train.parquet and eval.parquet under output_dir; returns their paths by split name."""
+    """Writes train.parquet and eval.parquet under output_dir, each with its COCO-format annotation file of the drawn
+    objects (`instances_path`: train.instances.json, eval.instances.json); returns the parquet paths by split name."""
     output_dir = Path(output_dir)
     paths = {}
     for split, count in (("train", num_train), ("eval", num_eval)):
         paths[split] = output_dir / f"{split}.parquet"
-        write_parquet(make_rows(count, seed, image_size, split), paths[split])
+        scenes_and_rows = make_scene_rows(count, seed, image_size, split)
+        rows = [row for _, row in scenes_and_rows]
+        write_parquet(rows, paths[split])
+        write_json_atomic(instances_path(paths[split]),
+                          coco_instances([scene for scene, _ in scenes_and_rows], rows, image_size))
     return paths
 
 

@@ -10,9 +10,13 @@ the code under test loads them exactly as it would load the real ones (`CLIPMode
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -98,16 +102,17 @@ def tiny_clip_config(
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=hidden // 2)
 
 
-def build_tiny_clip(output_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+def build_tiny_clip(output_dir: str | Path, seed: int = 0, image_size: int = 32,
+                    corpus: Sequence[str] = CAPTIONS) -> Path:
     """Build a random tiny CLIPModel and its CLIPProcessor and save both to `output_dir`; returns the folder.
 
     Images are processed as LLaVA-1.5's CLIP does it (shortest side resized, then a centre crop), at
-    `image_size` pixels instead of 336.
+    `image_size` pixels instead of 336. The tokenizer is trained on `corpus`.
     """
     if image_size < 8 or image_size % 8:
         raise ValueError(f"image_size must be a positive multiple of the patch size 8, got {image_size}")
     output_dir = Path(output_dir)
-    tokenizer = train_clip_tokenizer()
+    tokenizer = train_clip_tokenizer(list(corpus))
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -116,3 +121,53 @@ def build_tiny_clip(output_dir: str | Path, seed: int = 0, image_size: int = 32)
     model.save_pretrained(output_dir)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output_dir)
     return output_dir
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    """An image with statements that are true of it and statements that are not (its hard negatives)."""
+
+    image: Image.Image
+    true: tuple[str, ...]
+    false: tuple[str, ...]
+
+
+def contrastive_warm_up(clip_dir: str | Path, examples: Sequence[CaptionedImage], steps: int, batch_size: int = 32,
+                        learning_rate: float = 2e-3, seed: int = 0) -> float:
+    """Train the CLIP saved in `clip_dir` with CLIP's symmetric contrastive loss, in place; returns the last loss.
+
+    Each step draws `batch_size` images, one true statement of each and one false statement of each (when it has
+    any). An image is scored against every statement of the batch and must pick its own true one; a statement that
+    is also true of that image (two scenes with the same background, say) is left out of its candidates rather than
+    counted as a wrong answer. Each true statement must likewise pick its image among the batch's images.
+    Hard negatives teach CLIP what the hardness pass needs: to score a wrong statement about an image below a right
+    one, not only to tell images apart.
+    """
+    if steps < 0 or batch_size < 2:
+        raise ValueError(f"need steps >= 0 and batch_size >= 2, got {steps} and {batch_size}")
+    if len(examples) < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} examples, got {len(examples)}")
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).train()
+    processor = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
+    pixels = processor.image_processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    rng, loss = random.Random(seed), torch.tensor(float("nan"))
+    for _ in range(steps):
+        chosen = rng.sample(range(len(examples)), batch_size)
+        texts = [rng.choice(examples[i].true) for i in chosen]
+        texts += [rng.choice(examples[i].false) for i in chosen if examples[i].false]
+        tokens = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        output = model(**tokens, pixel_values=pixels[chosen])
+        # Statements (other than its own target) that are true of an image are not wrong answers for it.
+        also_true = torch.tensor([[column != row and text in examples[i].true for column, text in enumerate(texts)]
+                                  for row, i in enumerate(chosen)])  # (B, T)
+        per_image = output.logits_per_image.masked_fill(also_true, float("-inf"))  # (B, T)
+        per_text = output.logits_per_text[:batch_size, :].masked_fill(also_true[:, :batch_size].T, float("-inf"))
+        targets = torch.arange(batch_size)
+        loss = (torch.nn.functional.cross_entropy(per_image, targets)
+                + torch.nn.functional.cross_entropy(per_text, targets)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(clip_dir)
+    return float(loss.detach())

@@ -9,7 +9,7 @@ parses. TrainingArguments.__post_init__ shadows ours in that subclass: its own _
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from dama_kernels.functional import IMPLS as LOSS_IMPLS
@@ -64,7 +64,8 @@ class DamaMethodConfig:
     )
     outlier_filter: bool = field(
         default=True,
-        metadata={"help": "Keep a draw of keep_ratio of the pairs, weighted by closeness of their margin to R."},
+        metadata={"help": "Keep a draw of keep_ratio of the pairs, weighted by closeness of their margin to R. Part "
+                  "of the model-aware strategy: with model_aware off every pair is kept, whatever this says."},
     )
     keep_ratio: float = field(
         default=0.8,
@@ -114,6 +115,18 @@ class DamaMethodConfig:
         if self.hardness_mean is not None and not math.isfinite(self.hardness_mean):
             raise ValueError(f"hardness_mean must be a finite float or None (take it from the data), got "
                              f"{self.hardness_mean}")
+        self._refuse_options_without_effect()
+
+    def _refuse_options_without_effect(self) -> None:
+        """A filter option set away from its default where the filter does not run is refused, not ignored."""
+        defaults = {f.name: f.default for f in fields(DamaMethodConfig)}
+        filter_options = [n for n in ("keep_ratio", "filter_width", "filter_seed") if getattr(self, n) != defaults[n]]
+        if not self.model_aware and filter_options:
+            raise ValueError(f"{', '.join(filter_options)} only act with model_aware=true (the outlier filter belongs "
+                             "to the model-aware strategy); leave them at their defaults or turn model_aware on")
+        if not self.outlier_filter and filter_options:
+            raise ValueError(f"{', '.join(filter_options)} only act with outlier_filter=true; leave them at their "
+                             "defaults or turn outlier_filter on")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

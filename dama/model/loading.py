@@ -13,11 +13,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_llava(path: str | Path, dtype: str = "float32") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA model and its processor from a local folder (never the hub)."""
     path = Path(path)
+    processor = load_processor(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    return model, processor
+
+
+def load_processor(path: str | Path) -> LlavaProcessor:
+    """The processor (tokenizer and image processor) of a saved LLaVA folder, without its weights."""
+    path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
-    return model, processor
+    return LlavaProcessor.from_pretrained(path, local_files_only=True)
 
 
 def configure_trainable(

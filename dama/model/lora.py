@@ -9,7 +9,8 @@ the starting model exactly (the online reference of DPO, without a second model 
 Precision: trainable weights are kept in fp32 (the adapters by peft, the whole-part copies here), frozen ones in the
 loaded dtype. With 16-bit frozen weights the step must run under autocast (--bf16 / --fp16), which runs the fp32
 adapters in 16 bits; peft's own cast of each adapter's input to fp32 is switched off, since it would keep an fp32
-copy of the input of every adapted projection alive for the backward.
+copy of the input of every adapted projection alive for the backward. Under DeepSpeed, which casts the model to
+16 bits and keeps fp32 masters in its optimizer, everything stays in the base's dtype (fp32_trained=False).
 
 Folder format: peft's (adapter_config.json + adapter_model.safetensors), keys named after the in-memory modules,
 so `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), folder)` loads it.
@@ -48,13 +49,15 @@ def _peft():
 
 
 def apply_lora(llava: LlavaForConditionalGeneration, rank: int, alpha: float, *, train_projector: bool = True,
-               train_vision_tower: bool = False, base_model_path: str | Path | None = None, seed: int = 0):
+               train_vision_tower: bool = False, base_model_path: str | Path | None = None, seed: int = 0,
+               fp32_trained: bool = True):
     """Adds LoRA adapters to `llava` in place and returns peft's PeftModel around it (`.base_model.model is llava`).
 
     Every base weight is frozen; the adapters train, and the projector / vision tower too when asked (as trainable
-    fp32 copies beside the frozen originals). base_model_path is written into the adapter config, so that the adapter
-    folder names the checkpoint it applies to. The A matrices are drawn from `seed` (B starts at zero), whatever the
-    caller's random state.
+    copies beside the frozen originals). fp32_trained keeps what trains in fp32 whatever the base's dtype; an engine
+    that keeps fp32 masters itself (DeepSpeed) wants them in the base's dtype instead. base_model_path is written into
+    the adapter config, so that the adapter folder names the checkpoint it applies to. The A matrices are drawn from
+    `seed` (B starts at zero), whatever the caller's random state.
     """
     peft = _peft()
     if rank < 1:
@@ -70,11 +73,11 @@ def apply_lora(llava: LlavaForConditionalGeneration, rank: int, alpha: float, *,
     llava.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapters = peft.get_peft_model(llava, config)
+        adapters = peft.get_peft_model(llava, config, autocast_adapter_dtype=fp32_trained)
     for module in llava.modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):
             module.cast_input_dtype_enabled = False
-        if isinstance(module, peft.utils.other.ModulesToSaveWrapper):
+        if fp32_trained and isinstance(module, peft.utils.other.ModulesToSaveWrapper):
             module.modules_to_save.float()
     return adapters
 

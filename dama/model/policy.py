@@ -73,9 +73,14 @@ class DamaPolicy(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
-        """Recompute the decoder layers' activations in the backward (the Trainer calls this with its options)."""
+        """Recompute the LLaVA's layer activations in the backward; the Trainer calls this with these arguments when
+        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name."""
         self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
                                                    every_n_layers=every_n_layers, offload=offload)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.llava.is_activation_checkpointing
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         if self.head_kind == "fused":

@@ -11,6 +11,10 @@ For a pair with image I, chosen response y_w and rejected response y_l:
 5. δ̄, the mean of δ over the scored pairs, goes to `<output>.meta.json` beside the output, with the run's
    settings and the list of skipped rows. The trainer reads it from there; it is never hard-coded.
 
+Every row is checked before the first is scored (dama.data.validation: texts, image); a bad row stops the run
+naming it, or with --on-bad-row skip is left out (null columns) and listed with its reason in the metadata, as is a
+row whose responses split into no sub-sentence.
+
 Pairs are scored in batches (the images of `batch_size` pairs and all their sub-sentences at once). The run is
 resumable: each finished batch is appended to `<output>.partial.jsonl` (flushed and fsynced), a rerun skips the
 rows found there, and the file is removed once the output and metadata are written (both atomically).
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,8 +35,18 @@ import torch
 from PIL import Image
 
 from dama.command import run_command
-from dama.data.formats import PairRow, default_image_folder, load_preference_rows, metadata_path
-from dama.offline.passes import AddedColumn, PartialResults, PassOutcome, check_output_path, run_pass
+from dama.data.formats import IMAGE_UNREADABLE, PairRow, metadata_path, read_metadata
+from dama.data.validation import BAD_ROW_POLICIES, BadRowError, RowChecks, check_input
+from dama.offline.passes import (
+    AddedColumn,
+    PartialResults,
+    PassOutcome,
+    check_output_path,
+    plan_output,
+    run_identity,
+    run_pass,
+    skipped_summary,
+)
 from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
@@ -41,12 +55,9 @@ HARDNESS_COLUMNS = (
     AddedColumn("rejected_logits", pa.list_(pa.float64())),
     AddedColumn("hardness", pa.float64()),
 )
-BAD_ROW_POLICIES = ("error", "skip")
 SPLITTERS = ("rule", "lm")
-
-
-class BadRowError(ValueError):
-    """A row that cannot be scored (missing or corrupt image, empty response), raised under --on-bad-row error."""
+NO_SUB_SENTENCE = "no sub-sentence"
+SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
 
 class ImageTextScorer(Protocol):
@@ -146,19 +157,20 @@ class _Prepared:
     rejected: list[str]
 
 
-def _prepare(row: PairRow, splitter: Splitter) -> tuple[_Prepared | None, str | None]:
-    """The row ready to score, or the reason it cannot be scored."""
+def _prepare(row: PairRow, splitter: Splitter) -> tuple[_Prepared | None, tuple[str, str] | None]:
+    """The row ready to score, or (reason, detail) of why it cannot be scored.
+
+    The row check ran before, so texts and image are sound; the splitter may still find no sub-sentence.
+    """
     sub_sentences = {}
     for side, text in (("chosen", row.chosen), ("rejected", row.rejected)):
-        if not text.strip():
-            return None, f"empty {side} response"
         sub_sentences[side] = splitter.split(text)
         if not sub_sentences[side]:
-            return None, f"{side} response has no sub-sentence to score ({text[:60]!r})"
+            return None, (NO_SUB_SENTENCE, f"{side} response has no sub-sentence to score ({text[:60]!r})")
     try:
         image = row.load_image()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return None, f"missing or unreadable image ({type(error).__name__}: {error})"
+    except ValueError as error:  # the file changed since the row check
+        return None, (getattr(error, "reason", IMAGE_UNREADABLE), str(error))
     return _Prepared(row, image, sub_sentences["chosen"], sub_sentences["rejected"]), None
 
 
@@ -174,8 +186,8 @@ def score_pairs(
 ) -> PassOutcome:
     """Score every row not already in `partial`, `batch_size` pairs per scorer call, appending each batch to it.
 
-    A bad row raises BadRowError naming it (on_bad_row="error") or is recorded in `skipped` ("skip"). Skipped
-    rows are not written to `partial`: a rerun examines them again, so a fixed image is picked up.
+    A row that cannot be scored raises BadRowError naming it (on_bad_row="error") or is recorded in `skipped`
+    ("skip"). Skipped rows are not written to `partial`: a rerun examines them again, so a fixed row is picked up.
     """
     from tqdm.auto import tqdm
 
@@ -203,12 +215,10 @@ def score_pairs(
                 continue
             prepared, problem = _prepare(row, splitter)
             if prepared is None:
+                reason, detail = problem
                 if on_bad_row == "error":
-                    raise BadRowError(
-                        f"{row.describe()}: {problem}. Fix the row, or pass --on-bad-row skip to leave it out "
-                        "(skipped rows are listed in the metadata)."
-                    )
-                outcome.skipped.append({"row_id": row.row_id, "idx": row.idx, "reason": problem})
+                    raise BadRowError(f"{row.describe()}: {detail}. {SKIP_HINT}")
+                outcome.skipped.append({"row_id": row.row_id, "reason": reason, "detail": detail})
                 continue
             batch.append(prepared)
             if len(batch) == batch_size:
@@ -279,41 +289,56 @@ def compute_hardness(
     limit: int | None = None,
     scorer: ImageTextScorer | None = None,
     cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    select: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The whole pass: read, split, score, write the output and `<output>.meta.json`; returns the metadata.
+    """The whole pass: check every row, split, score, write the output and `<output>.meta.json`; returns the metadata.
+
+    `select` keeps the rows meeting its conditions (dama.data.formats): only they are scored and written, and the
+    mean hardness is theirs.
 
     `scorer` replaces the CLIP scorer built from `clip_path` (tests wrap the real one); the splitter still uses
-    the tokenizer at `clip_path` to measure lengths.
+    the tokenizer at `clip_path` to measure lengths. When the output is already this run's complete output, nothing
+    is computed and its metadata is returned with "already_complete": True.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     _check_arguments(input_path, output_path, clip_path, batch_size, on_bad_row, splitter, splitter_model, limit)
     clip_path = Path(clip_path).resolve()
-    text_splitter = build_splitter(splitter, clip_path, splitter_model, device)
-    scorer = scorer if scorer is not None else ClipScorer(clip_path, device=device)
     settings = {
         "clip": str(clip_path),
         "raw": raw,
         "splitter": splitter,
         "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
+        "select": list(select),
     }
-    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
-    folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
+    identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row,
+                            image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
+    plan = plan_output(input_path, output_path, settings, identity, overwrite)
+    if plan.action == "complete":
+        return {**read_metadata(output_path), "already_complete": True}
+    checked = check_input(input_path, RowChecks(), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
+                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
+    text_splitter = build_splitter(splitter, clip_path, splitter_model, device)
+    scorer = scorer if scorer is not None else ClipScorer(clip_path, device=device)
 
     def score(partial: PartialResults) -> PassOutcome:
-        pairs = (PairRow.from_record(record, folder) for record in rows)
-        return score_pairs(pairs, text_splitter, scorer, partial, batch_size=batch_size, raw=raw,
-                           on_bad_row=on_bad_row, total=rows.num_rows)
+        pairs = (PairRow.from_record(record, checked.image_folder) for record in checked.rows)
+        outcome = score_pairs(pairs, text_splitter, scorer, partial, batch_size=batch_size, raw=raw,
+                              on_bad_row=on_bad_row, total=checked.rows.num_rows)
+        outcome.skipped = checked.report.skipped + outcome.skipped
+        return outcome
 
     def hardness_fields(outcome: PassOutcome) -> dict[str, Any]:
         hardness = [record["hardness"] for record in outcome.results.values()]
         return {
             "hardness_mean": math.fsum(hardness) / len(hardness) if hardness else None,
-            "rows": rows.num_rows,
+            "rows": checked.report.total,
             "lm_fallbacks": text_splitter.fallbacks if isinstance(text_splitter, LMSplitter) else None,
         }
 
-    return run_pass(input_path, output_path, settings=settings, columns=HARDNESS_COLUMNS, score=score,
-                    row_values=output_values, metadata=hardness_fields, limit=limit)
+    return run_pass(input_path, plan, step="hardness", settings=settings, columns=HARDNESS_COLUMNS, score=score,
+                    row_values=output_values, metadata=hardness_fields, limit=limit,
+                    keep=checked.selected_row_ids if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,8 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-bad-row",
         choices=BAD_ROW_POLICIES,
         default="error",
-        help="a row with a missing/corrupt image or an empty response: stop with an error naming it, or skip it "
-        "and list it in the metadata (default: %(default)s)",
+        help="a bad row (a missing, corrupt or over-large image, an empty or missing response; every row is checked "
+        "before scoring starts): stop with an error naming it, or skip it and list it with its reason in the "
+        "metadata (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
+        "with the same input and settings reports it complete and does nothing)",
+    )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
+        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
     parser.add_argument(
@@ -375,12 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         metadata = compute_hardness(
             args.input, args.output, args.clip, image_folder=args.image_folder, batch_size=args.batch_size,
             device=args.device, raw=args.raw, splitter=args.splitter, splitter_model=args.splitter_model,
-            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir,
+            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir, overwrite=args.overwrite,
+            select=args.select,
         )
         mean = metadata["hardness_mean"]
+        if metadata.get("already_complete"):
+            return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "
+                    "nothing to do; pass --overwrite to compute it again")
         return (
-            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
-            f"{metadata['skipped_count']}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
+            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), "
+            f"{skipped_summary(metadata)}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
             f"wrote {args.output} and {metadata_path(args.output)}"
         )
 

@@ -2,16 +2,24 @@
 resuming from a partial-results file, and running a pass from its CLI.
 
 A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns as
-`AddedColumn`s), written atomically. Finished rows are appended to `<output>.partial.jsonl` as they are scored
-(`PartialResults`); a rerun with the same settings skips them, and the file is removed once the output and its
-metadata are complete.
+`AddedColumn`s), written atomically; a pass run with `--select` writes the selected rows only. Finished rows are
+appended to `<output>.partial.jsonl` as they are scored (`PartialResults`); a rerun with the same settings skips them,
+and the file is removed once the output and its metadata are complete.
+
+Before anything is loaded, `plan_output` decides what a pass may do with its output path: start (nothing there),
+resume (a partial file of the same settings), report "already complete" (the output and metadata of this very run:
+same input files, settings and options), or refuse (anything else there) unless --overwrite, which discards the
+partial file at the start and replaces the output when the new one is complete. The metadata's `skipped` list gives
+each left-out row's id in the output too (`output_row_id`), which is how the next step finds them
+(dama.data.validation.upstream_skips).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dama.data.formats import (
     atomic_path,
     detect_format,
+    metadata_path,
     parquet_files,
     read_json_list,
     write_json_atomic,
@@ -61,23 +70,28 @@ def write_dataset(
     columns: Sequence[AddedColumn],
     values_for_row: Callable[[str], Mapping[str, Any]],
     limit: int | None = None,
+    keep: Collection[str] | None = None,
 ) -> None:
-    """Write the input rows (the first `limit`) plus `columns`, atomically, in the input's format.
+    """Write the input rows (the first `limit`; of those, the ids in `keep` when given) plus `columns`, atomically, in
+    the input's format.
 
     `values_for_row(row_id)` gives one row's value of every added column, by column name, and None values for a row
-    the pass left out; row ids are those of `iter_pairs`. Parquet is streamed shard by shard into one output file,
-    every input column kept and the added ones last, in the order of `columns`. JSON is written as one list; a record
-    keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row` returns.
+    the pass left out; row ids are those of `load_preference_rows`. Parquet is streamed shard by shard into one
+    output file, every input column kept and the added ones last, in the order of `columns`. JSON is written as one
+    list; a record keeps its own keys in place and gains the new ones in the order of the mapping `values_for_row`
+    returns.
     """
     input_path = Path(input_path)
     if detect_format(input_path) == "json":
         records = read_json_list(input_path)
         records = records if limit is None else records[:limit]
-        for number, record in enumerate(records):
-            record.update(values_for_row(f"{input_path.name}:{number}"))
-        write_json_atomic(output_path, records)
+        ids = [f"{input_path.name}:{number}" for number in range(len(records))]
+        kept = [(row_id, record) for row_id, record in zip(ids, records, strict=True) if keep is None or row_id in keep]
+        for row_id, record in kept:
+            record.update(values_for_row(row_id))
+        write_json_atomic(output_path, [record for _, record in kept])
         return
-    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit)
+    _write_parquet(input_path, Path(output_path), columns, values_for_row, limit, keep)
 
 
 def _write_parquet(
@@ -86,6 +100,7 @@ def _write_parquet(
     columns: Sequence[AddedColumn],
     values_for_row: Callable[[str], Mapping[str, Any]],
     limit: int | None,
+    keep: Collection[str] | None,
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -105,8 +120,13 @@ def _write_parquet(
                         remaining -= batch.num_rows
                     table = pa.Table.from_batches([batch])
                     table = table.drop_columns([name for name in table.column_names if name in names])
-                    rows = [values_for_row(f"{file.name}:{number + i}") for i in range(table.num_rows)]
+                    ids = [f"{file.name}:{number + i}" for i in range(table.num_rows)]
                     number += table.num_rows
+                    if keep is not None:
+                        mask = [row_id in keep for row_id in ids]
+                        table = table.filter(pa.array(mask, type=pa.bool_()))
+                        ids = [row_id for row_id, kept in zip(ids, mask, strict=True) if kept]
+                    rows = [values_for_row(row_id) for row_id in ids]
                     for column in columns:
                         table = table.append_column(column.name, column.arrow_array([row[column.name] for row in rows]))
                     if writer is None:
@@ -144,6 +164,97 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
         raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
     if output_path.resolve() == input_path.resolve():
         raise ValueError("--output must differ from --input: the input is read again while the output is written")
+
+
+def run_identity(input_path: Path, settings: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+    """What makes two runs of a pass the same run: its settings, the options that decide which rows are kept, and
+    the input files (path, size, modification time: an input rewritten since gives another run)."""
+    files = [input_path] if input_path.is_file() else parquet_files(input_path)
+    return {
+        "settings": dict(settings),
+        **options,
+        "input": str(input_path.resolve()),
+        "input_files": [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files],
+    }
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a pass does with its output: "new", "resume", "complete" (nothing to do) or "replace" (--overwrite)."""
+
+    output_path: Path
+    action: str
+    identity: dict[str, Any]
+
+    def start(self, step: str) -> None:
+        """Called once every start-up check has passed: under "replace", discard the old partial results."""
+        if self.action != "replace":
+            return
+        partial = partial_path(self.output_path)
+        if partial.exists():
+            partial.unlink()
+            print(f"dama {step}: --overwrite: removed {partial}", file=sys.stderr)
+        print(f"dama {step}: --overwrite: {self.output_path} and its metadata are replaced when this run completes",
+              file=sys.stderr)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "input_files":
+            names.append("the input files (changed since)")
+        elif isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
+            names += [f"{key}.{name}: {old[key].get(name)!r} -> {new[key].get(name)!r}"
+                      for name in sorted(set(old[key]) | set(new[key])) if old[key].get(name) != new[key].get(name)]
+        else:
+            names.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(names)
+
+
+def _partial_settings(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        return json.loads(first).get("settings")
+    except (ValueError, AttributeError):
+        return None
+
+
+def plan_output(
+    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
+) -> OutputPlan:
+    """Decide what the pass does with `output_path` (see the module docstring); ValueError when it must refuse.
+
+    Reads only: nothing is removed or written here.
+    """
+    check_output_path(input_path, output_path)
+    partial, metadata = partial_path(output_path), metadata_path(output_path)
+    if not any(path.exists() for path in (output_path, metadata, partial)):
+        return OutputPlan(output_path, "new", identity)
+    if overwrite:
+        return OutputPlan(output_path, "replace", identity)
+    if partial.exists():
+        if _partial_settings(partial) == dict(settings):
+            return OutputPlan(output_path, "resume", identity)
+        raise ValueError(
+            f"{partial} holds the partial results of a run with other settings ({_partial_settings(partial)}; now "
+            f"{dict(settings)}): rerun with those settings to finish it, or pass --overwrite to start over"
+        )
+    recorded = None
+    if metadata.is_file():
+        try:
+            recorded = json.loads(metadata.read_text(encoding="utf-8")).get("run")
+        except (ValueError, AttributeError):
+            recorded = None
+    if output_path.exists() and recorded == identity:
+        return OutputPlan(output_path, "complete", identity)
+    why = (f"another run's output ({_differences(recorded, identity)})" if isinstance(recorded, Mapping)
+           else "a file this pass cannot tell is its own (no run record in its metadata)")
+    raise ValueError(
+        f"{output_path} already holds {why}: choose another --output, or pass --overwrite to replace it"
+    )
 
 
 def partial_path(output_path: str | Path) -> Path:
@@ -244,39 +355,65 @@ class PassOutcome:
 
 def run_pass(
     input_path: Path,
-    output_path: Path,
+    plan: OutputPlan,
     *,
+    step: str,
     settings: Mapping[str, Any],
     columns: Sequence[AddedColumn],
     score: Callable[[PartialResults], PassOutcome],
     row_values: Callable[[Mapping[str, Any] | None], Mapping[str, Any]],
     metadata: Callable[[PassOutcome], Mapping[str, Any]],
     limit: int | None = None,
+    keep: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Read, resume, score, write: the skeleton every offline pass runs.
+    """Read, resume, score, write: the skeleton every offline pass runs, into `plan.output_path`.
 
-    `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it); `row_values(record)`
-    turns a row's finished record (None for a row left out) into its values of `columns`; `metadata(outcome)` adds
-    the pass's own fields to the metadata written beside the output. `settings` must be equal for a rerun to resume.
+    `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it) and lists every row
+    left out; `row_values(record)` turns a row's finished record (None for a row left out) into its values of
+    `columns`; `metadata(outcome)` adds the pass's own fields to the metadata written beside the output. `settings`
+    must be equal for a rerun to resume. `keep`: the ids of the rows to write (a selection); None writes every row.
     Returns the metadata.
     """
+    output_path = plan.output_path
+    plan.start(step)
     with PartialResults(partial_path(output_path), settings) as partial:
         outcome = score(partial)
-        write_dataset(input_path, output_path, columns, lambda row_id: row_values(outcome.results.get(row_id)), limit)
+        output_row_ids: dict[str, str] = {}
+
+        def values_for_row(row_id: str) -> Mapping[str, Any]:
+            # Called once per output row, in output order: the row's id in the output is its position there.
+            output_row_ids[row_id] = f"{output_path.name}:{len(output_row_ids)}"
+            return row_values(outcome.results.get(row_id))
+
+        # `keep` already holds the selection cut to `limit`; the limit then must not cut the input rows again.
+        write_dataset(input_path, output_path, columns, values_for_row, limit if keep is None else None, keep)
+        skipped = [{**entry, "output_row_id": output_row_ids.get(entry["row_id"])} for entry in outcome.skipped]
+        counts: dict[str, int] = {}
+        for entry in skipped:
+            counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
         written = {
             **settings,
             "count": len(outcome.results),
             "computed": outcome.computed,
             "resumed": outcome.resumed,
-            "skipped_count": len(outcome.skipped),
-            "skipped": outcome.skipped,
+            "skipped_count": len(skipped),
+            "skipped_by_reason": counts,
+            "skipped": skipped,
             "input": str(input_path),
             "output": output_path.name,
             "format": detect_format(input_path),
             "limit": limit,
             **metadata(outcome),
+            "run": plan.identity,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_metadata(output_path, written)
     partial.remove()
     return written
+
+
+def skipped_summary(metadata: Mapping[str, Any]) -> str:
+    """ "skipped N" and the count by reason, for a pass's closing line."""
+    counts = metadata.get("skipped_by_reason") or {}
+    reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
+    return f"skipped {metadata['skipped_count']}" + (f" ({reasons})" if reasons else "")

@@ -17,10 +17,17 @@ A sum is dama_kernels.sum_per_sequence over the per-token values, as DamaPolicy.
 value is written as float64 (parquet) or its shortest repr (JSON), so reading it back gives the same number.
 
 The output is the input in its own format (parquet in, parquet out; JSON in, JSON out) with every column kept and
-the reference columns added (earlier ones replaced); pairs left out as over-long get nulls. The run's settings and
-counts go to `<output>.meta.json`. When the input has hardness metadata beside it (`<input>.meta.json`, written by
+the reference columns added (earlier ones replaced); pairs left out as over-long get nulls; with `select`, only the
+selected rows are written. The run's settings and counts go to `<output>.meta.json`, among them the encoding
+(`PairEncoder.signature`: template and tokenizer) and `image_aspect_ratio`, which training checks against its own
+before it uses these values. When the input has hardness metadata beside it (`<input>.meta.json`, written by
 `dama hardness`), its hardness_mean (δ̄, over the pairs the hardness pass scored) is copied into the output's
 metadata, so the trainer finds δ̄ beside the file it trains on.
+
+Every row is checked before the model loads (dama.data.validation: texts, a hardness that is present, image); a bad
+row stops the run naming it, or with --on-bad-row skip gets nulls and is listed with its reason in the metadata,
+beside the over-long pairs that --overlong skip leaves out. Rows the input's own metadata lists as skipped (by
+`dama hardness`) are left out the same way, with that reason, and listed again, so training skips them too.
 
 Resumable and atomic like the hardness pass: each finished batch is appended to `<output>.partial.jsonl` (flushed
 and fsynced); a rerun with the same model, dtype and max_length skips the rows found there (batch size, token budget
@@ -45,17 +52,23 @@ import dama_kernels
 from dama.command import run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
-from dama.data.dataset import AUTHORS_LOGPS_SLOTS, IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, PreferenceDataset
+from dama.data.dataset import (
+    IMAGE_ASPECT_RATIOS,
+    OVERLONG_POLICIES,
+    VICUNA_V1_SYSTEM,
+    ConversationTemplate,
+    PreferenceDataset,
+)
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
     REF_TOKEN_COLUMNS,
     PairRow,
-    default_image_folder,
-    load_preference_rows,
     metadata_path,
     read_metadata,
 )
+from dama.data.row_values import AUTHORS_LOGPS_SLOTS
+from dama.data.validation import BAD_ROW_POLICIES, RowChecks, check_input
 from dama.model.loading import DTYPES, load_llava
 from dama.model.policy import DamaPolicy
 from dama.offline.passes import (
@@ -64,7 +77,10 @@ from dama.offline.passes import (
     PartialResults,
     PassOutcome,
     check_output_path,
+    plan_output,
+    run_identity,
     run_pass,
+    skipped_summary,
 )
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
@@ -77,6 +93,7 @@ REFERENCE_COLUMNS = (
 OUTPUT_COLUMNS = tuple(column.name for column in REFERENCE_COLUMNS)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048
+SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,7 @@ def _check_arguments(
     max_tokens_per_batch: int | None,
     max_length: int,
     overlong: str,
+    on_bad_row: str,
     image_aspect_ratio: str,
     device: str,
     dtype: str | None,
@@ -255,6 +273,8 @@ def _check_arguments(
         raise ValueError(f"--max-length must be a positive number of tokens, got {max_length}")
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"--overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
         raise ValueError(f"--image-aspect-ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -286,53 +306,68 @@ def precompute_reference(
     max_tokens_per_batch: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     overlong: str = "error",
+    on_bad_row: str = "error",
     image_aspect_ratio: str = "crop",
+    system_prompt: str = VICUNA_V1_SYSTEM,
+    select: Sequence[str] = (),
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The whole pass: read, score with the reference model, write the output and `<output>.meta.json`.
+    """The whole pass: check every row, score with the reference model, write the output and `<output>.meta.json`.
 
-    Returns the metadata. `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in,
-    so that the policy at step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's
-    folder (the input itself when it is a folder of shards), as in PreferenceDataset.from_path.
+    Returns the metadata ("already_complete": True and nothing computed when the output is this run's, complete).
+    `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in, so that the policy at
+    step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's folder (the input
+    itself when it is a folder of shards), as in PreferenceDataset.from_path. `system_prompt` is the conversation
+    template's system text (training's `system_prompt`); `select` keeps the rows meeting its conditions
+    (dama.data.formats), and only those are written.
     """
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
-                     image_aspect_ratio, device, dtype, limit)
+                     on_bad_row, image_aspect_ratio, device, dtype, limit)
     dtype = resolve_dtype(dtype, device)
     model_path = model_path.resolve()
-    # Read before the model loads, so that a broken metadata file fails the run at once.
+    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
+                "image_aspect_ratio": image_aspect_ratio, "system_prompt": system_prompt, "select": list(select)}
+    identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row, overlong=overlong,
+                            image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
+    plan = plan_output(input_path, output_path, settings, identity, overwrite)
+    if plan.action == "complete":
+        return {**read_metadata(output_path), "already_complete": True}
+    # Read before the model loads, so that a broken metadata file or a bad row fails the run at once.
     hardness = input_hardness(input_path)
-    rows = load_preference_rows(input_path, cache_dir=cache_dir, limit=limit)
+    checked = check_input(input_path, RowChecks(hardness=True), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
+                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
     # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
     # with another tokenizer, so they are not read at all.
-    rows = rows.remove_columns([name for name in OUTPUT_COLUMNS if name in rows.column_names])
-    if image_folder is None:
-        image_folder = default_image_folder(input_path)
+    rows = checked.rows.remove_columns([name for name in OUTPUT_COLUMNS if name in checked.rows.column_names])
     llava, processor = load_llava(model_path, dtype)
-    dataset = PreferenceDataset(rows, processor, image_folder=image_folder, max_length=max_length, overlong=overlong,
-                                image_aspect_ratio=image_aspect_ratio)
-    skipped = set(dataset.skipped_row_ids)
-    row_ids = [row_id for row_id in rows["row_id"] if row_id not in skipped]
+    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder, max_length=max_length,
+                                overlong=overlong, image_aspect_ratio=image_aspect_ratio,
+                                template=ConversationTemplate(system=system_prompt))
+    checked.report.add_overlong(dataset)
+    left_out = checked.report.row_ids
+    row_ids = [row_id for row_id in rows["row_id"] if row_id not in left_out]
     policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
-    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
-                "image_aspect_ratio": image_aspect_ratio}
-    skipped = [{"row_id": row_id, "reason": "over-long"} for row_id in dataset.skipped_row_ids]
 
     def score(partial: PartialResults) -> PassOutcome:
         outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
                                 max_tokens=max_tokens_per_batch, device=device)
-        outcome.skipped = skipped
+        outcome.skipped = checked.report.skipped
         return outcome
 
     def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
-        return {"overlong": overlong, "rows": rows.num_rows, "device": str(device), "batch_size": batch_size,
-                "max_tokens_per_batch": max_tokens_per_batch, **hardness}
+        # `encoding` and `image_aspect_ratio` let training refuse these values if it tokenizes or sees images otherwise.
+        return {"overlong": overlong, "on_bad_row": on_bad_row, "rows": checked.report.total, "device": str(device),
+                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch,
+                "encoding": dataset.encoder.signature, **hardness}
 
-    return run_pass(input_path, output_path, settings=settings, columns=REFERENCE_COLUMNS, score=score,
-                    row_values=output_values, metadata=reference_fields, limit=limit)
+    return run_pass(input_path, plan, step="precompute-ref", settings=settings, columns=REFERENCE_COLUMNS,
+                    score=score, row_values=output_values, metadata=reference_fields, limit=limit,
+                    keep=checked.selected_row_ids if select else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,11 +420,40 @@ def build_parser() -> argparse.ArgumentParser:
         "the metadata), as training does with the same setting (default: %(default)s)",
     )
     parser.add_argument(
+        "--on-bad-row",
+        choices=BAD_ROW_POLICIES,
+        default="error",
+        help="a bad row (a missing, corrupt or over-large image, an empty or missing response, a non-finite "
+        "hardness; every row is checked before the model loads): stop with an error naming it, or skip it (null "
+        "log-probs, listed with its reason in the metadata). Rows the input's metadata lists as skipped by an "
+        "earlier step are always skipped (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
+        "with the same input and settings reports it complete and does nothing)",
+    )
+    parser.add_argument(
         "--image-aspect-ratio",
         choices=IMAGE_ASPECT_RATIOS,
         default="crop",
         help="image preprocessing, as training's image_aspect_ratio: 'crop' (CLIP's resize and centre crop) or "
         "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=VICUNA_V1_SYSTEM,
+        help="system text of the conversation template, as training's system_prompt (default: LLaVA-1.5's vicuna v1 "
+        "wording, \"A chat between a curious user and an artificial intelligence assistant. ...\")",
+    )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring case'",
     )
     parser.add_argument(
         "--device",
@@ -419,12 +483,16 @@ def main(argv: list[str] | None = None) -> int:
         metadata = precompute_reference(
             args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
             max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
-            image_aspect_ratio=args.image_aspect_ratio,
-            device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
+            on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, system_prompt=args.system_prompt,
+            select=args.select, device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
+            overwrite=args.overwrite,
         )
+        if metadata.get("already_complete"):
+            return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "
+                    "nothing to do; pass --overwrite to compute it again")
         return (
-            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), skipped "
-            f"{metadata['skipped_count']} over-long; {metadata['dtype']} on {metadata['device']}\n"
+            f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), "
+            f"{skipped_summary(metadata)}; {metadata['dtype']} on {metadata['device']}\n"
             f"wrote {args.output} and {metadata_path(args.output)}"
         )
 

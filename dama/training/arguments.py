@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES
+from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
+from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
@@ -81,13 +82,28 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     overlong: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it and count it."},
+        metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it (counted, logged "
+                  "and listed in output_dir/skipped_rows.json)."},
+    )
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A bad row (missing, corrupt or over-large image, empty or missing response, non-finite "
+                  "hardness or reference log-probs), found by checking every row before training starts: stop with "
+                  "an error naming it, or skip it (counted by reason, logged and listed in "
+                  "output_dir/skipped_rows.json). Rows an earlier step skipped are always skipped."},
     )
     image_aspect_ratio: Literal["crop", "pad"] = field(
         default="crop",
         metadata={"help": "Image preprocessing: 'crop' resizes the shortest side and centre-crops (CLIP's, the DAMA "
                   "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
                   "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
+    )
+    system_prompt: str = field(
+        default=VICUNA_V1_SYSTEM,
+        metadata={"help": "System text of the conversation template \"{system} USER: <image>\\n{question} "
+                  "ASSISTANT: {answer}</s>\". Default: LLaVA-1.5's vicuna v1 wording (its instruction tuning and the "
+                  "DAMA authors' trainer); set it for checkpoints tuned with another. precompute-ref must use the "
+                  "same (--system-prompt)."},
     )
     layout: Literal["packed", "padded"] = field(
         default="packed",
@@ -117,7 +133,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     resume: bool = field(
         default=False,
-        metadata={"help": "Continue from the newest complete checkpoint in output_dir (if there is one)."},
+        metadata={"help": "Continue the run in output_dir (same config) from its newest complete checkpoint; a run "
+                  "that is already complete is reported and left as it is."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds another run: its checkpoints, model and run files "
+                  "are removed (and listed) once the start-up checks pass. Without it such a folder is refused."},
     )
 
     def __post_init__(self) -> None:
@@ -127,11 +149,16 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
+        _check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
         if self.attention == "packed" and self.layout != "packed":
             raise ValueError("attention='packed' needs layout='packed'; use attention='sdpa' with layout='padded'")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir contradict each other: continue the run, or start over")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_tokens_per_batch < 0 or self.max_nonfinite_steps < 1 or self.lora_rank < 0:
@@ -151,10 +178,31 @@ def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[
         if isinstance(value, list | tuple):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
+            argv += [f"--{key}={json.dumps(value)}"]
         else:
-            argv += [f"--{key}", str(value)]
+            # One token: argparse would read a value such as -1e-05 as an option of its own.
+            argv += [f"--{key}={value}"]
     return argv
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The field: value mapping of a YAML config; ValueError for a missing file, another shape or unknown keys."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ValueError(f"--config {config_path}: no such file")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ValueError(f"{config_path} is not valid YAML ({where}{problem})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: expected a mapping of field: value")
+    unknown = sorted(set(values) - {f.name for f in fields(DamaTrainingArguments)})
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {unknown}; `dama train --help` lists every field")
+    return values
 
 
 def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bool = True) -> DamaTrainingArguments:
@@ -165,19 +213,18 @@ def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bo
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(DamaTrainingArguments, prog="dama train")
+    # One line, not the usage of every TrainingArguments field, then argparse's exit status 2.
+    parser.error = lambda message: parser.exit(2, f"dama train: error: {message} (`dama train --help` lists every "
+                                                  "field)\n")
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs; command-line flags win.")
     yaml_argv: list[str] = []
     if "--config" in argv:
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a YAML file path")
-        config_path = Path(argv[position + 1])
-        if not config_path.is_file():
-            raise ValueError(f"--config {config_path}: no such file")
-        values = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path}: expected a mapping of field: value")
-        yaml_argv = _yaml_to_argv(values, {f.name for f in fields(DamaTrainingArguments)}, str(config_path))
+        config_path = argv[position + 1]
+        yaml_argv = _yaml_to_argv(read_config(config_path), {f.name for f in fields(DamaTrainingArguments)},
+                                  config_path)
     combined = yaml_argv + argv
     deepspeed = None
     if not check_devices:

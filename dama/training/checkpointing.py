@@ -4,16 +4,23 @@ A checkpoint is written under <output_dir>/.staging/checkpoint-N and renamed int
 completion marker), so a crash mid-save never leaves a half-written checkpoint-N; only complete checkpoints count for
 rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder; with LoRA it
 is the adapter folder (dama.model.lora), which peft loads onto the base checkpoint and `dama export --merge` folds in.
+
+Best-model tracking (`load_best_model_at_end`, `save_strategy: best`): the Trainer records the best checkpoint while
+it is still in the staging folder; the record (and the trainer_state.json saved with it) is moved to the final
+folder with the rename, rotation never deletes the best checkpoint, and loading it at the end goes through
+save_pretrained's own loader into the LLaVA inside the policy (with LoRA: the adapters' weights into the adapters).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dama.method.loss import DamaLoss
@@ -46,14 +53,20 @@ def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
     saved = type(llava).from_pretrained(folder, dtype=dtype, local_files_only=True)
     llava.load_state_dict(saved.state_dict(), strict=True)
 
+
 def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss) -> int:
     """Loads the DamaLoss running state of a complete checkpoint into `dama_loss`; returns its non-finite count."""
     state_file = Path(checkpoint, DAMA_STATE_NAME)
     if not state_file.is_file():
         raise ValueError(f"{checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
-    # weights_only: a checkpoint folder is data, and must not be able to run code when it is resumed from.
-    # Read to the CPU, then copied into the buffers where they live (DeepSpeed's "cpu:0" is no valid map_location).
-    dama_loss.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+    # weights_only, explicitly (an environment variable can change the default): a checkpoint folder is data, and
+    # must not be able to run code when it is resumed from. Read on the CPU (a launcher's device may be "cpu:0",
+    # which torch.load cannot map to); load_state_dict copies the values onto the buffers' own device.
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{state_file} holds more than tensors and was not loaded ({error})") from error
+    dama_loss.load_state_dict(state)
     marker = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
     return int(marker.get("nonfinite_steps", 0))
 
@@ -92,6 +105,11 @@ class AtomicCheckpoints:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == Path(staged):
+            # Recorded while the checkpoint sat in the staging folder: point it at where the rename puts it.
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         if self.args.should_save:
             torch.save(self.dama_loss.state_dict(), os.path.join(staged, DAMA_STATE_NAME))
             marker = {"global_step": self.state.global_step, "nonfinite_steps": self.nonfinite_steps}
@@ -108,11 +126,22 @@ class AtomicCheckpoints:
             return
         complete = sorted((int(p.name.rsplit("-", 1)[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                           if (p / COMPLETE_MARKER).is_file())
+        best = self.state.best_model_checkpoint
         for _, folder in complete[:-limit]:
-            shutil.rmtree(folder)
+            if best is None or Path(best).resolve() != folder.resolve():
+                shutil.rmtree(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.adapters is not None:
-            load_adapter_weights(self.adapters, resume_from_checkpoint)
+        self._load_model_weights(resume_from_checkpoint, (model or self.model).llava)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:
+            super()._load_best_model()  # the engine's own checkpoint files, saved with every checkpoint
         else:
-            load_llava_weights((model or self.model).llava, resume_from_checkpoint)
+            self._load_model_weights(self.state.best_model_checkpoint, self.model.llava)
+
+    def _load_model_weights(self, folder: str, llava: torch.nn.Module) -> None:
+        if self.adapters is not None:
+            load_adapter_weights(self.adapters, folder)
+        else:
+            load_llava_weights(llava, folder)

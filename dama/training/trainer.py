@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
@@ -65,6 +66,8 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
             self.ref_policy = ref_policy.to(self.args.device).eval().requires_grad_(False)
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
+        # The rows left out of train_file / eval_file by the row check (dama.data.validation.SkipReport), by field.
+        self.skip_reports: dict[str, Any] = {}
         self._window_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         if self.args.ema_update == "optimizer_step":

@@ -1,0 +1,138 @@
+"""The `{image, question}` rows that `dama generate` answers, from any input it accepts.
+
+- JSONL (`.jsonl`): one object per line with `question` and `image`, and optionally `id` and `image_id` (the layout
+  of Object HalBench's prompt file). `image` is a file path, relative to the image folder (default: the JSONL's
+  folder), or the image itself as base64 text (optionally as a `data:image/...;base64,` URI).
+- The preference formats training reads (RLAIF-V parquet, a file or a folder of shards; the authors' JSON list),
+  through `dama.data.formats.load_preference_rows`: only the question and the image are used.
+
+Every row is named "<file name>:<row number in that file>" as in the offline passes. A row's output `id` is its own
+`id` when the JSONL gives one, else that row name; its `image_id` is the JSONL's `image_id`, else the image file's
+name, and for the preference formats (which carry no image id) the row's `idx`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dama.data.formats import PairRow, default_image_folder, load_preference_rows
+
+JSONL_SUFFIX = ".jsonl"
+_DATA_URI = "data:image/"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One question about one image; the image is decoded only when `load_image` is called."""
+
+    pair: PairRow
+    id: Any
+    image_id: Any
+
+    @property
+    def row_id(self) -> str:
+        return self.pair.row_id
+
+    @property
+    def question(self) -> str:
+        return self.pair.question
+
+    def load_image(self) -> Image.Image:
+        """The RGB image; ValueError naming the row when it is missing or unreadable (dama.data.formats' rule)."""
+        return self.pair.load_image()
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the question and the image's name (or bytes): a resumed row must still be the same."""
+        image = self.pair.image
+        if isinstance(image, str):
+            image = json.loads(image) if image.startswith("{") else {"path": image}
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            source = hashlib.sha1(image["bytes"]).hexdigest()
+        else:
+            path = (image.get("path") if isinstance(image, dict) else None) or self.pair.image_path
+            source = None if path is None else Path(path).name
+        return hashlib.sha1(json.dumps([self.question, source]).encode("utf-8")).hexdigest()[:16]
+
+
+def _names_a_file(value: str, folder: Path) -> bool:
+    # Base64 has no "." and JPEG data starts with "/9j/", so neither a suffix nor a leading "/" is taken alone.
+    if Path(value).suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        return (folder / value).is_file()
+    except OSError:  # e.g. a base64 "path component" longer than the file system allows
+        return False
+
+
+def _image_source(value: str, folder: Path, row_id: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for base64 image text, (None, path) for a file path (relative ones resolve under `folder`)."""
+    if value.startswith(_DATA_URI):
+        value = value.split(",", 1)[-1]
+    elif _names_a_file(value, folder):
+        return None, value
+    try:
+        return base64.b64decode(value, validate=True), None
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"row {row_id}: `image` is neither an image file's path nor base64 image data") from error
+
+
+def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptRow]:
+    with open(path, encoding="utf-8") as handle:
+        number = 0
+        for line_number, line in enumerate(handle, start=1):
+            if limit is not None and number >= limit:
+                return
+            if not line.strip():
+                continue
+            row_id = f"{path.name}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not a JSON object ({error})") from error
+            image = record.get("image") if isinstance(record, dict) else None
+            if not isinstance(image, str) or not isinstance(record.get("question"), str):
+                raise ValueError(f"{path}, line {line_number}: expected an object with a text `question` and an "
+                                 "`image` (a file path or base64 image data)")
+            image_bytes, image_path = _image_source(image, folder, row_id)
+            pair = PairRow(row_id=row_id, question=record["question"], chosen="", rejected="",
+                           image=None if image_bytes is None else {"bytes": image_bytes}, image_path=image_path,
+                           image_folder=folder)
+            default_image_id = Path(image_path).name if image_path is not None else None
+            yield PromptRow(pair, id=record.get("id", row_id), image_id=record.get("image_id", default_image_id))
+            number += 1
+
+
+def iter_prompt_rows(input_path: str | Path, image_folder: str | Path | None = None,
+                     limit: int | None = None) -> Iterator[PromptRow]:
+    """The rows of a JSONL, parquet or JSON input in file order, at most `limit` of them (see the module docstring)."""
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise FileNotFoundError(f"input {input_path} does not exist")
+    folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
+    if input_path.suffix == JSONL_SUFFIX:
+        yield from _jsonl_rows(input_path, folder, limit)
+        return
+    for record in load_preference_rows(input_path, limit=limit):
+        pair = PairRow.from_record(record, folder)
+        yield PromptRow(pair, id=pair.row_id, image_id=pair.idx)
+
+
+def count_prompt_rows(input_path: str | Path, limit: int | None = None) -> int:
+    """How many rows `iter_prompt_rows` yields (for the progress bar); ValueError for an unknown format."""
+    input_path = Path(input_path)
+    if input_path.suffix == JSONL_SUFFIX:
+        with open(input_path, encoding="utf-8") as handle:
+            total = sum(1 for line in handle if line.strip())
+        return total if limit is None else min(total, limit)
+    return load_preference_rows(input_path, limit=limit).num_rows

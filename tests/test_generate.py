@@ -1,0 +1,170 @@
+"""`dama generate` on a tiny random LLaVA: training's prompt ids, greedy decoding that does not depend on the batch,
+seeded sampling, the output schema, resuming after a crash, and errors."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import dama.evaluation.generate as generate
+from dama.cli import main
+from dama.data.dataset import PairEncoder
+from dama.demo.data import demo_corpus, make_demo_data
+from dama.demo.tiny_llava import build_tiny_llava
+from dama.evaluation.generate import DecodingSettings, ResponseGenerator, generate_responses, load_generation_model
+from dama.evaluation.prompts import iter_prompt_rows
+
+COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (240, 220, 40), (15, 15, 15))
+QUESTIONS = ("Describe the image.", "What is shown?", "What colour is the background of this picture?",
+             "Describe it.", "What do you see in this picture?")
+SHORT = DecodingSettings(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny LLaVA and a JSONL of five questions: four images by relative path (two with ids), one in base64."""
+    root = tmp_path_factory.mktemp("generate")
+    build_tiny_llava(demo_corpus(), root / "model", seed=3)
+    (root / "images").mkdir()
+    lines = []
+    for number, (colour, question) in enumerate(zip(COLOURS, QUESTIONS, strict=True)):
+        image = Image.new("RGB", (40, 48), colour)
+        if number == 4:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            lines.append({"image": base64.b64encode(buffer.getvalue()).decode(), "question": question,
+                          "image_id": 404})
+            continue
+        image.save(root / "images" / f"{number}.png")
+        lines.append({"image": f"images/{number}.png", "question": question, **({"id": f"q{number}", "image_id":
+                                                                                 100 + number} if number < 2 else {})})
+    (root / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompts_are_the_training_template(setup):
+    model, processor = load_generation_model(setup / "model", "float32", "cpu")
+    generator = ResponseGenerator(model, processor, SHORT)
+    input_ids, attention_mask = generator.left_padded(QUESTIONS[:3])
+    expected = PairEncoder(processor).encode_prompts(QUESTIONS[:3])
+    for row, prompt in enumerate(expected):
+        assert input_ids[row][attention_mask[row].bool()].tolist() == prompt
+        assert attention_mask[row, -len(prompt):].all() and not attention_mask[row, :-len(prompt)].any()
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_output_schema_and_batch_independent_greedy(setup, capsys):
+    output = setup / "out" / "answers.jsonl"
+    assert main(["generate", "--model", str(setup / "model"), "--input", str(setup / "prompts.jsonl"), "--output",
+                 str(output), "--batch-size", "2", "--max-new-tokens", "6"]) == 0
+    assert "answered 5 rows" in capsys.readouterr().out
+    records = _read(output)
+    assert [set(r) for r in records] == [{"id", "image_id", "question", "response"}] * 5
+    assert [r["id"] for r in records] == ["q0", "q1", "prompts.jsonl:2", "prompts.jsonl:3", "prompts.jsonl:4"]
+    assert [r["image_id"] for r in records] == [100, 101, "2.png", "3.png", 404]
+    assert [r["question"] for r in records] == list(QUESTIONS)
+    assert json.loads((setup / "out" / "answers.jsonl.meta.json").read_text())["count"] == 5
+    assert not (setup / "out" / "answers.jsonl.partial.jsonl").exists()
+    # The same rows one at a time, and all at once: left padding must not change a greedy answer.
+    model, processor = load_generation_model(setup / "model", "float32", "cpu")
+    generator = ResponseGenerator(model, processor, SHORT)
+    rows = list(iter_prompt_rows(setup / "prompts.jsonl"))
+    images = [row.load_image() for row in rows]
+    alone = [generator([row.question], [image])[0] for row, image in zip(rows, images, strict=True)]
+    together = generator([row.question for row in rows], images)
+    assert [r["response"] for r in records] == alone == together
+    assert any(alone)
+
+
+def test_sampling_is_seeded(setup):
+    answers = []
+    for seed in (5, 5, 6):
+        output = setup / f"sampled_{len(answers)}.jsonl"
+        generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=5, progress=False,
+                           decoding=DecodingSettings(max_new_tokens=8, sample=True, temperature=1.5, seed=seed))
+        answers.append([r["response"] for r in _read(output)])
+    assert answers[0] == answers[1] and answers[0] != answers[2]
+
+
+def test_resumes_after_a_crash(setup, monkeypatch):
+    reference = setup / "uninterrupted.jsonl"
+    generate_responses(setup / "prompts.jsonl", reference, setup / "model", batch_size=2, decoding=SHORT,
+                       progress=False)
+    output = setup / "crashed.jsonl"
+    real_call, calls = ResponseGenerator.__call__, []
+
+    def crash_on_second_batch(self, questions, images, seed=0):
+        calls.append(len(questions))
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return real_call(self, questions, images, seed)
+
+    monkeypatch.setattr(generate.ResponseGenerator, "__call__", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=2, decoding=SHORT,
+                           progress=False)
+    assert not output.exists()
+    assert len((setup / "crashed.jsonl.partial.jsonl").read_text().splitlines()) == 1 + 2  # header and batch 1
+    monkeypatch.setattr(generate.ResponseGenerator, "__call__", real_call)
+    metadata = generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=2, decoding=SHORT,
+                                  progress=False)
+    assert (metadata["resumed"], metadata["generated"]) == (2, 3)
+    assert output.read_text() == reference.read_text()
+    assert not (setup / "crashed.jsonl.partial.jsonl").exists()
+
+
+def test_training_formats_as_input(setup):
+    data = make_demo_data(setup / "demo", num_train=2, num_eval=0, image_size=32)["train"]
+    output = setup / "from_parquet.jsonl"
+    generate_responses(data, output, setup / "model", decoding=SHORT, progress=False)
+    records = _read(output)
+    assert [(r["id"], r["image_id"]) for r in records] == [("train.parquet:0", 0), ("train.parquet:1", 1)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("output suffix", "--output must be a .jsonl file"),
+    ("missing input", "does not exist"),
+    ("no model", "holds no config.json"),
+    ("lora", "holds LoRA adapters"),
+    ("bad row", "line 1: expected an object with a text `question`"),
+    ("missing image", "gone.png does not exist"),
+    ("other settings", "partial results made with other settings"),
+    ("temperature", "--temperature must be > 0"),
+])
+def test_cli_errors(setup, tmp_path, capsys, case, message):
+    model, prompts, output = setup / "model", setup / "prompts.jsonl", tmp_path / "out.jsonl"
+    extra = []
+    if case == "output suffix":
+        output = tmp_path / "out.json"
+    elif case == "missing input":
+        prompts = tmp_path / "nowhere.jsonl"
+    elif case == "no model":
+        model = tmp_path
+    elif case == "lora":
+        model = tmp_path / "adapter"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        (model / "adapter_config.json").write_text("{}")
+    elif case == "bad row":
+        prompts = tmp_path / "bad.jsonl"
+        prompts.write_text(json.dumps({"image": "x.png"}) + "\n")
+    elif case == "missing image":
+        prompts = tmp_path / "missing.jsonl"
+        prompts.write_text(json.dumps({"image": "gone.png", "question": "What?"}) + "\n")
+    elif case == "other settings":
+        (tmp_path / "out.jsonl.partial.jsonl").write_text(json.dumps({"settings": {"model": "another"}}) + "\n")
+    else:
+        extra = ["--sample", "--temperature", "0"]
+    code = main(["generate", "--model", str(model), "--input", str(prompts), "--output", str(output),
+                 "--max-new-tokens", "2", *extra])
+    printed = capsys.readouterr().err
+    error = printed.strip().splitlines()[-1]  # transformers' loading bar may come first
+    assert code == 1 and error.startswith("dama generate: error:") and message in error, error
+    assert "Traceback" not in printed
+
