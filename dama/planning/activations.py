@@ -151,34 +151,43 @@ def rotary_per_token(shape: ModelShape, precision: Precision) -> int:
 
 @dataclass(frozen=True)
 class HeadMemory:
-    """The log-prob head's bytes: saved for the backward, and its forward's and backward's transient peaks."""
+    """The log-prob head's bytes: saved for the backward, its forward's and backward's transient peaks, and whether
+    the lm_head's gradient appears only after the backward's peak (an autocast cast turns it into the fp32 gradient
+    once the kernel has returned) rather than at it."""
 
     saved: int
     forward_transient: int
     backward_transient: int
+    gradient_after_peak: bool = False
 
 
 def fused_head(shape: ModelShape, precision: Precision, *, tokens: int, scored: int, trains_lm_head: bool,
                kernel_rows: int, upcasts_weight: bool) -> HeadMemory:
     """DamaPolicy's fused head: the final norm's output is gathered at the M scored positions, and the kernel keeps
-    those rows and two fp32 per row; its chunks of kernel_rows x V logits are recomputed in the backward.
+    those rows and two fp32 per row; its chunks of kernel_rows x V logits are recomputed in the backward. Under
+    autocast the rows and the weight enter the kernel in the compute dtype, as they would enter F.linear (the cast
+    weight is kept for the backward).
 
-    upcasts_weight: the chunked torch path computes in fp32 and upcasts 16-bit weights once per call (the Triton
-    kernels read them as they are).
+    upcasts_weight: the chunked torch path computes in fp32 and upcasts a 16-bit weight once per call (the Triton
+    kernels read it as it is).
     """
-    h, v, w = shape.hidden_size, shape.vocab_size, precision.weight_bytes
-    chunk = kernel_rows * v * (FP32 if upcasts_weight or w == FP32 else w)
-    weight_copy = FP32 * v * h if upcasts_weight and w < FP32 else 0
-    saved = scored * (w * h + 2 * FP32)
-    gather = tokens * w * h + scored * w * h  # the final norm's output, alive while its rows are gathered
+    h, v, w, c = shape.hidden_size, shape.vocab_size, precision.weight_bytes, precision.compute_bytes
+    casts = precision.casts
+    chunk = kernel_rows * v * (FP32 if upcasts_weight or c == FP32 else c)
+    weight_copy = FP32 * v * h if upcasts_weight and c < FP32 else 0
+    saved = scored * (c * h + 2 * FP32) + (c * v * h if casts else 0)
+    gather = tokens * w * h + scored * (w + (c if casts else 0)) * h  # the final norm's output and its rows
     forward = max(gather, weight_copy + FP32 * kernel_rows * v + 3 * FP32 * scored)
-    # d_hidden rows, a chunk of d_logits, its fp32 products with the weight and the rows (d_weight is the lm_head's
-    # gradient, counted with the gradients); then the scattered gradient of the final norm's output and RMSNorm's
-    # fp32 chain.
-    accumulator = FP32 * v * h if trains_lm_head and w < FP32 else 0  # fp32 sum of d_weight before its cast
-    kernel = weight_copy + chunk + scored * w * h + 2 * FP32 * kernel_rows * h + accumulator
+    # The fp32 sum of d_weight for a 16-bit weight, and its cast back: that cast is the lm_head's gradient for 16-bit
+    # weights (counted with the gradients), an autocast copy on its way to the fp32 gradient otherwise. For an fp32
+    # weight the sum is the gradient itself.
+    accumulator = FP32 * v * h if trains_lm_head and c < FP32 else 0
+    cast_back = c * v * h if trains_lm_head and casts else 0
+    # The upcast weight, d_hidden rows, the accumulator, and a chunk of d_logits with its fp32 products (deleted
+    # before the cast back); then the scattered gradient of the final norm's output and RMSNorm's fp32 chain.
+    kernel = weight_copy + scored * c * h + accumulator + max(chunk + 2 * FP32 * kernel_rows * h, cast_back)
     backward = max(kernel, tokens * (w * h + 3 * FP32 * h))
-    return HeadMemory(saved, forward, backward)
+    return HeadMemory(saved, forward, backward, gradient_after_peak=trains_lm_head and casts)
 
 
 def full_logits_head(shape: ModelShape, precision: Precision, *, tokens: int, scored: int,
@@ -188,6 +197,7 @@ def full_logits_head(shape: ModelShape, precision: Precision, *, tokens: int, sc
     h, v, c = shape.hidden_size, shape.vocab_size, precision.compute_bytes
     logits = tokens * v
     saved = FP32 * logits + (precision.weight_bytes * tokens * h if trains_lm_head else 0)
+    saved += c * v * h if precision.casts else 0  # autocast's copy of the weight, kept for the input's gradient
     upcast = c * logits if c < FP32 else 0  # lm_head's 16-bit output, alive while .float() copies it
     forward = max(upcast + FP32 * logits, FP32 * logits + FP32 * scored * v)
     backward = max(2 * FP32 * logits, FP32 * logits + FP32 * scored * v) + tokens * (c * h + 3 * FP32 * h)

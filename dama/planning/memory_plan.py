@@ -285,8 +285,12 @@ def plan_memory(shape: ModelShape, setup: TrainingSetup, batch: BatchShape) -> M
     head_saved = n * act._norm_saved(shape, precision, final_norm, True) + head.saved
     timeline.add("head", head_saved)
     timeline.mark("head forward", head=head.forward_transient)
-    timeline.add("gradients", _gradient_bytes(counts["lm_head"], setup))
+    lm_head_gradient = _gradient_bytes(counts["lm_head"], setup)
+    if not head.gradient_after_peak:
+        timeline.add("gradients", lm_head_gradient)
     timeline.mark("head backward", head=head.backward_transient)
+    if head.gradient_after_peak:
+        timeline.add("gradients", lm_head_gradient)
     timeline.add("head", -head_saved)
 
     # Decoder layers, backward: the residual stream's gradient runs down beside each layer's own.
