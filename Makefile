@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# QUICK=1 limits `make bench` to the small CPU shapes (under two minutes per benchmark on 2 cores).
+# QUICK=1 limits `make bench` to the small CPU shapes and a few memory-plan cases (minutes each on 2 cores).
 QUICK ?= 0
 
 .PHONY: install test demo bench lint clean
@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.loss_head $(if $(filter 1,$(QUICK)),--quick,)
 	$(PY) -m bench.end_to_end $(if $(filter 1,$(QUICK)),--quick,)
+	$(PY) -m bench.memory_plan $(if $(filter 1,$(QUICK)),--quick,)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -22,7 +22,8 @@ CORE = [
 
 EXTRAS = {
     # liger-kernel is a peer in the benchmarks; it imports `packaging` without declaring it.
-    "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "liger-kernel==0.8.5", "packaging", "psutil==7.2.2"],
+    "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "liger-kernel==0.8.5", "packaging", "psutil==7.2.2",
+             "peft==0.21.2"],
     # DeepSpeed compiles nothing at install time when DS_BUILD_OPS=0 (the Makefile sets it).
     "deepspeed": ["deepspeed==0.19.8"],
     "lora": ["peft==0.21.2"],

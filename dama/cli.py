@@ -19,6 +19,8 @@ COMMANDS = {
     "generate": ("dama.evaluation.generate", "answer {image, question} rows with a trained model (JSONL out)"),
     "eval-chair": ("dama.evaluation.chair", "score responses for object hallucination with CHAIR (CHAIR_s, CHAIR_i)"),
     "selftest": ("dama_kernels.selftest", "check the kernels on this machine against float64 before a training run"),
+    "plan": ("dama.planning.plan_command", "predict a training config's peak GPU memory per part, before any run"),
+    "export": ("dama.training.export", "fold a LoRA run's adapters into its base model (dama export --merge)"),
 }
 
 

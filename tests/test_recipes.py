@@ -33,7 +33,8 @@ from dama.training.train import prepare_training, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-RUN_BY_THIS_MODULE = {"llava15_7b_dama.yaml", "tiny_demo.yaml"}
+RUN_BY_THIS_MODULE = {"llava15_7b_dama.yaml", "llava15_7b_dama_lora_24gb.yaml", "llava15_7b_dama_lora_16gb.yaml",
+                      "tiny_demo.yaml"}
 STEPS = 2
 
 
@@ -77,20 +78,27 @@ def deepspeed_train(argv: list[str]) -> str:
     return result.stdout
 
 
-def test_llava15_7b_recipe_with_zero3_on_a_llava15_shaped_checkpoint(llava15_checkpoint, tmp_path):
-    deepspeed_zero = pytest.importorskip("deepspeed.utils.zero_to_fp32")
-    data = tmp_path / "rlaif-v"
+@pytest.fixture(scope="module")
+def llava15_data(llava15_checkpoint, tmp_path_factory) -> Path:
+    """RLAIF-V-shaped rows through the README's steps 1 and 2 (hardness, then the reference log-probs of the
+    llava-1.5-shaped checkpoint), with the LLaVA-1.5 subset selected by the generator named in origin_split."""
+    root = tmp_path_factory.mktemp("llava15_data")
+    data = root / "rlaif-v"
     data.mkdir()
     pq.write_table(pa.Table.from_pylist(rlaif_v_rows(8)), data / "train-00000-of-00001.parquet")
-    clip = build_tiny_clip(tmp_path / "clip", seed=0)
-    scored, ready = tmp_path / "llava15" / "train.scored.parquet", tmp_path / "llava15" / "train.parquet"
-    # The README's steps 1 and 2, with the LLaVA-1.5 subset selected by the generator named in origin_split.
+    clip = build_tiny_clip(root / "clip", seed=0)
+    scored, ready = root / "llava15" / "train.scored.parquet", root / "llava15" / "train.parquet"
     assert dama(["hardness", "--input", str(data), "--clip", str(clip), "--output", str(scored), "--select",
-                 "origin_split.model~llava", "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "origin_split.model~llava", "--cache-dir", str(root / "cache")]) == 0
     assert pq.read_table(scored).num_rows == 6
     assert dama(["precompute-ref", "--input", str(scored), "--model", str(llava15_checkpoint), "--output",
-                 str(ready), "--dtype", "bfloat16", "--cache-dir", str(tmp_path / "cache")]) == 0
+                 str(ready), "--dtype", "bfloat16", "--cache-dir", str(root / "cache")]) == 0
+    return ready
 
+
+def test_llava15_7b_recipe_with_zero3_on_a_llava15_shaped_checkpoint(llava15_checkpoint, llava15_data, tmp_path):
+    deepspeed_zero = pytest.importorskip("deepspeed.utils.zero_to_fp32")
+    ready = llava15_data
     output = tmp_path / "run"
     recipe = [
         "--config", str(CONFIGS / "llava15_7b_dama.yaml"),
@@ -128,6 +136,60 @@ def test_llava15_7b_recipe_with_zero3_on_a_llava15_shaped_checkpoint(llava15_che
     state = json.loads((output / "trainer_state.json").read_text())
     assert f"resuming from {checkpoint}" in resumed and state["global_step"] == STEPS + 1
     assert all(torch.isfinite(v.float()).all() for v in reload(output).values())
+
+
+def lora_recipe(name: str, checkpoint: Path, data: Path, output: Path) -> list[str]:
+    return [
+        "--config", str(CONFIGS / name),
+        # Paths: the llava-1.5-shaped checkpoint and this test's data and folder instead of the README's.
+        "--model_name_or_path", str(checkpoint), "--train_file", str(data), "--output_dir", str(output),
+        # What a CPU cannot do: there is no GPU (bf16 autocast runs on the CPU). Everything else (LoRA r=64 with the
+        # projector trained, bf16 weights, activation checkpointing, the token budget, precomputed reference) is
+        # the recipe's own.
+        "--use_cpu", "true",
+        # Steps: two optimizer steps, with a checkpoint at step 2.
+        "--save_strategy", "steps", "--save_steps", str(STEPS),
+    ]
+
+
+def check_lora_run(checkpoint: Path, output: Path, base: Path) -> None:
+    """The run's folders are adapter folders; merged into the base they load as a plain LLaVA whose projections and
+    projector moved and whose vision tower did not."""
+    for folder in (output / f"checkpoint-{STEPS}", output):
+        assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+    merged = output.parent / "merged"
+    assert dama(["export", str(output), "--merge", "--output", str(merged)]) == 0
+    after, before = reload(merged), reload(base)
+    moved = {name for name, value in after.items() if not torch.equal(value, before[name])}
+    assert any("language_model" in name and "proj" in name for name in moved)
+    assert any("multi_modal_projector" in name for name in moved)
+    assert not any(name.startswith("model.vision_tower") for name in moved)
+
+
+def test_llava15_7b_lora_24gb_recipe_on_a_llava15_shaped_checkpoint(llava15_checkpoint, llava15_data, tmp_path):
+    output = tmp_path / "run"
+    recipe = lora_recipe("llava15_7b_dama_lora_24gb.yaml", llava15_checkpoint, llava15_data, output)
+    plan, trainer = prepare_training(parse_training_arguments([*recipe, "--max_steps", str(STEPS)]))
+    assert trainer.adapters is not None and trainer.ref_policy is None
+    run_training(trainer, plan)
+    check_lora_run(output / f"checkpoint-{STEPS}", output, llava15_checkpoint)
+
+    plan, resumed = prepare_training(parse_training_arguments([*recipe, "--max_steps", str(STEPS + 1), "--resume",
+                                                               "true"]))
+    assert plan.checkpoint == output / f"checkpoint-{STEPS}"
+    run_training(resumed, plan)
+    assert resumed.state.global_step == STEPS + 1
+
+
+def test_llava15_7b_lora_16gb_recipe_with_offloaded_weights(llava15_checkpoint, llava15_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "run"
+    recipe = lora_recipe("llava15_7b_dama_lora_16gb.yaml", llava15_checkpoint, llava15_data, output)
+    deepspeed_train([*recipe, "--max_steps", str(STEPS)])  # ZeRO-3, weights on the CPU (the recipe's JSON)
+    check_lora_run(output / f"checkpoint-{STEPS}", output, llava15_checkpoint)
+    resumed = deepspeed_train([*recipe, "--max_steps", str(STEPS + 1), "--resume", "true"])
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert f"resuming from {output / f'checkpoint-{STEPS}'}" in resumed and state["global_step"] == STEPS + 1
 
 
 def test_tiny_demo_recipe(tmp_path):

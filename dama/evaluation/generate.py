@@ -131,7 +131,7 @@ def load_generation_model(model_dir: str | Path, dtype: str, device: str) -> tup
     if (model_dir / "adapter_config.json").is_file() or any("lora_" in name for name in saved_weight_names(model_dir)):
         raise ValueError(
             f"{model_dir} holds LoRA adapters: dama generate reads full models only. Merge the adapters into the base "
-            "weights (peft's merge_and_unload) and save the merged model with save_pretrained"
+            f"weights first: dama export {model_dir} --merge --output <new folder>"
         )
     model, processor = load_llava(model_dir, dtype)
     model.set_attn_implementation("sdpa")

@@ -1,4 +1,4 @@
-"""Loading a LLaVA checkpoint from a local folder and choosing what trains: freezing, LoRA, liger's kernels."""
+"""Loading a LLaVA from a local folder and choosing what trains: freezing, liger's kernels (LoRA is in lora.py)."""
 
 from __future__ import annotations
 
@@ -48,19 +48,6 @@ def configure_trainable(
     if not any(counts.values()):
         raise ValueError("every part of the model is frozen: nothing would train")
     return counts
-
-
-def apply_lora(model: LlavaForConditionalGeneration, rank: int, alpha: float) -> LlavaForConditionalGeneration:
-    """LoRA adapters on the language model's attention and MLP projections (peft, an optional extra)."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as missing:
-        raise ValueError("lora_rank > 0 needs peft: pip install '.[lora]'") from missing
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-    model.model.language_model.requires_grad_(False)
-    model.lm_head.requires_grad_(False)
-    return inject_adapter_in_model(config, model)
 
 
 def apply_liger_patches(model: LlavaForConditionalGeneration) -> None:

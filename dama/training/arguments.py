@@ -47,7 +47,10 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     lora_rank: int = field(
         default=0,
-        metadata={"help": "LoRA rank on the language model's linear layers (needs `pip install .[lora]`); 0 = off."},
+        metadata={"help": "LoRA rank on the language model's seven projections per layer (needs `pip install "
+                  ".[lora]`); 0 = off. The language model's own weights then stay frozen; the projector (and the "
+                  "vision tower) train whole beside the adapters unless frozen. Output: a peft adapter folder "
+                  "(`dama export --merge` folds it into the base model)."},
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
     liger_patches: bool = field(
@@ -119,7 +122,8 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     reference: Literal["precomputed", "online"] = field(
         default="precomputed",
         metadata={"help": "Reference log-probs from the data's columns (precomputed once, no reference model in "
-                  "memory) or from a frozen copy of the starting model run online."},
+                  "memory) or from a frozen copy of the starting model run online (with LoRA: the policy with its "
+                  "adapters switched off, no copy)."},
     )
     # Robustness
     max_nonfinite_steps: int = field(
@@ -201,8 +205,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArguments:
-    """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors."""
+def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bool = True) -> DamaTrainingArguments:
+    """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors.
+
+    check_devices=False reads a config on a machine that is not the one to run it (`dama plan`): bf16/fp16 are not
+    checked against this machine's hardware, and the DeepSpeed config is kept as given, not initialised.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(DamaTrainingArguments, prog="dama train")
     # One line, not the usage of every TrainingArguments field, then argparse's exit status 2.
@@ -217,7 +225,17 @@ def parse_training_arguments(argv: list[str] | None = None) -> DamaTrainingArgum
         config_path = argv[position + 1]
         yaml_argv = _yaml_to_argv(read_config(config_path), {f.name for f in fields(DamaTrainingArguments)},
                                   config_path)
-    (arguments, _config) = parser.parse_args_into_dataclasses(args=yaml_argv + argv, return_remaining_strings=False)
+    combined = yaml_argv + argv
+    deepspeed = None
+    if not check_devices:
+        while "--deepspeed" in combined:
+            position = combined.index("--deepspeed")
+            deepspeed = combined[position + 1] if position + 1 < len(combined) else None
+            del combined[position:position + 2]
+        combined += ["--use_cpu", "true"]
+    (arguments, _config) = parser.parse_args_into_dataclasses(args=combined, return_remaining_strings=False)
+    if deepspeed is not None:
+        arguments.deepspeed = deepspeed
     return arguments
 
 

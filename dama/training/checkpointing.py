@@ -2,12 +2,13 @@
 
 A checkpoint is written under <output_dir>/.staging/checkpoint-N and renamed into place once complete (with a
 completion marker), so a crash mid-save never leaves a half-written checkpoint-N; only complete checkpoints count for
-rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder.
+rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder; with LoRA it
+is the adapter folder (dama.model.lora), which peft loads onto the base checkpoint and `dama export --merge` folds in.
 
 Best-model tracking (`load_best_model_at_end`, `save_strategy: best`): the Trainer records the best checkpoint while
 it is still in the staging folder; the record (and the trainer_state.json saved with it) is moved to the final
 folder with the rename, rotation never deletes the best checkpoint, and loading it at the end goes through
-save_pretrained's own loader into the LLaVA inside the policy.
+save_pretrained's own loader into the LLaVA inside the policy (with LoRA: the adapters' weights into the adapters).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dama.method.loss import DamaLoss
+from dama.model.lora import adapter_state_dict, load_adapter_weights, save_adapters
 
 DAMA_STATE_NAME = "dama_state.pt"
 STAGING_DIR = ".staging"
@@ -70,7 +72,8 @@ def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss) -> int:
 
 
 class AtomicCheckpoints:
-    """Mixin for a transformers.Trainer subclass with `model.llava` and `dama_loss`: the checkpoint methods."""
+    """Mixin for a transformers.Trainer subclass with `model.llava`, `dama_loss` and `adapters` (peft's PeftModel
+    around model.llava, or None): the checkpoint methods."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
@@ -78,9 +81,13 @@ class AtomicCheckpoints:
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if state_dict is not None:
-            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
-        self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
+        if self.adapters is not None:
+            save_adapters(self.adapters, output_dir, None if state_dict is None else adapter_state_dict(state_dict))
+        else:
+            if state_dict is not None:
+                state_dict = {key[len("llava."):]: value for key, value in state_dict.items()
+                              if key.startswith("llava.")}
+            self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -125,10 +132,16 @@ class AtomicCheckpoints:
                 shutil.rmtree(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_llava_weights((model or self.model).llava, resume_from_checkpoint)
+        self._load_model_weights(resume_from_checkpoint, (model or self.model).llava)
 
     def _load_best_model(self) -> None:
         if self.is_deepspeed_enabled:
             super()._load_best_model()  # the engine's own checkpoint files, saved with every checkpoint
         else:
-            load_llava_weights(self.model.llava, self.state.best_model_checkpoint)
+            self._load_model_weights(self.state.best_model_checkpoint, self.model.llava)
+
+    def _load_model_weights(self, folder: str, llava: torch.nn.Module) -> None:
+        if self.adapters is not None:
+            load_adapter_weights(self.adapters, folder)
+        else:
+            load_llava_weights(llava, folder)

@@ -16,6 +16,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from transformers import LlavaForConditionalGeneration
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.command import run_command
@@ -24,7 +25,8 @@ from dama.data.dataset import ConversationTemplate, PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
 from dama.method.loss import DamaLoss
-from dama.model.loading import apply_liger_patches, apply_lora, configure_trainable, load_llava
+from dama.model.loading import apply_liger_patches, configure_trainable, load_llava
+from dama.model.lora import apply_lora, trainable_parameter_counts
 from dama.model.policy import DamaPolicy
 from dama.training.arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
 from dama.training.run_folder import (
@@ -42,7 +44,7 @@ from dama.training.trainer import DamaTrainer
 logger = logging.getLogger(__name__)
 SKIP_HINT = (f"Fix the row, or set on_bad_row: skip (--on_bad_row skip) to leave such rows out; they are listed in "
              f"output_dir/{SKIPPED_ROWS}.")
-VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "dama")
+VERSIONED = ("torch", "triton", "transformers", "datasets", "accelerate", "deepspeed", "liger-kernel", "peft", "dama")
 
 
 def package_versions() -> dict[str, str]:
@@ -85,6 +87,40 @@ def check_data_file(args: DamaTrainingArguments, name: str) -> CheckedInput:
     return check_input(path, checks, on_bad_row=args.on_bad_row, skip_hint=SKIP_HINT, image_folder=args.image_folder)
 
 
+def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGeneration):
+    """What trains in a loaded LLaVA (freezing, or LoRA) and the modules `dama train` runs.
+
+    Returns (policy, ref_policy, adapters): the DamaPolicy that trains; the frozen copy that scores the reference
+    online (None with LoRA, whose reference is the policy with its adapters off, and with a precomputed reference);
+    peft's wrapper around the LLaVA (None without LoRA).
+    """
+    if args.liger_patches:
+        apply_liger_patches(llava)
+    packed = args.attention == "packed"
+    if not packed:
+        llava.set_attn_implementation({"text_config": args.attention})
+    adapters, reference_llava = None, None
+    if args.lora_rank:
+        adapters = apply_lora(llava, args.lora_rank, args.lora_alpha, train_projector=not args.freeze_projector,
+                              train_vision_tower=not args.freeze_vision_tower,
+                              base_model_path=args.model_name_or_path and Path(args.model_name_or_path).resolve(),
+                              seed=args.seed, fp32_trained=not args.deepspeed)
+    else:
+        # Copied after the kernels and the attention are set, so the reference runs exactly what the policy runs.
+        reference_llava = copy.deepcopy(llava).requires_grad_(False) if args.reference == "online" else None
+        configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower,
+                            freeze_projector=args.freeze_projector, freeze_language_model=args.freeze_language_model)
+    counts = trainable_parameter_counts(llava)  # after LoRA: peft leaves only the adapters and copies trainable
+    logger.info("trainable parameters: %s (of %d)", ", ".join(f"{part} {n:,}" for part, n in counts.items() if n),
+                sum(p.numel() for p in llava.parameters()))
+
+    def policy_of(model):
+        return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
+                          packed_attention=packed)
+
+    return policy_of(llava), None if reference_llava is None else policy_of(reference_llava), adapters
+
+
 def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     """The trainer, its data checked row by row (the rows left out are in `trainer.skip_reports`)."""
     if not args.model_name_or_path or not args.train_file:
@@ -92,26 +128,13 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     if args.reference == "online" and is_deepspeed_zero3_enabled():
         raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
                          "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+    if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
+        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
+                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
     # The rows are checked before the model loads: a bad row costs seconds, not a model load.
     checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
-    configure_trainable(llava, freeze_vision_tower=args.freeze_vision_tower, freeze_projector=args.freeze_projector,
-                        freeze_language_model=args.freeze_language_model)
-    if args.liger_patches:
-        apply_liger_patches(llava)
-    packed = args.attention == "packed"
-    if not packed:
-        llava.set_attn_implementation({"text_config": args.attention})
-    # Copied after the kernels and the attention are set, so the reference runs exactly what the policy runs; LoRA
-    # comes after the copy, so the reference stays the starting model.
-    reference_llava = copy.deepcopy(llava).requires_grad_(False) if args.reference == "online" else None
-    if args.lora_rank:
-        llava = apply_lora(llava, args.lora_rank, args.lora_alpha)
-
-    def policy_of(model):
-        return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
-                          packed_attention=packed)
-
+    policy, ref_policy, adapters = prepare_models(args, llava)
     template = ConversationTemplate(system=args.system_prompt)
     pairs = {}
     for name, data in checked.items():
@@ -128,9 +151,10 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     hardness_mean, hardness_source = dataset_hardness_mean(args, pairs["train_file"])
     collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
     trainer = DamaTrainer(
-        model=policy_of(llava),
+        model=policy,
         dama_loss=DamaLoss(args, hardness_mean=hardness_mean),
-        ref_policy=policy_of(reference_llava) if reference_llava is not None else None,
+        ref_policy=ref_policy,
+        adapters=adapters,
         args=args,
         train_dataset=pairs["train_file"],
         eval_dataset=pairs.get("eval_file"),

@@ -48,10 +48,14 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
     """Trainer for DamaPolicy models; see the module docstring. `args` is a DamaTrainingArguments."""
 
     def __init__(self, *, model: DamaPolicy, dama_loss: DamaLoss, ref_policy: DamaPolicy | None = None,
-                 **trainer_kwargs) -> None:
+                 adapters=None, **trainer_kwargs) -> None:
+        """adapters: peft's PeftModel around model.llava when it carries LoRA adapters (dama.model.lora); the
+        checkpoints are then adapter folders, and the online reference is the policy with its adapters off."""
         super().__init__(model=model, **trainer_kwargs)
-        if self.args.reference == "online" and ref_policy is None:
-            raise ValueError("reference='online' needs a ref_policy (a frozen DamaPolicy of the starting model)")
+        if self.args.reference == "online" and ref_policy is None and adapters is None:
+            raise ValueError("reference='online' needs a ref_policy (a frozen DamaPolicy of the starting model) or "
+                             "LoRA adapters (whose base model is the reference)")
+        self.adapters = adapters
         # The loss is normalised by the global selected count inside DamaLoss; the Trainer only divides by the
         # number of accumulated micro-batches.
         self.loss_is_scaled_for_ga = False
@@ -104,6 +108,8 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
         if self.ref_policy is not None:
             with torch.no_grad():
                 return batch.split_chosen_rejected(self.ref_policy(batch))
+        if self.args.reference == "online":
+            return batch.split_chosen_rejected(self._base_model_logps(batch))
         if self.args.average_logps:
             chosen, rejected = batch.ref_chosen_mean_logps, batch.ref_rejected_mean_logps
         else:
@@ -115,7 +121,19 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
             )
         return chosen, rejected
 
+    def _base_model_logps(self, batch: PreferenceBatch) -> torch.Tensor:
+        """Log-probs (S,) of the starting model: the policy with its LoRA adapters (and trained copies) switched off."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.adapters.disable_adapter():
+                return self.model(batch)
+        finally:
+            self.model.train(was_training)
+
     def compute_loss(self, model, inputs: PreferenceBatch, return_outputs: bool = False, num_items_in_batch=None):
+        # The reference first: its forward then never runs beside the policy's saved activations.
+        ref_chosen, ref_rejected = self._reference_logps(inputs)
         policy_logps = model(inputs)  # (S,)
         # Decided on the global batch, so every rank skips (or not) together and DamaLoss's collectives stay paired.
         nonfinite = all_reduce_sum((~torch.isfinite(policy_logps.detach())).sum().double())
@@ -123,7 +141,6 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
             loss = torch.full((), math.nan, device=policy_logps.device)
             return (loss, None) if return_outputs else loss
         policy_chosen, policy_rejected = inputs.split_chosen_rejected(policy_logps)
-        ref_chosen, ref_rejected = self._reference_logps(inputs)
         hardness = inputs.hardness if self.args.data_aware else None
         output = self.dama_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, hardness=hardness)
         mode = "train" if self.model.training else "eval"
