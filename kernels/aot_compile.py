@@ -15,10 +15,11 @@ What is checked per (kernel, target, precision, variant):
   - tensor cores where they are due: `mma` in the PTX of 16-bit and TF32 log-prob kernels, `wgmma` on sm_90.
 Spilled registers (the cubin's stack frame) are reported, not judged: they cost speed, not correctness.
 
-Precisions: fp16 / bf16 (16-bit tiles), fp32 (IEEE products, torch.get_float32_matmul_precision() "highest") and tf32
-(fp32 tiles, precision "high"). The DAMA loss kernels receive fp32 log-probs whatever their dtype (dama_sigmoid_loss
-casts them), so their rows for every precision are the same compile. Variants: the log-prob kernels with and without
-a bias (the backward computing every gradient); the loss backward with and without a gradient for the per-pair losses.
+Precisions: fp16 / bf16 (16-bit tiles), fp32 (IEEE products, torch.get_float32_matmul_precision() "highest") and
+tf32x3 (fp32 tiles, precision "high" or "medium": three TF32 tensor-core products per fp32 product). The DAMA loss
+kernels receive fp32 log-probs whatever their dtype (dama_sigmoid_loss casts them), so their rows for every precision
+are the same compile. Variants: the log-prob kernels with and without a bias (the backward computing every gradient);
+the loss backward with and without a gradient for the per-pair losses.
 
 Compiling needs the real triton.jit functions: import this module with TRITON_INTERPRET unset (the interpreter swaps
 them for Python stand-ins). `dama selftest --compile-only` takes care of that.
@@ -56,7 +57,7 @@ TARGETS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
 # name -> (dtype of hidden states and weight, torch.get_float32_matmul_precision() at the launch)
 PRECISIONS = {
     "fp32": (torch.float32, "highest"),
-    "tf32": (torch.float32, "high"),
+    "tf32x3": (torch.float32, "high"),
     "bf16": (torch.bfloat16, "highest"),
     "fp16": (torch.float16, "highest"),
 }

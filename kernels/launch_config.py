@@ -113,13 +113,16 @@ LINEAR_LOGPROB_CANDIDATES = {
     ("forward", 4): ((TILES_32_BIT, 97 * KIB),),
     ("backward", 4): ((TILES_32_BIT, 97 * KIB),),
 }
-# Candidates measured faster on one GPU generation (bench/tune_blocks.py, bench/RESULTS.md), tried there before the
-# general ones. On an H200 (sm_90, wgmma), 128 x 256 tiles ran the bf16 forward at 71-77% of the measured bf16 matmul
-# peak against 54-59% for 128 x 128, and the d_logits kernel at 80-83% against 65-67%. On sm_80-sm_89 (mma) the same
-# tiles spill 144-256 bytes of registers per thread and are untimed, so they are not used there.
+# Candidates of one GPU generation, tried there before the general ones (a general candidate listed here again
+# carries that generation's own need). On an H200 (sm_90, wgmma), 128 x 256 tiles ran the bf16 forward at 71-77% of
+# the measured bf16 matmul peak against 54-59% for 128 x 128, and the d_logits kernel at 80-83% against 65-67%
+# (bench/tune_blocks.py, bench/RESULTS.md); on sm_80-sm_89 (mma) the same tiles spill 144-256 bytes of registers per
+# thread and are untimed, so they are not used there. fp32 tiles in "tf32x3" take 113 KiB on sm_90, 96 KiB elsewhere.
 MEASURED_CANDIDATES = {
     ((9, 0), "forward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
     ((9, 0), "backward", 2): ((TILES_16_BIT_WIDE, 145 * KIB),),
+    ((9, 0), "forward", 4): ((TILES_32_BIT, 113 * KIB),),
+    ((9, 0), "backward", 4): ((TILES_32_BIT, 113 * KIB),),
 }
 KINDS = ("forward", "backward")
 INTERPRETER_BLOCKS = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=1)
@@ -133,7 +136,9 @@ def linear_logprob_candidates(
 ) -> tuple[tuple[LinearLogprobBlocks, int], ...]:
     """(blocks, shared memory bytes) in the order they are tried on this target: its measured ones, then the rest."""
     measured = MEASURED_CANDIDATES.get((tuple(capability), kind, dtype.itemsize), ())
-    return measured + LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)]
+    listed = {blocks for blocks, _ in measured}
+    general = tuple(entry for entry in LINEAR_LOGPROB_CANDIDATES[(kind, dtype.itemsize)] if entry[0] not in listed)
+    return measured + general
 
 
 def linear_logprob_blocks(kind: str, capability: tuple[int, int], dtype: torch.dtype) -> LinearLogprobBlocks:

@@ -91,19 +91,23 @@ def _linear_logprob_fwd_kernel(
     tl.store(target_logit_ptr + rows, target_logit, mask=owns_target)
 
 
+# tl.dot's input precision for fp32 tiles under each torch.get_float32_matmul_precision() (see dot_settings).
+FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32x3"}
+
+
 def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST_DOT, INPUT_PRECISION) of tl.dot for tiles of this dtype, read at launch time like cuBLAS reads it.
 
     16-bit tiles go into tl.dot as they are (exact products, fp32 accumulation). fp32 tiles follow
-    torch.get_float32_matmul_precision(): "highest" multiplies in IEEE fp32 (no tensor cores), "high" and "medium"
-    allow TF32 tensor cores, as they do for torch.matmul. The interpreter upcasts every tile (its 16-bit arithmetic is
-    wrong) and has no TF32, so it always gets IEEE.
+    torch.get_float32_matmul_precision(): "highest" multiplies in IEEE fp32; "high" and "medium", which allow tensor
+    cores, in "tf32x3" (each operand split into a TF32 part and a TF32 remainder, three products: close to fp32
+    accuracy). Plain TF32 is not used: on an H200 (Triton 3.6) its log-probs erred 1.5-6x beyond a cuBLAS TF32 baseline
+    (bench/RESULTS.md), biased enough to move sums over a response. The interpreter upcasts every tile (its 16-bit
+    arithmetic is wrong) and has no TF32, so it always gets IEEE.
     """
-    if running_in_interpreter():
-        return True, "ieee"
-    if dtype == torch.float32:
-        return True, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return False, "ieee"
+    if running_in_interpreter() or dtype != torch.float32:
+        return running_in_interpreter(), "ieee"
+    return True, FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
 
 
 def linear_logprob_fwd_launch(

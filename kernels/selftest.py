@@ -5,7 +5,7 @@ dama_kernels.checks, the ones the test suite runs: values and gradients of token
 dama_sigmoid_loss against float64 references, over the case grid (a single token, block tails, ignored tokens, peaked
 and large logits, LLaVA-1.5-7B's head at small N) in every dtype the device supports, for the Triton kernels and the
 chunked torch path on a GPU (the torch path on a CPU, the Triton interpreter too under TRITON_INTERPRET=1). On a GPU,
-"tf32" runs fp32 inputs with torch.set_float32_matmul_precision("high"). One timing line per shape compares the
+"tf32x3" runs fp32 inputs with torch.set_float32_matmul_precision("high"). One timing line per shape compares the
 forward + backward of sequence_logps (impl="auto") with the full-logits head.
 
 --compile-only builds every Triton kernel ahead of time for the targets of --arch (no GPU needed) and prints each
@@ -85,7 +85,7 @@ def device_precisions(device: torch.device) -> list[str]:
     if device.type != "cuda":
         return ["fp32", "bf16", "fp16"]
     if torch.cuda.get_device_capability(device) >= (8, 0):
-        return ["fp32", "tf32", "bf16", "fp16"]
+        return ["fp32", "tf32x3", "bf16", "fp16"]
     return ["fp32", "fp16"]
 
 

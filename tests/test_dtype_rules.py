@@ -125,8 +125,8 @@ def dot_arguments(dtype: torch.dtype) -> list[tuple[bool, str]]:
     "precision, dtype, expected",
     [
         ("highest", torch.float32, (True, "ieee")),
-        ("high", torch.float32, (True, "tf32")),
-        ("medium", torch.float32, (True, "tf32")),
+        ("high", torch.float32, (True, "tf32x3")),
+        ("medium", torch.float32, (True, "tf32x3")),
         ("high", torch.bfloat16, (False, "ieee")),
         ("highest", torch.float16, (False, "ieee")),
     ],
