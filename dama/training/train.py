@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.collator import make_collator
 from dama.data.dataset import PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean
 from dama.method.loss import DamaLoss
@@ -70,7 +70,7 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     data_options = dict(image_folder=args.image_folder, max_length=args.max_length, overlong=args.overlong)
     train_dataset = PreferenceDataset.from_path(args.train_file, processor, **data_options)
     eval_dataset = PreferenceDataset.from_path(args.eval_file, processor, **data_options) if args.eval_file else None
-    collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
+    collator = make_collator(args.layout, processor.tokenizer.pad_token_id)
     return DamaTrainer(
         model=policy_of(llava),
         dama_loss=DamaLoss(args, hardness_mean=dataset_hardness_mean(args)),
