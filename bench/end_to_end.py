@@ -36,14 +36,15 @@ N(0, 1): they only feed the loss, whose cost does not depend on them.
 Measurement: each provider runs in a fresh process of this module (--worker), so that its peak RSS is its own, in
 --rounds rounds that alternate between the providers; per provider the round with the shortest median step is kept
 (other work on a shared machine only slows a run down), with every round's median in the record. The micro-batches
-(warm-up + timed steps) are the same for both. Reported: pairs per second from the median time of the timed steps
-(forward + loss + backward + optimizer step; collation is done beforehand, as data-loader workers would);
+(warm-up + timed steps) are the same for all. Reported: pairs per second from the median time of the timed steps
+(forward + loss + backward + optimizer step; collation is done beforehand, as data-loader workers would), and the
+median CPU time of a step (with --threads 1, a measure of the work that other jobs on the machine do not inflate);
 peak working memory, the most tensor bytes live at once during one step beyond what was resident before it (weights,
 optimizer state, the batch), read by bench/memory.py's allocator replay in one more step under the profiler, on the
 run's micro-batch with the largest padded size S x T; and the process's peak RSS, read before that profiled step
-(the profiler itself keeps memory resident). Ratios are over the baseline, and for dama_prefix_shared also over dama
-(packed). Beside the measurements, each record projects its step's FLOPs and activation memory to LLaVA-1.5-7B's
-shapes from the same micro-batches (bench/projection.py; a projection, labelled as such).
+(the profiler itself keeps memory resident). Ratios are over the baseline and over dama (packed). Beside the
+measurements, each record projects its step's FLOPs and activation memory to LLaVA-1.5-7B's shapes from micro-batches
+of the same length distribution (bench/projection.py; a projection, labelled as such).
 """
 
 from __future__ import annotations
@@ -397,9 +398,11 @@ def run_provider(provider: str, shape: Shape) -> dict:
     }
 
 
-def run_isolated(provider: str, shape: Shape) -> dict:
-    """run_provider in a fresh process of this module; a failure becomes a skipped record with the reason."""
+def run_isolated(provider: str, shape: Shape, threads: int | None = None) -> dict:
+    """run_provider in a fresh process of this module (with `threads` torch threads, else torch's default); a failure
+    becomes a skipped record with the reason."""
     command = [sys.executable, "-m", "bench.end_to_end", "--worker", json.dumps({"provider": provider,
+                                                                                  "threads": threads,
                                                                                   **asdict(shape)})]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode == 0:
@@ -523,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fresh processes per provider, alternating between the providers; the round with the "
                              "shortest median step is kept, since other work on a shared machine only slows a run "
                              "down (default 2, 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of each provider's process (default: torch's, one per core). On a "
+                             "machine shared with other jobs, 1 keeps the CPU s/step column a measure of the work "
+                             "done, free of the waits of threads that another job descheduled")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"JSON file for the records; the chart goes next to it with a .png suffix (default "
                              f"{DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
@@ -530,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="internal: measure the one provider and shape given as JSON in this process and print "
                              "its record as JSON; the main run starts one such process per provider")
     args = parser.parse_args(argv)
-    for name in ("pairs", "steps", "hidden_size", "layers", "rounds"):
+    for name in ("pairs", "steps", "hidden_size", "layers", "rounds", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -543,7 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         fields = json.loads(args.worker)
-        provider = fields.pop("provider")
+        provider, threads = fields.pop("provider"), fields.pop("threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
         print(json.dumps(run_provider(provider, Shape(**fields))))
         return
 
@@ -561,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {provider: [] for provider in (BASELINE, PACKED, "dama_prefix_shared")}
     for round_index in range(rounds):
         for provider, provider_runs in runs.items():
-            record = run_isolated(provider, shape)
+            record = run_isolated(provider, shape, args.threads)
             provider_runs.append(record)
             shown = (f"{record['pairs_per_s']:.3f} pairs/s, {record['peak_bytes'] / MIB:.0f} MiB, load "
                      f"{record['load_average_1min']:.1f}" if record["status"] == "ok" else record["reason"])
@@ -584,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_projection(measured, shape.num_pairs, PACKED, BASELINE))
     print(format_targets(records))
     print(f"H {shape.hidden_size}, {shape.num_layers} layers, P {shape.num_pairs}, {shape.warmup} + {shape.steps} "
-          f"steps, best of {rounds} rounds; "
+          f"steps, best of {rounds} rounds, {records[0].get('threads', '?')} threads; "
           f"{time.perf_counter() - started:.0f} s; torch {env['torch']}, transformers {env['transformers']}, commit "
           f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}, chart in {chart}")
 

@@ -18,7 +18,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(records: list[dict]) -> str:
     """A markdown table, one row per provider; ratios are over the baseline ("x base") and over packed ("x packed")."""
     header = ["provider", "layout", "tokens/step", "padding", "pairs/s", "x base", "x packed", "step s", "CPU s/step",
-              "CPU/wall", "peak work MiB", "x base", "x packed", "peak RSS MiB", "x base", "RSS+ MiB"]
+              "x packed", "CPU/wall", "peak work MiB", "x base", "x packed", "peak RSS MiB", "x base", "RSS+ MiB"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         if r["status"] != "ok":
@@ -28,7 +28,8 @@ def format_table(records: list[dict]) -> str:
         cells = [r["provider"], f"{r['layout']}, {r['head']}, {r['attention']}", f"{r['layout_tokens_mean']:.0f}",
                  f"{100 * r['padding_fraction']:.1f}%", f"{r['pairs_per_s']:.3f}",
                  _fmt(ratios["pairs_per_s_vs_baseline"], ".2f"), _fmt(ratios["pairs_per_s_vs_packed"], ".2f"),
-                 f"{r['step_time_s']:.2f}", f"{r['step_cpu_s']:.2f}", f"{r['cpu_per_wall']:.2f}",
+                 f"{r['step_time_s']:.2f}", f"{r['step_cpu_s']:.2f}", _fmt(ratios["cpu_s_per_step_vs_packed"], ".2f"),
+                 f"{r['cpu_per_wall']:.2f}",
                  f"{r['peak_bytes'] / MIB:.0f}", _fmt(ratios["peak_vs_baseline"], ".3f"),
                  _fmt(ratios["peak_vs_packed"], ".3f"),
                  f"{r['rss_peak_bytes'] / MIB:.0f}", _fmt(ratios["rss_peak_vs_baseline"], ".3f"),
