@@ -1,7 +1,11 @@
-"""End-to-end benchmark: full DAMA training steps of a shape-faithful small LLaVA-1.5, packed + fused against padded +
-full logits, on one machine, in one run.
+"""End-to-end benchmark: full DAMA training steps of a shape-faithful small LLaVA-1.5, prefix-shared and packed with
+the fused head against padded + full logits, on one machine, in one run.
 
 Providers (P pairs per micro-batch, S = 2P sequences)
+  dama_prefix_shared  PrefixSharedCollator + DamaPolicy(head="fused", packed attention): each pair laid out as
+                      [prompt | chosen | rejected] in one row, so its image and prompt tokens go through the language
+                      model once for both responses (each response attends to the prompt and to itself only);
+                      otherwise as dama.
   dama                PackedCollator + DamaPolicy(head="fused", packed attention): the S sequences end to end in one
                       row without padding, each pair's image encoded once, and only the supervised positions scored,
                       so the (tokens x V) logits are never built.
@@ -11,8 +15,8 @@ Providers (P pairs per micro-batch, S = 2P sequences)
                       and rejected are one batch of S rows with the pixels repeated, so each pair's image goes through
                       the vision tower twice.
 A step is the same for both after the log-probs: DamaLoss (data-aware with a synthetic hardness and hardness_mean,
-model-aware, outlier filter on), backward, torch AdamW step. bench/test_end_to_end.py checks that both providers give
-the same loss and gradients, so that the benchmark compares one computation done two ways.
+model-aware, outlier filter on), backward, torch AdamW step. bench/test_end_to_end.py checks that the providers give
+the same loss and gradients, so that the benchmark compares one computation done three ways.
 
 Model: LLaVA-1.5's shapes where they set the cost of a step, small widths elsewhere. CLIP at 336 px with patch 14
 (576 image tokens per sequence, as LLaVA-1.5-7B), read at layer -2; a GELU projector; a Llama language model with
@@ -32,12 +36,15 @@ N(0, 1): they only feed the loss, whose cost does not depend on them.
 Measurement: each provider runs in a fresh process of this module (--worker), so that its peak RSS is its own, in
 --rounds rounds that alternate between the providers; per provider the round with the shortest median step is kept
 (other work on a shared machine only slows a run down), with every round's median in the record. The micro-batches
-(warm-up + timed steps) are the same for both. Reported: pairs per second from the median time of the timed steps
-(forward + loss + backward + optimizer step; collation is done beforehand, as data-loader workers would);
+(warm-up + timed steps) are the same for all. Reported: pairs per second from the median time of the timed steps
+(forward + loss + backward + optimizer step; collation is done beforehand, as data-loader workers would), and the
+median CPU time of a step (with --threads 1, a measure of the work that other jobs on the machine do not inflate);
 peak working memory, the most tensor bytes live at once during one step beyond what was resident before it (weights,
 optimizer state, the batch), read by bench/memory.py's allocator replay in one more step under the profiler, on the
 run's micro-batch with the largest padded size S x T; and the process's peak RSS, read before that profiled step
-(the profiler itself keeps memory resident).
+(the profiler itself keeps memory resident). Ratios are over the baseline and over dama (packed). Beside the
+measurements, each record projects its step's FLOPs and activation memory to LLaVA-1.5-7B's shapes from micro-batches
+of the same length distribution (bench/projection.py; a projection, labelled as such).
 """
 
 from __future__ import annotations
@@ -63,18 +70,24 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from dama.data.batch import IGNORE_INDEX, PaddedBatch, PreferenceBatch, PreferenceExample
-from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.collator import PackedCollator, PaddedCollator, PrefixSharedCollator
 from dama.method.config import DamaMethodConfig
 from dama.method.loss import DamaLoss, DamaLossResult
 from dama.model.loading import configure_trainable
 from dama.model.policy import DamaPolicy
 from dama_kernels.functional import CHUNK_ELEMENTS
 
+from .end_to_end_report import MIB, format_table, format_targets, write_chart
 from .environment import REPO_ROOT, git_state
 from .memory import current_rss_bytes, peak_rss_bytes, track_peak
+from .projection import format_projection, mean_projection, project_step
 
-PROVIDERS = ("dama", "padded_full_logits")
+PROVIDERS = ("dama_prefix_shared", "dama", "padded_full_logits")
 BASELINE = "padded_full_logits"
+PACKED = "dama"
+LAYOUT_OF = {"dama_prefix_shared": "prefix_shared", "dama": "packed", BASELINE: "padded"}
+# Micro-batches of the benchmark's length distribution (the run's own first) that the LLaVA-1.5-7B projection averages.
+PROJECTION_BATCHES = 64
 # Llama's special ids; the image token takes the last id so that the vocabulary stays LLaVA's 32000.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 PAD_ID = UNK_ID  # LLaVA-1.5 pads with <unk>
@@ -87,13 +100,16 @@ HARDNESS_MEAN = 0.0
 HEAD_DIM = 64
 LEARNING_RATE = 1e-6
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "end_to_end.json"
-MIB = 1 << 20
-# A step whose CPU time per wall second falls below this fraction of the thread count did not have the cores to itself.
-CONTENDED = 0.75
-# (ratio key, limit, label, True when the ratio must be at least the limit)
+# (provider, ratio key, limit, label, True when the ratio must be at least the limit)
 TARGETS = (
-    ("pairs_per_s_vs_baseline", 1.5, ">= 1.5x pairs/s", True),
-    ("peak_vs_baseline", 0.5, "<= 0.5x peak working memory", False),
+    (PACKED, "pairs_per_s_vs_baseline", 1.5, ">= 1.5x pairs/s of the baseline", True),
+    (PACKED, "peak_vs_baseline", 0.5, "<= 0.5x peak working memory of the baseline", False),
+    ("dama_prefix_shared", "pairs_per_s_vs_packed", 1.35, ">= 1.35x pairs/s of packed", True),
+    ("dama_prefix_shared", "peak_vs_packed", 0.75, "<= 0.75x peak working memory of packed", False),
+    ("dama_prefix_shared", "projected_flops_fewer_vs_packed", 1.6, ">= 1.6x fewer step FLOPs than packed, projected "
+     "to LLaVA-1.5-7B", True),
+    ("dama_prefix_shared", "projected_flops_fewer_vs_baseline", 1.8, ">= 1.8x fewer step FLOPs than the baseline, "
+     "projected to LLaVA-1.5-7B", True),
 )
 
 
@@ -229,6 +245,13 @@ class ImagePerSequenceCollator:
                                    image_index=torch.arange(batch.num_seqs))
 
 
+def make_collate(provider: str) -> Callable[[Sequence[PreferenceExample]], PreferenceBatch]:
+    """The collator of a provider's layout."""
+    if provider == BASELINE:
+        return ImagePerSequenceCollator(PAD_ID)
+    return PrefixSharedCollator() if provider == "dama_prefix_shared" else PackedCollator()
+
+
 @dataclass
 class TrainingSetup:
     """What one provider trains with; params are the trainable ones, in the model's parameter order."""
@@ -252,13 +275,12 @@ def build_setup(provider: str, shape: Shape) -> TrainingSetup:
     finally:
         torch.random.set_rng_state(generator_state)
     configure_trainable(llava)
-    if provider == "dama":
-        policy = DamaPolicy(llava, head="fused", packed_attention=True)
-        collate = PackedCollator()
-    else:
+    if provider == BASELINE:
         llava.set_attn_implementation({"text_config": "sdpa"})
         policy = DamaPolicy(llava, head="full_logits", packed_attention=False)
-        collate = ImagePerSequenceCollator(PAD_ID)
+    else:
+        policy = DamaPolicy(llava, head="fused", packed_attention=True)
+    collate = make_collate(provider)
     params = [p for p in policy.llava.parameters() if p.requires_grad]
     loss_fn = DamaLoss(DamaMethodConfig(beta=0.1), hardness_mean=HARDNESS_MEAN)
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
@@ -333,7 +355,7 @@ def run_provider(provider: str, shape: Shape) -> dict:
     return {
         "provider": provider,
         "status": "ok",
-        "layout": "packed" if provider == "dama" else "padded",
+        "layout": LAYOUT_OF[provider],
         "head": head,
         "attention": setup.policy.llava.config.text_config._attn_implementation,
         "images_encoded_per_step": int(timed[0].pixel_values.shape[0]),
@@ -359,7 +381,10 @@ def run_provider(provider: str, shape: Shape) -> dict:
         "rss_extra_bytes": rss_peak - rss_ready,
         "layout_tokens_mean": mean_tokens,
         "sequence_tokens_mean": statistics.mean(sequence_tokens),
-        "padding_fraction": 1 - statistics.mean(sequence_tokens) / mean_tokens,
+        # Pad tokens over the layout's tokens (only the padded layout pads; prefix sharing holds fewer tokens than the
+        # sequences have, which is not padding).
+        "padding_fraction": statistics.mean(
+            float(1 - b.attention_mask.float().mean()) if isinstance(b, PaddedBatch) else 0.0 for b in timed),
         "scored_tokens_mean": statistics.mean(scored),
         "logits_rows": round(mean_tokens) if head == "full_logits" else max(16, CHUNK_ELEMENTS // shape.vocab_size),
         "matmul_gflops_per_step": {part: value / 1e9 for part, value in flops.items()},
@@ -373,9 +398,11 @@ def run_provider(provider: str, shape: Shape) -> dict:
     }
 
 
-def run_isolated(provider: str, shape: Shape) -> dict:
-    """run_provider in a fresh process of this module; a failure becomes a skipped record with the reason."""
+def run_isolated(provider: str, shape: Shape, threads: int | None = None) -> dict:
+    """run_provider in a fresh process of this module (with `threads` torch threads, else torch's default); a failure
+    becomes a skipped record with the reason."""
     command = [sys.executable, "-m", "bench.end_to_end", "--worker", json.dumps({"provider": provider,
+                                                                                  "threads": threads,
                                                                                   **asdict(shape)})]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode == 0:
@@ -418,23 +445,50 @@ def _ratio(value: float | None, peer: float | None) -> float | None:
     return None if value is None or not peer else value / peer
 
 
+def add_projections(records: list[dict], shape: Shape, num_batches: int = PROJECTION_BATCHES) -> None:
+    """Adds to each measured record its step projected to LLaVA-1.5-7B's shapes (bench/projection.py), averaged over
+    num_batches micro-batches of P pairs drawn as the run draws its own (so the run's micro-batches come first)."""
+    generator = torch.Generator().manual_seed(shape.seed)
+    providers = [r["provider"] for r in records if r["status"] == "ok"]
+    collates = {provider: make_collate(provider) for provider in providers}
+    steps = {provider: [] for provider in providers}
+    for index in range(num_batches):
+        examples = [synthetic_pair(shape, generator, f"synthetic:{index * shape.num_pairs + k}")
+                    for k in range(shape.num_pairs)]
+        for provider in providers:
+            head = "full_logits" if provider == BASELINE else "fused"
+            steps[provider].append(project_step(collates[provider](examples), head))
+    for record in records:
+        if record["status"] == "ok":
+            record["projection"] = mean_projection(steps[record["provider"]])
+
+
+def _projected_flops(record: dict) -> float | None:
+    return record["projection"]["flops"]["total"] if "projection" in record else None
+
+
 def add_ratios_and_targets(records: list[dict]) -> None:
-    """Adds ratios over the baseline to every measured record, and the targets to dama's."""
-    baseline = next((r for r in records if r["provider"] == BASELINE), {})
+    """Adds ratios over the baseline and over packed to every measured record, and each provider's targets."""
+    peers = {name: next((r for r in records if r["provider"] == provider), {})
+             for name, provider in (("baseline", BASELINE), ("packed", PACKED))}
     for record in records:
         if record["status"] != "ok":
             continue
-        record["ratios"] = {
-            "pairs_per_s_vs_baseline": _ratio(record["pairs_per_s"], baseline.get("pairs_per_s")),
-            "cpu_s_per_step_vs_baseline": _ratio(record["step_cpu_s"], baseline.get("step_cpu_s")),
-            "peak_vs_baseline": _ratio(record["peak_bytes"], baseline.get("peak_bytes")),
-            "rss_peak_vs_baseline": _ratio(record["rss_peak_bytes"], baseline.get("rss_peak_bytes")),
-            "rss_extra_vs_baseline": _ratio(record["rss_extra_bytes"], baseline.get("rss_extra_bytes")),
-        }
-        if record["provider"] != "dama":
-            continue
+        record["ratios"] = {}
+        for name, peer in peers.items():
+            record["ratios"].update({
+                f"pairs_per_s_vs_{name}": _ratio(record["pairs_per_s"], peer.get("pairs_per_s")),
+                f"cpu_s_per_step_vs_{name}": _ratio(record["step_cpu_s"], peer.get("step_cpu_s")),
+                f"peak_vs_{name}": _ratio(record["peak_bytes"], peer.get("peak_bytes")),
+                f"rss_peak_vs_{name}": _ratio(record["rss_peak_bytes"], peer.get("rss_peak_bytes")),
+                f"rss_extra_vs_{name}": _ratio(record["rss_extra_bytes"], peer.get("rss_extra_bytes")),
+                # How many times fewer FLOPs this provider's step needs at LLaVA-1.5-7B's shapes (projected).
+                f"projected_flops_fewer_vs_{name}": _ratio(_projected_flops(peer), _projected_flops(record)),
+            })
         record["targets"] = []
-        for key, limit, label, at_least in TARGETS:
+        for provider, key, limit, label, at_least in TARGETS:
+            if provider != record["provider"]:
+                continue
             value = record["ratios"][key]
             met = None if value is None else (value >= limit if at_least else value <= limit)
             record["targets"].append({"target": label, "ratio": key, "value": value, "limit": limit, "met": met})
@@ -446,75 +500,6 @@ def environment() -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         **git_state(),
     }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(records: list[dict]) -> str:
-    """A markdown table, one row per provider; ratios are over the baseline."""
-    header = ["provider", "layout", "tokens/step", "padding", "pairs/s", "x base", "step s", "CPU s/step", "CPU/wall",
-              "peak work MiB", "x base", "peak RSS MiB", "x base", "RSS+ MiB"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in records:
-        if r["status"] != "ok":
-            rows.append(f"| {r['provider']} | skipped: {r['reason']} |")
-            continue
-        ratios = r["ratios"]
-        cells = [r["provider"], f"{r['layout']}, {r['head']}, {r['attention']}", f"{r['layout_tokens_mean']:.0f}",
-                 f"{100 * r['padding_fraction']:.1f}%", f"{r['pairs_per_s']:.3f}",
-                 _fmt(ratios["pairs_per_s_vs_baseline"], ".2f"), f"{r['step_time_s']:.2f}", f"{r['step_cpu_s']:.2f}",
-                 f"{r['cpu_per_wall']:.2f}",
-                 f"{r['peak_bytes'] / MIB:.0f}", _fmt(ratios["peak_vs_baseline"], ".3f"),
-                 f"{r['rss_peak_bytes'] / MIB:.0f}", _fmt(ratios["rss_peak_vs_baseline"], ".3f"),
-                 f"{r['rss_extra_bytes'] / MIB:.0f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def format_targets(records: list[dict]) -> str:
-    """The targets' verdicts, after a warning for each provider whose steps shared the cores with other work."""
-    lines = [f"- WARNING: {r['provider']} ran at {r['cpu_per_wall']:.2f} CPU s per wall s with {r['threads']} threads: "
-             "other work shared the cores, which slows the many small operations of a step most; re-run on a quiet "
-             "machine" for r in records if r["status"] == "ok" and r["cpu_per_wall"] < CONTENDED * r["threads"]]
-    for r in records:
-        for target in r.get("targets", []):
-            verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
-            lines.append(f"- {target['target']}: {_fmt(target['value'], '.3f')} (limit {target['limit']}) -> {verdict}")
-    return "\n".join(lines)
-
-
-def write_chart(records: list[dict], path: Path) -> None:
-    """Bars of pairs/s, peak working memory and peak RSS for each provider, with ours-over-baseline ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measured = [r for r in records if r["status"] == "ok"]
-    names = [r["provider"] for r in measured]
-    colors = ["tab:green" if name == "dama" else "tab:gray" for name in names]
-    panels = (("pairs_per_s", 1, ".3f", "pairs / s (higher is better)", "pairs_per_s_vs_baseline"),
-              ("peak_bytes", MIB, ".0f", "peak working memory, MiB", "peak_vs_baseline"),
-              ("rss_peak_bytes", MIB, ".0f", "peak RSS, MiB", "rss_peak_vs_baseline"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(12, 4))
-    for axis, (key, unit, spec, title, ratio_key) in zip(axes, panels, strict=True):
-        values = [r[key] / unit for r in measured]
-        bars = axis.bar(names, values, color=colors)
-        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)" if r["provider"] != BASELINE else "")
-                  for v, r in zip(values, measured, strict=True)]
-        axis.bar_label(bars, labels=labels, fontsize=8)
-        axis.set_title(title, fontsize=10)
-        axis.margins(y=0.25)
-        axis.tick_params(axis="x", labelsize=8)
-    shape = measured[0]["shape"] if measured else {}
-    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V 32000), H {shape.get('hidden_size')}, "
-                    f"{shape.get('num_layers')} layers, P {shape.get('num_pairs')}; {measured[0]['device_name']}"
-                    if measured else "no provider measured", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -541,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fresh processes per provider, alternating between the providers; the round with the "
                              "shortest median step is kept, since other work on a shared machine only slows a run "
                              "down (default 2, 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of each provider's process (default: torch's, one per core). On a "
+                             "machine shared with other jobs, 1 keeps the CPU s/step column a measure of the work "
+                             "done, free of the waits of threads that another job descheduled")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"JSON file for the records; the chart goes next to it with a .png suffix (default "
                              f"{DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
@@ -548,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="internal: measure the one provider and shape given as JSON in this process and print "
                              "its record as JSON; the main run starts one such process per provider")
     args = parser.parse_args(argv)
-    for name in ("pairs", "steps", "hidden_size", "layers", "rounds"):
+    for name in ("pairs", "steps", "hidden_size", "layers", "rounds", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -561,7 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         fields = json.loads(args.worker)
-        provider = fields.pop("provider")
+        provider, threads = fields.pop("provider"), fields.pop("threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
         print(json.dumps(run_provider(provider, Shape(**fields))))
         return
 
@@ -576,15 +567,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     env = environment()
     fields = shape_fields(shape, micro_batches(shape))
-    runs = {provider: [] for provider in (BASELINE, "dama")}
+    runs = {provider: [] for provider in (BASELINE, PACKED, "dama_prefix_shared")}
     for round_index in range(rounds):
         for provider, provider_runs in runs.items():
-            record = run_isolated(provider, shape)
+            record = run_isolated(provider, shape, args.threads)
             provider_runs.append(record)
             shown = (f"{record['pairs_per_s']:.3f} pairs/s, {record['peak_bytes'] / MIB:.0f} MiB, load "
                      f"{record['load_average_1min']:.1f}" if record["status"] == "ok" else record["reason"])
             print(f"round {round_index + 1}/{rounds}, {provider}: {shown}", file=sys.stderr, flush=True)
     records = [{**best_round(provider_runs), "shape": fields} for provider_runs in runs.values()]
+    add_projections(records, shape)
     add_ratios_and_targets(records)
     records = [{**record, **env} for record in records]
 
@@ -593,12 +585,15 @@ def main(argv: list[str] | None = None) -> None:
     partial_path.write_text(json.dumps(records, indent=1) + "\n")
     os.replace(partial_path, args.output)
     chart = args.output.with_suffix(".png")
-    write_chart(records, chart)
+    write_chart(records, chart, BASELINE)
 
     print(format_table(records))
+    measured = {r["provider"]: r["projection"] for r in records if r["status"] == "ok"}
+    if {PACKED, BASELINE} <= measured.keys():
+        print(format_projection(measured, shape.num_pairs, PACKED, BASELINE))
     print(format_targets(records))
     print(f"H {shape.hidden_size}, {shape.num_layers} layers, P {shape.num_pairs}, {shape.warmup} + {shape.steps} "
-          f"steps, best of {rounds} rounds; "
+          f"steps, best of {rounds} rounds, {records[0].get('threads', '?')} threads; "
           f"{time.perf_counter() - started:.0f} s; torch {env['torch']}, transformers {env['transformers']}, commit "
           f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}, chart in {chart}")
 

@@ -5,6 +5,7 @@ The fallback path runs here (CPU); the flash-attn path runs only where flash-att
 
 import copy
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -111,6 +112,138 @@ def test_packed_attention_rejects_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs flash-attn installed and CUDA"):
             packed_attention(query, key, key, _bounds([6]), impl="flash")
+
+
+def _prefix_shared_segments(pairs):
+    """Segments of the prefix_shared layout for (prompt, chosen, rejected) lengths: ((query lengths, key index, key
+    lengths), the allowed (N, N) mask written out token by token, as the layout specifies it)."""
+    query_lengths, key_index, key_lengths, start = [], [], [], 0
+    num_tokens = sum(p + c + r for p, c, r in pairs)
+    allowed = torch.zeros(num_tokens, num_tokens, dtype=torch.bool)
+    for prompt, chosen, rejected in pairs:
+        prompt_rows = list(range(start, start + prompt))
+        chosen_rows = list(range(start + prompt, start + prompt + chosen))
+        rejected_rows = list(range(start + prompt + chosen, start + prompt + chosen + rejected))
+        for sequence in (prompt_rows + chosen_rows, prompt_rows + rejected_rows):
+            for i, row in enumerate(sequence):
+                allowed[row, sequence[: i + 1]] = True  # every earlier token of its own sequence and itself
+        query_lengths += [prompt + chosen, rejected]
+        key_index += prompt_rows + chosen_rows + prompt_rows + rejected_rows
+        key_lengths += [prompt + chosen, prompt + rejected]
+        start += prompt + chosen + rejected
+    return (query_lengths, torch.tensor(key_index), key_lengths), allowed
+
+
+def _dense_reference(query, key, value, allowed, scaling):
+    """softmax(q k^T * scaling) v over the whole row with an explicit (N, N) mask, in float64."""
+    query, key, value = (t.double() for t in (query, key, value))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query, key) * scaling
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), value)
+
+
+PREFIX_SHARED_PAIRS = [(3, 5, 5), (1, 1, 9), (6, 12, 1), (2, 4, 2)]
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+def test_key_index_segments_match_a_dense_masked_reference(heads):
+    (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments(PREFIX_SHARED_PAIRS)
+    num_tokens, (num_heads, num_kv_heads), head_dim = allowed.shape[0], heads, 8
+    query = torch.randn(num_tokens, num_heads, head_dim, requires_grad=True)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, requires_grad=True)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, requires_grad=True)
+    output = packed_attention(query, key, value, _bounds(query_lengths), key_index=key_index,
+                              cu_seqlens_k=_bounds(key_lengths), scaling=0.4)
+    expected = _dense_reference(query, key, value, allowed, 0.4)
+    _close(output, expected, "fp32_vs_fp64")
+    grad_output = torch.randn_like(output)
+    grads = torch.autograd.grad(output, (query, key, value), grad_output)
+    expected_grads = torch.autograd.grad(expected, (query, key, value), grad_output.double())
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        _close(grad, expected_grad, "fp32_vs_fp64")
+
+
+def test_key_index_segments_gradcheck_fp64():
+    (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments([(2, 2, 3), (1, 3, 1)])
+    tensors = [torch.randn(allowed.shape[0], heads, 3, dtype=torch.float64, requires_grad=True)
+               for heads in (4, 2, 2)]
+
+    def attention(q, k, v):
+        return packed_attention(q, k, v, _bounds(query_lengths), key_index=key_index,
+                                cu_seqlens_k=_bounds(key_lengths))
+
+    assert torch.autograd.gradcheck(attention, tuple(tensors), fast_mode=True)
+    _close(attention(*tensors), _dense_reference(*tensors, allowed, 3 ** -0.5), "fp64")
+
+
+def _flash_varlen_by_its_contract(calls):
+    """A stand-in for flash_attn_varlen_func written from flash-attn's documented contract (per segment k: queries
+    q[cu_q[k]:cu_q[k+1]], keys k[cu_k[k]:cu_k[k+1]], causal aligned bottom right, GQA by head groups), recording
+    its arguments: it checks the arguments the flash branch hands over, on the CPU."""
+
+    def flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+              causal=False):
+        calls.append({"cu_q": cu_seqlens_q, "cu_k": cu_seqlens_k, "max_q": max_seqlen_q, "max_k": max_seqlen_k,
+                      "k_rows": k.shape[0], "contiguous": k.is_contiguous() and v.is_contiguous()})
+        groups = q.shape[1] // k.shape[1]
+        outputs = []
+        for (qa, qb), (ka, kb) in zip(pairwise(cu_seqlens_q.tolist()), pairwise(cu_seqlens_k.tolist()), strict=True):
+            keys = k[ka:kb].repeat_interleave(groups, dim=1)
+            scores = torch.einsum("qhd,khd->hqk", q[qa:qb], keys) * softmax_scale
+            if causal:
+                hidden = torch.ones(qb - qa, kb - ka, dtype=torch.bool).triu((kb - ka) - (qb - qa) + 1)
+                scores = scores.masked_fill(hidden, -math.inf)
+            outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ka:kb].repeat_interleave(groups, 1)))
+        return torch.cat(outputs)
+
+    return flash
+
+
+@pytest.mark.parametrize("with_key_index", [False, True])
+def test_flash_branch_hands_flash_attn_the_right_segments(monkeypatch, with_key_index):
+    import dama.model.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: _flash_varlen_by_its_contract(calls))
+    monkeypatch.setattr(attention, "_resolve_impl", lambda impl, query: "flash")
+    (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments(PREFIX_SHARED_PAIRS)
+    query, key, value = (torch.randn(allowed.shape[0], heads, 8) for heads in (4, 2, 2))
+    if with_key_index:
+        segments = {"key_index": key_index, "cu_seqlens_k": _bounds(key_lengths)}
+        expected = _dense_reference(query, key, value, allowed, 0.5)
+    else:
+        query_lengths = [p + c + r for p, c, r in PREFIX_SHARED_PAIRS]
+        segments, key_lengths = {}, query_lengths
+        expected = _reference_attention(query, key, value, query_lengths, causal=True, scaling=0.5)
+    output = packed_attention(query, key, value, _bounds(query_lengths), scaling=0.5, **segments)
+    _close(output, expected, "fp32_vs_fp64")
+    (call,) = calls
+    assert call["cu_q"].dtype == call["cu_k"].dtype == torch.int32 and call["contiguous"]
+    assert call["cu_q"].tolist() == _bounds(query_lengths).tolist()
+    assert call["cu_k"].tolist() == _bounds(key_lengths).tolist() and call["k_rows"] == sum(key_lengths)
+    assert (call["max_q"], call["max_k"]) == (max(query_lengths), max(key_lengths))
+
+
+def test_key_index_rejects_bad_input():
+    query = torch.randn(6, 2, 4)
+    bounds = _bounds([4, 2])
+    with pytest.raises(ValueError, match="needs cu_seqlens_k"):
+        packed_attention(query, query, query, bounds, key_index=torch.arange(6))
+    with pytest.raises(ValueError, match="point into the 6 tokens"):
+        packed_attention(query, query, query, bounds, key_index=torch.tensor([0, 1, 2, 3, 0, 6]),
+                         cu_seqlens_k=_bounds([4, 2]))
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
+        packed_attention(query, query, query, bounds, key_index=torch.tensor([0, 1, 2, 4, 5]),
+                         cu_seqlens_k=_bounds([3, 2]))
+    with pytest.raises(ValueError, match="one key segment per query segment"):
+        packed_attention(query, query, query, bounds, key_index=torch.arange(6), cu_seqlens_k=_bounds([6]))
+    with pytest.raises(ValueError, match="must equal cu_seqlens"):
+        packed_attention(query, query, query, bounds, cu_seqlens_k=_bounds([3, 3]))
+    with pytest.raises(ValueError, match="needs cu_seq_lens_q and cu_seq_lens_k"):
+        packed_attention_forward(torch.nn.Module(), query[None].transpose(1, 2), query[None].transpose(1, 2),
+                                 query[None].transpose(1, 2), None, key_index=torch.arange(6))
 
 
 def test_cu_seqlens_from_position_ids():
@@ -294,5 +427,19 @@ def test_flash_varlen_matches_fallback():
     flash = packed_attention(query, key, value, bounds, impl="flash")
     expected = _reference_attention(query, key, value, lengths, causal=True)
     torch_path = packed_attention(query, key, value, bounds, impl="torch")
+    gold_error = (torch_path.double() - expected).abs().max()
+    assert (flash.double() - expected).abs().max() <= gold_error + 1e-2
+
+
+@pytest.mark.skipif(_flash_varlen() is None or not torch.cuda.is_available(), reason="needs flash-attn and CUDA")
+def test_flash_varlen_with_key_index_matches_dense_reference():
+    (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments([(40, 33, 130), (7, 1, 64)])
+    query = torch.randn(allowed.shape[0], 8, 64, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(allowed.shape[0], 2, 64, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    segments = {"key_index": key_index.cuda(), "cu_seqlens_k": _bounds(key_lengths).cuda()}
+    flash = packed_attention(query, key, value, _bounds(query_lengths).cuda(), impl="flash", **segments)
+    torch_path = packed_attention(query, key, value, _bounds(query_lengths).cuda(), impl="torch", **segments)
+    expected = _dense_reference(query, key, value, allowed.cuda(), 64 ** -0.5)
     gold_error = (torch_path.double() - expected).abs().max()
     assert (flash.double() - expected).abs().max() <= gold_error + 1e-2

@@ -1,5 +1,6 @@
-"""Collators: the packed row (bounds, positions, shift within sequences, supervised gather, image slots), the padded
-baseline, both scoring the same log-probs as a per-sequence loop, and token-budget batching."""
+"""Collators: the packed row (bounds, positions, shift within sequences, supervised gather, image slots), the
+prefix-shared row (one prompt per pair, its attention segments), the padded baseline, packed and padded scoring the
+same log-probs as a per-sequence loop, and token-budget batching."""
 
 import math
 from itertools import pairwise
@@ -7,8 +8,16 @@ from itertools import pairwise
 import pytest
 import torch
 
-from dama.data.batch import IGNORE_INDEX, PackedBatch, PreferenceExample, split_chosen_rejected
-from dama.data.collator import PackedCollator, PaddedCollator, TokenBudgetBatchSampler
+from dama.data.batch import IGNORE_INDEX, PackedBatch, PreferenceExample, PrefixSharedBatch, split_chosen_rejected
+from dama.data.collator import (
+    LAYOUTS,
+    PackedCollator,
+    PaddedCollator,
+    PrefixSharedCollator,
+    TokenBudgetBatchSampler,
+    layout_pair_lengths,
+    make_collator,
+)
 from dama.data.dataset import PreferenceDataset
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_processor, train_tiny_tokenizer
@@ -94,6 +103,77 @@ def test_packed_layout(device):
     assert inputs["use_cache"] is False and set(inputs) >= {"input_ids", "position_ids"}
     chosen, rejected = batch.split_chosen_rejected(torch.arange(6))
     assert chosen.tolist() == [0, 1, 2] and rejected.tolist() == [3, 4, 5]
+
+
+def test_prefix_shared_layout(device):
+    examples = [_example(0, prompt=1, chosen=1, rejected=3, hardness=0.5), _example(1, prompt=4, chosen=7, rejected=1),
+                _example(2, prompt=2, chosen=11, rejected=5)]
+    batch = PrefixSharedCollator()(examples).to(device)
+    packed = PackedCollator()(examples)
+    assert isinstance(batch, PrefixSharedBatch) and batch.num_pairs == 3 and batch.num_seqs == 6
+    # Per pair: [prompt | chosen response | rejected response], the prompt once.
+    row, positions, query_lengths, key_index, key_lengths, start = [], [], [], [], [], 0
+    for e in examples:
+        prompt, chosen = e.prompt_length, e.chosen_input_ids.numel()
+        rejected = e.rejected_input_ids.numel() - prompt
+        row += e.chosen_input_ids.tolist() + e.rejected_input_ids[prompt:].tolist()
+        positions += list(range(chosen)) + list(range(prompt, prompt + rejected))
+        query_lengths += [chosen, rejected]
+        key_index += list(range(start, start + chosen))
+        key_index += list(range(start, start + prompt)) + list(range(start + chosen, start + chosen + rejected))
+        key_lengths += [chosen, prompt + rejected]
+        start += chosen + rejected
+    assert batch.input_ids[0].cpu().tolist() == row and batch.num_tokens == len(row) == 35
+    assert batch.position_ids[0].cpu().tolist() == positions
+    assert batch.cu_seqlens.dtype == batch.cu_seqlens_k.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, *torch.tensor(query_lengths).cumsum(0).tolist()]
+    assert batch.cu_seqlens_k.tolist() == [0, *torch.tensor(key_lengths).cumsum(0).tolist()]
+    assert batch.key_index.cpu().tolist() == key_index
+    assert (batch.max_seqlen, batch.max_seqlen_k) == (max(query_lengths), max(key_lengths))
+
+    # Every sequence scores the same targets, in the same order, as in the packed layout; each scoring position's
+    # next token in its own sequence is its target.
+    assert torch.equal(batch.supervised_counts.cpu(), packed.supervised_counts)
+    assert bool((batch.supervised_positions[1:] >= batch.supervised_positions[:-1]).all())
+    for seq in range(6):
+        ours = batch.supervised_seq_ids == seq
+        theirs = packed.supervised_seq_ids == seq
+        assert batch.supervised_target_ids[ours].tolist() == packed.supervised_target_ids[theirs].tolist()
+    # Pair 0: the prompt's only token scores the chosen response's first token and the rejected response's first.
+    assert batch.supervised_positions[:2].tolist() == [0, 0] and batch.supervised_seq_ids[:2].tolist() == [0, 3]
+    assert batch.supervised_target_ids[:2].tolist() == [row[1], row[2]]
+    assert batch.image_index.cpu().tolist() == [0, 1, 2] and batch.hardness[0] == 0.5
+
+    inputs = batch.model_inputs()
+    assert inputs["key_index"] is batch.key_index and inputs["cu_seq_lens_k"] is batch.cu_seqlens_k
+    assert inputs["max_length_q"] == batch.max_seqlen and inputs["use_cache"] is False
+    assert batch.num_tokens == sum(layout_pair_lengths(
+        [e.chosen_input_ids.numel() + e.rejected_input_ids.numel() for e in examples],
+        [e.prompt_length for e in examples], "prefix_shared"))
+
+
+def test_prefix_shared_collator_rejects_pairs_without_a_shared_prompt():
+    with pytest.raises(ValueError, match="a response of at least one token on each side"):
+        PrefixSharedCollator()([_example(0, prompt=2, chosen=0, rejected=3)])
+    with pytest.raises(ValueError, match="a prompt of at least one token"):
+        PrefixSharedCollator()([_example(0, prompt=0, chosen=2, rejected=3)])
+    example = _example(0, prompt=3, chosen=2, rejected=2)
+    example.rejected_input_ids[1] = (example.rejected_input_ids[1] + 1) % VOCAB
+    with pytest.raises(ValueError, match="differ within their first prompt_length=3 tokens"):
+        PrefixSharedCollator()([example])
+
+
+def test_make_collator_and_layout_lengths():
+    assert LAYOUTS[0] == "prefix_shared"
+    assert isinstance(make_collator("prefix_shared"), PrefixSharedCollator)
+    assert isinstance(make_collator("packed"), PackedCollator)
+    assert make_collator("padded", pad_token_id=0).pad_token_id == 0
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_collator("shared")
+    assert layout_pair_lengths([10, 20], [4, 5], "prefix_shared") == [6, 15]
+    assert layout_pair_lengths([10, 20], [4, 5], "padded") == [10, 20]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layout_pair_lengths([10], [4], "shared")
 
 
 def test_padded_layout():

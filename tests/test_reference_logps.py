@@ -1,5 +1,6 @@
 """Reference log-probs pass: exact round trip through dama.data, z = 0 at step 0 through the training path with
-other batches and another layout, resume after a crash, the JSON format, and helpful errors."""
+other batches and in every layout (the pass itself runs prefix-shared, and packed in the JSON test), resume after a
+crash, the JSON format, and helpful errors."""
 
 import json
 import math
@@ -13,7 +14,7 @@ from transformers import LlavaProcessor
 
 import dama.offline.reference as reference
 from dama.cli import main as dama_main
-from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.collator import PackedCollator, PaddedCollator, PrefixSharedCollator
 from dama.data.dataset import PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata, write_metadata
 from dama.demo.data import demo_corpus, make_demo_data
@@ -102,18 +103,20 @@ def test_output_keeps_the_input_and_round_trips_through_the_data_loader(setup):
     assert (metadata["count"], metadata["skipped_count"], metadata["dtype"], metadata["max_length"]) == (
         NUM_PAIRS, 0, "float32", 2048
     )
+    assert metadata["layout"] == "prefix_shared"  # the default, as in training
     assert metadata["created"]
     # δ̄ from the hardness metadata beside the input is beside the output, where the trainer looks for it.
     assert read_hardness_mean(setup["output"]) == HARDNESS_MEAN
     assert not partial_path(setup["output"]).exists()
 
 
-@pytest.mark.parametrize("layout", ["packed_fused", "padded_full_logits"])
+@pytest.mark.parametrize("layout", ["prefix_shared_fused", "packed_fused", "padded_full_logits"])
 def test_margins_are_zero_at_step_zero_through_the_training_path(setup, layout):
     """The policy equal to the reference, in other batches (2 pairs, shuffled) than the pass used (3, in order)."""
     llava, processor = load_llava(setup["model"])
-    if layout == "packed_fused":
-        policy, collator = DamaPolicy(llava.eval()), PackedCollator()
+    if layout in ("prefix_shared_fused", "packed_fused"):
+        policy = DamaPolicy(llava.eval())
+        collator = PrefixSharedCollator() if layout == "prefix_shared_fused" else PackedCollator()
         mean_policy = DamaPolicy(llava, average_logps=True)
     else:
         policy = DamaPolicy(llava.eval(), head="full_logits", packed_attention=False)
@@ -139,11 +142,13 @@ def test_margins_are_zero_at_step_zero_through_the_training_path(setup, layout):
 
 
 def test_pair_references_do_not_depend_on_the_token_layout(setup):
-    """Packed and padded batches of the same pairs give each pair the same per-token lists, sums and means."""
+    """Prefix-shared, packed and padded batches of the same pairs give each pair the same per-token lists, sums and
+    means."""
     processor = LlavaProcessor.from_pretrained(setup["model"], local_files_only=True)
     dataset = _dataset(setup, setup["data"])
     examples = [dataset[i] for i in (4, 0, 2)]
     layouts = [(DamaPolicy(load_llava(setup["model"])[0].eval()), PackedCollator()),
+               (DamaPolicy(load_llava(setup["model"])[0].eval()), PrefixSharedCollator()),
                (DamaPolicy(load_llava(setup["model"])[0].eval(), packed_attention=False),
                 PaddedCollator(processor.tokenizer.pad_token_id))]
     results = []
@@ -153,10 +158,11 @@ def test_pair_references_do_not_depend_on_the_token_layout(setup):
             results.append(reference.pair_references(batch, reference.supervised_token_logps(policy, batch)))
             assert torch.equal(torch.tensor([r.chosen_logps for r in results[-1]]),
                                batch.split_chosen_rejected(policy(batch))[0])
-    for packed, padded in zip(*results, strict=True):
-        assert len(packed.rejected_token_logps) == len(padded.rejected_token_logps)
-        assert packed.rejected_token_logps == pytest.approx(padded.rejected_token_logps, abs=1e-5)
-        assert packed.chosen_mean_logps == pytest.approx(padded.chosen_mean_logps, abs=1e-5)
+    for packed, *others in zip(*results, strict=True):
+        for other in others:
+            assert len(packed.rejected_token_logps) == len(other.rejected_token_logps)
+            assert packed.rejected_token_logps == pytest.approx(other.rejected_token_logps, abs=1e-5)
+            assert packed.chosen_mean_logps == pytest.approx(other.chosen_mean_logps, abs=1e-5)
 
 
 def test_resume_after_a_crash_skips_finished_rows_and_matches_an_uninterrupted_run(setup, monkeypatch):
@@ -209,7 +215,7 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
         "precompute-ref", "--input", str(source), "--image-folder", str(folder / "images"), "--model",
         str(setup["model"]), "--output", str(output), "--max-tokens-per-batch", str(5 * max_length),
         "--max-length", str(max_length), "--overlong", "skip", "--limit", "6", "--device", "cpu",
-        "--dtype", "float32",
+        "--dtype", "float32", "--layout", "packed",
     ])
     assert code == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out
@@ -217,7 +223,7 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
     written = json.loads(output.read_text())
     assert len(written) == 6 and [r["chosen_logits"] for r in written] == [[0.1]] * 6
     metadata = read_metadata(output)
-    assert "hardness_mean" not in metadata and metadata["format"] == "json"
+    assert "hardness_mean" not in metadata and metadata["format"] == "json" and metadata["layout"] == "packed"
     skipped = [r for r in written if r["ref_chosen_logps"] is None]
     assert len(skipped) == metadata["skipped_count"] >= 1
     assert all(r["logps"] is None and r["ref_rejected_token_logps"] is None for r in skipped)
@@ -231,7 +237,7 @@ def test_json_input_token_budget_skip_and_the_cli(setup, capsys):
     dataset = PreferenceDataset.from_path(output, processor, image_folder=folder / "images", max_length=max_length,
                                           overlong="skip")
     assert dataset.has_reference_logps and len(dataset) == 6 - len(skipped)
-    # Same pairs as the parquet run, other batches: the same values up to rounding.
+    # Same pairs as the parquet run, other batches and the packed layout: the same values up to rounding.
     parquet_rows = {r["idx"]: r for r in _reference_rows(setup["output"])}
     for row in _reference_rows(output):
         if row["logps"] is None:
@@ -282,11 +288,14 @@ def test_output_equal_to_input_cuda_without_gpu_and_help(setup, tmp_path, capsys
         main(_arguments(setup, tmp_path, **{"--overlong": "truncate"}))
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
+        main(_arguments(setup, tmp_path, **{"--layout": "padded"}))
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         dama_main(["precompute-ref", "--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     for option in ("--input", "--image-folder", "--model", "--output", "--batch-size", "--max-tokens-per-batch",
-                   "--max-length", "--overlong", "--device", "--dtype", "--limit", "--cache-dir"):
+                   "--max-length", "--overlong", "--device", "--dtype", "--limit", "--cache-dir", "--layout"):
         assert option in usage
 
 

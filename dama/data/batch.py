@@ -1,34 +1,42 @@
 """The data types the model sees, torch only: one tokenized pair (PreferenceExample) and the micro-batches the
-collators make of them, packed (one row, no padding) and padded (the usual baseline).
+collators make of them, in three layouts: prefix-shared, packed (one row, no padding) and padded (the usual baseline).
 
-Shape letters: P pairs, S = 2P sequences, N tokens of the packed row, M supervised (scored) tokens, I image slots.
+Shape letters: P pairs, S = 2P sequences, N tokens of the row, M supervised (scored) tokens, I image slots.
 
-Sequence order, both layouts: the chosen block, then the rejected block. Sequence s < P is the chosen response of
+Sequence order, all layouts: the chosen block, then the rejected block. Sequence s < P is the chosen response of
 pair s, sequence P + s the rejected response of pair s, so a per-sequence result (S,) splits as values[:P] (chosen)
 and values[P:] (rejected): `split_chosen_rejected`.
 
-Shift: the hidden state at token t scores the token after it in the SAME sequence. `target_ids[t]` is that token's
-label (its id where supervised, else -100); the last token of every sequence has target -100, so no score ever
-crosses a sequence boundary. `supervised_positions` lists the t with target_ids[t] != -100, in token order, into the
-flattened token axis (N for the packed row, S * T for the padded batch), with `supervised_target_ids` and
-`supervised_seq_ids` beside them: exactly what `dama_kernels.sequence_logps` takes after gathering those hidden
-states, so both layouts are scored by the same code:
+Layouts. Packed: the S sequences end to end, each attending to itself. Prefix-shared: per pair, the prompt (image
+tokens included) once, then the chosen response, then the rejected response, [prompt | chosen | rejected]; the
+chosen response attends to the prompt and its own earlier tokens, the rejected response to the prompt and its own
+earlier tokens (never to the chosen ones), and both responses' positions continue from the end of the prompt. Every
+decoder layer computes the prompt once per pair instead of once per sequence. Padded: S rows of T tokens.
+
+Shift: the hidden state at token t scores the token after it in the SAME sequence (prefix-shared: the next token of
+the sequence, which for a prompt's last token is each response's first). In the packed and padded layouts
+`target_ids[t]` is that token's label (its id where supervised, else -100); the last token of every sequence has
+target -100, so no score ever crosses a sequence boundary. `supervised_positions` lists the scoring positions t, in
+token order, into the flattened token axis (N for a row, S * T for the padded batch), with `supervised_target_ids`
+and `supervised_seq_ids` beside them: exactly what `dama_kernels.sequence_logps` takes after gathering those hidden
+states, so every layout is scored by the same code:
     hidden = hidden_states.reshape(-1, H).index_select(0, batch.supervised_positions)        # (M, H)
     logps = sequence_logps(hidden, lm_head.weight, batch.supervised_target_ids, batch.supervised_seq_ids, S)
     chosen_logps, rejected_logps = batch.split_chosen_rejected(logps)                          # (P,), (P,)
 
 Images: `pixel_values` (P, 3, h, w) holds each pair's image once, so the vision tower encodes it once. The image
-tokens of the batch, read in flattened token order, form I runs of equal length (one per image slot: here every
-sequence has one, I = S); run k is filled by the features of image `image_index[k]`:
+tokens of the batch, read in flattened token order, form I runs of equal length (one per image slot: packed and padded
+give every sequence one, I = S); run k is filled by the features of image `image_index[k]`:
     features = vision_and_projector(batch.pixel_values)                                        # (P, T_img, H)
     inputs_embeds.masked_scatter(input_ids == image_token_id, features[batch.image_index])    # T_img per slot
 (in transformers' LLaVA: pass `mm_encoder_outputs` whose pooler_output is list(features[batch.image_index])). The
 gradient of a feature used by both sequences of a pair is summed by the index, as it should be.
 
 Generality: sequences (what is scored, S outputs) are kept apart from the token layout (`supervised_*`,
-`image_index`, and the packed row's attention segments `cu_seqlens`). A later layout in which chosen and rejected
-share one copy of the image and prompt tokens changes what the collator writes into these fields (fewer image
-slots, I = P; attention segments that are not sequences), not the fields nor the code that consumes them.
+`image_index`, and the row's attention segments). The prefix-shared layout fills the same fields differently: one
+image slot per pair (I = P, image_index = arange(P)); the prompt's last token scores the first token of both responses,
+so its position appears twice in supervised_positions (once per sequence); and its attention segments are not
+sequences (PrefixSharedBatch). The code that consumes the fields is the same for every layout.
 """
 
 from __future__ import annotations
@@ -182,3 +190,49 @@ class PaddedBatch(PreferenceBatch):
     def model_inputs(self) -> dict:
         """Keyword arguments of the language model's forward (any pixel_values aside)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+
+
+@dataclass
+class PrefixSharedBatch(PreferenceBatch):
+    """The P pairs of a micro-batch in one row of N tokens, each pair as [prompt | chosen | rejected] (module
+    docstring): the prompt's tokens, image tokens included, appear once per pair instead of once per sequence.
+
+    input_ids (1, N) int64. position_ids (1, N) int64: 0 .. Lp - 1 on a pair's prompt, then Lp, Lp + 1, ... on each
+    of its responses (both start at Lp, as in their own sequences).
+    Attention segments (two per pair, 2P in all; dama.model.attention, key_index form):
+      cu_seqlens (2P + 1,) int32: query segments over the row: [prompt | chosen] of pair p, then its [rejected];
+      key_index (K,) int64: the row positions of every segment's keys, segment after segment: [prompt | chosen]
+          attends to itself, [rejected] to the pair's prompt followed by itself (K = N + the prompts' tokens);
+      cu_seqlens_k (2P + 1,) int32: segment k's keys are key_index[cu_seqlens_k[k]:cu_seqlens_k[k + 1]];
+      max_seqlen, max_seqlen_k: the longest query and key segment, Python ints.
+    supervised_positions index this row's N tokens, in token order (a prompt's last token twice: chosen, rejected).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    key_index: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_k: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the language model's forward for "dama_packed" attention (any pixel_values aside).
+
+        As PackedBatch.model_inputs(), plus key_index, which "dama_packed" reads to find each segment's keys (no
+        other attention implementation understands this layout). use_cache=False: all keys come from this forward.
+        """
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens_k,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen_k,
+            "key_index": self.key_index,
+            "use_cache": False,
+        }

@@ -312,6 +312,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return [2 * len(p) + len(c) + len(r) for p, (c, r) in zip(self._prompts, self._responses, strict=True)]
 
     @property
+    def prompt_lengths(self) -> list[int]:
+        """Tokens of each kept pair's prompt (image tokens included): what its chosen and rejected sequences share."""
+        return [len(p) for p in self._prompts]
+
+    @property
     def has_reference_logps(self) -> bool:
         """True when every kept pair has both reference sums (then no reference model is needed)."""
         return all(not (math.isnan(c) or math.isnan(r)) for c, r, _, _ in self._reference)

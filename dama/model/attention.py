@@ -1,11 +1,18 @@
-"""Attention over packed sequences ("varlen"): several sequences in one row, each attending only to itself.
+"""Attention over packed sequences ("varlen"): several segments in one row, each attending only to its own keys.
 
-A packed row holds S sequences end to end; `cu_seqlens` (S + 1,) int32 marks their bounds (sequence k is tokens
-[cu_seqlens[k], cu_seqlens[k + 1])). Two implementations, chosen per call:
+A packed row holds S query segments end to end; `cu_seqlens` (S + 1,) int32 marks their bounds (segment k is tokens
+[cu_seqlens[k], cu_seqlens[k + 1])). By default each segment attends to itself (the packed layout: one segment per
+sequence). With a key index, segment k attends instead to the row's tokens key_index[cu_seqlens_k[k]:cu_seqlens_k[k +
+1]], in that order: the prefix_shared layout uses this to let a pair's rejected response see the pair's prompt and its
+own earlier tokens, but not the chosen response laid out between them. Causal masking is aligned bottom right, as in
+flash-attn: with Lq queries over Lk >= Lq keys, query i sees keys 0 .. i + Lk - Lq (all the prompt's keys, then its
+own segment's causally). Two implementations, chosen per call:
 - flash-attn's `flash_attn_varlen_func`, when flash-attn is importable, the tensors are on CUDA and in fp16/bf16:
-  one kernel over the whole row, no padding, no N x N mask, grouped-query attention handled natively;
-- an exact fallback everywhere else: PyTorch's scaled_dot_product_attention on each sequence's slice, key/value
-  heads repeated for grouped-query attention. Differentiable; costs one call per sequence.
+  one kernel over the whole row, no padding, no N x N mask, grouped-query attention handled natively (the keys of a
+  key index are gathered into one stream first, which is what flash-attn's cu_seqlens_k then indexes);
+- an exact fallback everywhere else: PyTorch's scaled_dot_product_attention on each segment's slice (a causal one,
+  or, where a segment has more keys than queries, one with that segment's (Lq, Lk) bottom-right mask), key/value
+  heads repeated for grouped-query attention. Differentiable; costs one call per segment.
 flash-attn is imported on first use only: it needs CUDA to install, and this module must import without it.
 
 transformers integration: `register_packed_attention()` registers `packed_attention_forward` under the name
@@ -15,10 +22,12 @@ layers hand their forward's extra keyword arguments to the attention function, s
 transformers' own varlen keywords, as `PackedBatch.model_inputs()` writes them:
     model(input_ids=..., position_ids=..., cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m,
           use_cache=False)
+and a key index as one more keyword, `key_index` (then cu_seq_lens_k bounds the gathered keys), as
+`PrefixSharedBatch.model_inputs()` writes it.
 Without cu_seq_lens_q the bounds are read from position_ids (a sequence starts where the position does not grow
 by one), and without those each batch row is one sequence. "dama_packed" also registers a mask function, which
 refuses a padding mask: packed attention takes no padding, and transformers would otherwise drop the mask unseen.
-No KV cache: this is for training (and scoring), where the keys are the queries' own tokens.
+No KV cache: this is for training (and scoring), where all keys are computed in the same forward as the queries.
 """
 
 from __future__ import annotations
@@ -61,17 +70,41 @@ def _resolve_impl(impl: str, query: torch.Tensor) -> str:
     return impl
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, name: str = "cu_seqlens") -> list[int]:
+    """The bounds as Python ints, after checking that they rise strictly from 0 to num_tokens."""
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be (S + 1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name} must be (S + 1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        raise ValueError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != num_tokens or any(b <= a for a, b in pairwise(bounds)):
         raise ValueError(
-            f"cu_seqlens must rise strictly from 0 to the {num_tokens} packed tokens, got {bounds[:6]}"
-            f"{' ...' if len(bounds) > 6 else ''}; build it with PackedCollator"
+            f"{name} must rise strictly from 0 to the {num_tokens} packed tokens, got {bounds[:6]}"
+            f"{' ...' if len(bounds) > 6 else ''}; build it with PackedCollator or PrefixSharedCollator"
         )
+    return bounds
+
+
+def _check_key_segments(key_index: torch.Tensor, cu_seqlens_k: torch.Tensor | None, query_bounds: list[int],
+                        num_tokens: int, causal: bool) -> list[int]:
+    """The key bounds as Python ints, after checking the key index against the row and the query segments."""
+    if cu_seqlens_k is None:
+        raise ValueError("a key_index needs cu_seqlens_k, the bounds of each segment's keys within it")
+    if key_index.dim() != 1 or key_index.dtype.is_floating_point or key_index.dtype == torch.bool:
+        raise ValueError(f"key_index must be a 1-D integer tensor, got {tuple(key_index.shape)} {key_index.dtype}")
+    key_bounds = _check_cu_seqlens(cu_seqlens_k, key_index.shape[0], "cu_seqlens_k")
+    if len(key_bounds) != len(query_bounds):
+        raise ValueError(f"cu_seqlens_k bounds {len(key_bounds) - 1} key segments for "
+                         f"{len(query_bounds) - 1} query segments; give one key segment per query segment")
+    low, high = torch.aminmax(key_index)
+    if int(low) < 0 or int(high) >= num_tokens:
+        raise ValueError(f"key_index must point into the {num_tokens} tokens of the row, got values "
+                         f"{int(low)} .. {int(high)}")
+    if causal and any(kb - ka < qb - qa for (qa, qb), (ka, kb) in zip(pairwise(query_bounds), pairwise(key_bounds),
+                                                                      strict=True)):
+        raise ValueError("causal attention aligned bottom right needs at least as many keys as queries in every "
+                         "segment; a query before the first key would see nothing")
+    return key_bounds
 
 
 def packed_attention(
@@ -81,22 +114,28 @@ def packed_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int | None = None,
     *,
+    key_index: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
     scaling: float | None = None,
     dropout: float = 0.0,
     causal: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Attention of each packed sequence with itself only.
+    """Attention of each packed segment over its keys: its own tokens, or those a key index names.
 
-    Value: for each k, softmax(q_k k_k^T * scaling + causal mask) v_k on the slice of sequence k, with the key/value
-    heads of grouped-query attention shared by num_heads / num_kv_heads query heads each (head h reads kv head
-    h // groups, as transformers' repeat_kv does).
+    Value: for each segment k, softmax(q_k K_k^T * scaling + causal mask) V_k, where q_k are the row's tokens
+    [cu_seqlens[k], cu_seqlens[k + 1]) and K_k, V_k the same tokens' keys and values, or, with key_index, those of the
+    row's tokens key_index[cu_seqlens_k[k]:cu_seqlens_k[k + 1]]. The causal mask is aligned bottom right: of Lq
+    queries over Lk keys, query i sees keys j <= i + Lk - Lq (Lk = Lq: the usual causal mask). Grouped-query
+    attention: head h reads key/value head h // (Hq / Hkv), as transformers' repeat_kv does.
 
     Shapes:
-        query (N, Hq, D); key, value (N, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (S + 1,) integer, from 0 to N
+        query (N, Hq, D); key, value (N, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (S + 1,) integer, from 0 to N;
+        key_index (K,) integer in [0, N) and cu_seqlens_k (S + 1,) integer, from 0 to K, both or neither
         -> (N, Hq, D), the dtype of query.
-    max_seqlen: the longest sequence (computed when None). scaling defaults to D ** -0.5. impl: "auto" (flash-attn
-    when usable, else "torch"), "flash", "torch".
+    max_seqlen, max_seqlen_k: the longest query and key segment (computed when None). scaling defaults to D ** -0.5.
+    impl: "auto" (flash-attn when usable, else "torch"), "flash", "torch".
     """
     if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
         raise ValueError(f"query, key, value must be (N, heads, D), got {tuple(query.shape)}, {tuple(key.shape)}, "
@@ -107,13 +146,26 @@ def packed_attention(
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"the {num_heads} query heads must be a multiple of the {num_kv_heads} key/value heads")
-    _check_cu_seqlens(cu_seqlens, query.shape[0])
+    bounds = _check_cu_seqlens(cu_seqlens, query.shape[0])
+    if key_index is None:
+        if cu_seqlens_k is not None and not torch.equal(cu_seqlens_k.to(cu_seqlens.device), cu_seqlens):
+            raise ValueError("without a key_index each segment attends to itself: cu_seqlens_k must equal cu_seqlens")
+        key_bounds, max_seqlen_k = bounds, max_seqlen
+    else:
+        key_bounds = _check_key_segments(key_index, cu_seqlens_k, bounds, query.shape[0], causal)
+        # One stream of every segment's keys, in segment order: what flash-attn's cu_seqlens_k indexes. The backward
+        # of the gather sums the gradients of a key that several segments read (a shared prompt's keys).
+        key, value = key.index_select(0, key_index), value.index_select(0, key_index)
     impl = _resolve_impl(impl, query)
     if impl == "flash":
-        cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
+        cu_seqlens_q = cu_seqlens.to(device=query.device, dtype=torch.int32)
+        cu_seqlens_k = cu_seqlens_q if key_index is None else cu_seqlens_k.to(device=query.device, dtype=torch.int32)
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        return _flash_varlen()(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            max_seqlen = max(b - a for a, b in pairwise(bounds))
+        if max_seqlen_k is None:
+            max_seqlen_k = max(b - a for a, b in pairwise(key_bounds))
+        # flash-attn aligns the causal mask bottom right when a segment has fewer queries than keys (flash-attn >= 2.1).
+        return _flash_varlen()(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen, max_seqlen_k,
                                dropout_p=dropout, softmax_scale=scaling, causal=causal)
 
     groups = num_heads // num_kv_heads
@@ -124,14 +176,17 @@ def packed_attention(
     # takes its flash kernel, with 3-D the math one, which keeps a heads x L x L probability tensor for the backward
     # (fwd + bwd of one causal (4 heads, 800, 64) sequence on 2 idle cores: 0.026 s -> 0.011 s).
     query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-    bounds = cu_seqlens.tolist()
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=causal, scale=scaling,
-        )
-        for start, end in pairwise(bounds)
-    ]
+    outputs = []
+    for (start, end), (key_start, key_end) in zip(pairwise(bounds), pairwise(key_bounds), strict=True):
+        num_queries, num_keys = end - start, key_end - key_start
+        mask = None
+        if causal and num_keys > num_queries:
+            # sdpa's is_causal aligns top left; this segment's mask is (Lq, Lk), never one over the whole row.
+            mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_queries)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, key_start:key_end], value[:, :, key_start:key_end], attn_mask=mask,
+            dropout_p=dropout, is_causal=causal and mask is None, scale=scaling,
+        ))
     return torch.cat(outputs, dim=2).squeeze(0).transpose(0, 1)  # (N, Hq, D)
 
 
@@ -162,7 +217,8 @@ def packed_attention_forward(
     """transformers' attention-function interface around `packed_attention`.
 
     Shapes: query (B, Hq, T, D), key and value (B, Hkv, T, D) -> ((B, T, Hq, D), None). The B * T tokens are one
-    packed stream; its bounds come from cu_seq_lens_q, else position_ids, else the rows (module docstring).
+    packed stream; its bounds come from cu_seq_lens_q, else position_ids, else the rows (module docstring). With the
+    keyword key_index (K,), segment k attends to the tokens key_index[cu_seq_lens_k[k]:cu_seq_lens_k[k + 1]].
     """
     if attention_mask is not None:
         raise ValueError(
@@ -180,19 +236,31 @@ def packed_attention_forward(
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     max_seqlen = kwargs.get("max_length_q")
     cu_seqlens_k = kwargs.get("cu_seq_lens_k")
-    if cu_seqlens is None:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None and position_ids.shape[-1] == length:
-            cu_seqlens = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
-        else:
-            cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32)
-        max_seqlen = None
-    elif cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens and not torch.equal(cu_seqlens_k, cu_seqlens):
-        raise ValueError(f"{ATTENTION_NAME} attention is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+    key_index = kwargs.get("key_index")
+    if key_index is not None:
+        if cu_seqlens is None or cu_seqlens_k is None:
+            raise ValueError(f"{ATTENTION_NAME} attention with a key_index needs cu_seq_lens_q and cu_seq_lens_k; "
+                             "pass PrefixSharedBatch.model_inputs()")
+        key_segments = {"key_index": key_index, "cu_seqlens_k": cu_seqlens_k,
+                        "max_seqlen_k": kwargs.get("max_length_k")}
+    else:
+        key_segments = {}
+        if cu_seqlens is None:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is not None and position_ids.shape[-1] == length:
+                cu_seqlens = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
+            else:
+                cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32)
+            max_seqlen = None
+        elif cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens and not torch.equal(cu_seqlens_k,
+                                                                                            cu_seqlens):
+            raise ValueError(f"{ATTENTION_NAME} attention without a key_index is self-attention of each segment: "
+                             "cu_seq_lens_k must equal cu_seq_lens_q")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # (B, H, T, D) -> (B * T, H, D): one stream of tokens.
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value)]
-    output = packed_attention(*flat, cu_seqlens, max_seqlen, scaling=scaling, dropout=dropout, causal=causal)
+    output = packed_attention(*flat, cu_seqlens, max_seqlen, **key_segments, scaling=scaling, dropout=dropout,
+                              causal=causal)
     return output.reshape(batch, length, num_heads, head_dim), None
 
 

@@ -1,8 +1,8 @@
 """DamaPolicy, the module that turns a preference batch into sequence log-probs.
 
 DamaPolicy.forward(batch) -> (S,) runs the vision tower once per pair, the language model over the batch's layout
-(packed: one row, varlen attention; padded: (S, T) with a mask), takes the last hidden states at the supervised
-positions only and scores them with the fused head, which never builds the (tokens x vocab) logits.
+(prefix-shared or packed: one row, varlen attention; padded: (S, T) with a mask), takes the last hidden states at
+the supervised positions only and scores them with the fused head, which never builds the (tokens x vocab) logits.
 
 The head is a module of its own that shares the lm_head's Parameters: engines that hook modules (DeepSpeed ZeRO-3
 gathers a module's partitioned weights around its forward, and again before its backward) then gather the head's
@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration
 import dama_kernels
 from dama.model.attention import use_packed_attention
 
-from ..data.batch import PackedBatch, PreferenceBatch
+from ..data.batch import PackedBatch, PreferenceBatch, PrefixSharedBatch
 
 HEADS = ("fused", "full_logits")
 
@@ -109,9 +109,11 @@ class DamaPolicy(nn.Module):
         features = image_outputs.pooler_output
         image_outputs.pooler_output = [features[k] for k in batch.image_index.tolist()]
         inputs = batch.model_inputs()
-        if isinstance(batch, PackedBatch) and self.llava.config.text_config._attn_implementation not in (
-            "dama_packed", "flash_attention_2"
-        ):
+        attention = self.llava.config.text_config._attn_implementation
+        if isinstance(batch, PackedBatch) and attention not in ("dama_packed", "flash_attention_2"):
             raise ValueError("a packed batch needs packed attention: build DamaPolicy with packed_attention=True")
+        if isinstance(batch, PrefixSharedBatch) and attention != "dama_packed":
+            raise ValueError(f"a prefix-shared batch needs dama_packed attention (its responses read the prompt's "
+                             f"keys through key_index), not {attention!r}: build DamaPolicy with packed_attention=True")
         outputs = backbone(**inputs, mm_encoder_outputs={"image": image_outputs})
         return outputs.last_hidden_state

@@ -2,8 +2,9 @@
 
 The reference model π_ref is scored through the code path training scores the policy with: rows are read and
 tokenized by PreferenceDataset (same template, CLIP image processing and max_length; nothing is truncated), laid out
-by PackedCollator and run through DamaPolicy's backbone, and the supervised positions are scored by the fused head
-(`dama_kernels.token_logps`: no (tokens x vocab) logits, no autograd). A policy that starts from the reference weights
+in training's layout (prefix_shared by default, or packed: --layout) and run through DamaPolicy's backbone, and the
+supervised positions are scored by the fused head (`dama_kernels.token_logps`: no (tokens x vocab) logits, no
+autograd). A policy that starts from the reference weights
 then has z = (π_c − ref_c) − (π_r − ref_r) = 0 at step 0, up to float rounding, whatever its batches look like.
 
 Stored per pair, in both layouts the data loader reads back (dama.data):
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 import dama_kernels
 from dama.command import run_command
 from dama.data.batch import PreferenceBatch
-from dama.data.collator import PackedCollator, TokenBudgetBatchSampler
+from dama.data.collator import LAYOUTS, TokenBudgetBatchSampler, layout_pair_lengths, make_collator
 from dama.data.dataset import (
     IMAGE_ASPECT_RATIOS,
     OVERLONG_POLICIES,
@@ -92,6 +93,8 @@ REFERENCE_COLUMNS = (
 )
 OUTPUT_COLUMNS = tuple(column.name for column in REFERENCE_COLUMNS)
 DEFAULT_BATCH_SIZE = 8
+# The layouts DamaPolicy scores with packed attention; the padded one gives the same values and is not offered here.
+REFERENCE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "padded")
 DEFAULT_MAX_LENGTH = 2048
 SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
@@ -152,7 +155,8 @@ def plan_batches(
     indices: Sequence[int], pair_lengths: Sequence[int], batch_size: int, max_tokens: int | None
 ) -> list[list[int]]:
     """Dataset indices grouped into micro-batches, in order: `batch_size` pairs each, or as many as fit in
-    `max_tokens` packed tokens (at most `batch_size`) when a token budget is given."""
+    `max_tokens` tokens (at most `batch_size`) when a token budget is given. pair_lengths: the tokens of each pair in
+    the batches' layout (layout_pair_lengths)."""
     if max_tokens is None:
         return [list(indices[start:start + batch_size]) for start in range(0, len(indices), batch_size)]
     sampler = TokenBudgetBatchSampler(
@@ -171,11 +175,13 @@ def score_dataset(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
+    layout: str = REFERENCE_LAYOUTS[0],
 ) -> PassOutcome:
     """Score every pair of `dataset` not already in `partial`, appending each finished batch to it.
 
     row_ids[i] is the row id of dataset[i] and `fingerprints` maps a row id to its PairRow fingerprint: a row found
     in `partial` with another fingerprint means the input changed since the interrupted run, which is an error.
+    `layout` is the batch layout, as training's (dama.data.collator.LAYOUTS, but not padded).
     """
     outcome = PassOutcome(results={}, skipped=[], resumed=0)
     todo = []
@@ -186,8 +192,11 @@ def score_dataset(
             continue
         outcome.results[row_id] = finished
     outcome.resumed = len(outcome.results)
-    collator = PackedCollator()
-    batches = plan_batches(todo, dataset.pair_lengths, batch_size, max_tokens)
+    if layout not in REFERENCE_LAYOUTS:
+        raise ValueError(f"layout must be one of {REFERENCE_LAYOUTS}, got {layout!r}")
+    collator = make_collator(layout)
+    pair_lengths = layout_pair_lengths(dataset.pair_lengths, dataset.prompt_lengths, layout)
+    batches = plan_batches(todo, pair_lengths, batch_size, max_tokens)
     with tqdm(total=len(row_ids), initial=outcome.resumed, desc="reference", unit="pair", disable=None) as progress:
         for indices in batches:
             batch = collator([dataset[i] for i in indices]).to(device)
@@ -315,6 +324,7 @@ def precompute_reference(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
+    layout: str = REFERENCE_LAYOUTS[0],
 ) -> dict[str, Any]:
     """The whole pass: check every row, score with the reference model, write the output and `<output>.meta.json`.
 
@@ -323,8 +333,11 @@ def precompute_reference(
     step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's folder (the input
     itself when it is a folder of shards), as in PreferenceDataset.from_path. `system_prompt` is the conversation
     template's system text (training's `system_prompt`); `select` keeps the rows meeting its conditions
-    (dama.data.formats), and only those are written.
+    (dama.data.formats), and only those are written. `layout`: the batch layout, training's (either gives the same
+    values up to float rounding).
     """
+    if layout not in REFERENCE_LAYOUTS:
+        raise ValueError(f"--layout must be one of {REFERENCE_LAYOUTS}, got {layout!r}")
     input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
     _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
                      on_bad_row, image_aspect_ratio, device, dtype, limit)
@@ -355,14 +368,14 @@ def precompute_reference(
 
     def score(partial: PartialResults) -> PassOutcome:
         outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
-                                max_tokens=max_tokens_per_batch, device=device)
+                                max_tokens=max_tokens_per_batch, device=device, layout=layout)
         outcome.skipped = checked.report.skipped
         return outcome
 
     def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
         # `encoding` and `image_aspect_ratio` let training refuse these values if it tokenizes or sees images otherwise.
         return {"overlong": overlong, "on_bad_row": on_bad_row, "rows": checked.report.total, "device": str(device),
-                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch,
+                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch, "layout": layout,
                 "encoding": dataset.encoder.signature, **hardness}
 
     return run_pass(input_path, plan, step="precompute-ref", settings=settings, columns=REFERENCE_COLUMNS,
@@ -402,8 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens-per-batch",
         type=int,
         default=None,
-        help="group pairs, in file order, into forwards of at most this many packed tokens (prompt and response of "
-        "both sequences of each pair) instead of a fixed number of pairs (default: off)",
+        help="group pairs, in file order, into forwards of at most this many tokens (each pair's prompt counted "
+        "once with --layout prefix_shared, twice with packed) instead of a fixed number of pairs (default: off)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=REFERENCE_LAYOUTS,
+        default=REFERENCE_LAYOUTS[0],
+        help="batch layout, as in training: prefix_shared runs each pair's image and prompt through the model once "
+        "for both responses, packed once per response; the log-probs agree up to float rounding "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-length",
@@ -485,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
             on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, system_prompt=args.system_prompt,
             select=args.select, device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, layout=args.layout,
         )
         if metadata.get("already_complete"):
             return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "

@@ -15,13 +15,13 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from dama.data.collator import LAYOUTS
 from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
 from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
 
-LAYOUTS = ("packed", "padded")
 ATTENTIONS = ("packed", "sdpa", "eager")
 REFERENCES = ("precomputed", "online")
 
@@ -59,8 +59,9 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     attention: Literal["packed", "sdpa", "eager"] = field(
         default="packed",
-        metadata={"help": "Attention: 'packed' (flash-attn varlen on a GPU when installed, exact per-sequence SDPA "
-                  "otherwise; needs layout=packed), or transformers' 'sdpa' / 'eager' (padded layout)."},
+        metadata={"help": "Attention: 'packed' (flash-attn varlen on a GPU when installed, exact per-segment SDPA "
+                  "otherwise; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' (padded "
+                  "layout)."},
     )
     head: Literal["fused", "full_logits"] = field(
         default="fused",
@@ -105,15 +106,18 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
                   "DAMA authors' trainer); set it for checkpoints tuned with another. precompute-ref must use the "
                   "same (--system-prompt)."},
     )
-    layout: Literal["packed", "padded"] = field(
-        default="packed",
-        metadata={"help": "Micro-batch layout: 'packed' puts the 2P sequences in one row without padding; "
-                  "'padded' pads chosen and rejected to one length (the usual layout, a baseline)."},
+    layout: Literal["prefix_shared", "packed", "padded"] = field(
+        default="prefix_shared",
+        metadata={"help": "Micro-batch layout: 'prefix_shared' puts each pair in one row as [prompt | chosen | "
+                  "rejected], so the image and prompt tokens go through the language model once per pair (exact: "
+                  "each response attends to the prompt and itself only); 'packed' puts the 2P sequences in one row "
+                  "without padding; 'padded' pads chosen and rejected to one length (the usual layout, a baseline)."},
     )
     max_tokens_per_batch: int = field(
         default=0,
-        metadata={"help": "Token budget per packed micro-batch: pairs are grouped so their packed length stays "
-                  "under it (per_device_train_batch_size is then ignored). 0 = fixed pairs per batch."},
+        metadata={"help": "Token budget per micro-batch: pairs are grouped so their length in the layout (the "
+                  "prompt counted once with prefix_shared) stays under it (per_device_train_batch_size is then "
+                  "ignored). 0 = fixed pairs per batch."},
     )
     shuffle: bool = field(
         default=True,
@@ -153,8 +157,10 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
-        if self.attention == "packed" and self.layout != "packed":
-            raise ValueError("attention='packed' needs layout='packed'; use attention='sdpa' with layout='padded'")
+        if (self.attention == "packed") != (self.layout != "padded"):
+            raise ValueError(f"attention={self.attention!r} does not fit layout={self.layout!r}: layouts "
+                             "'prefix_shared' and 'packed' need attention='packed', layout='padded' needs "
+                             "attention='sdpa' or 'eager'")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.resume and self.overwrite_output_dir:

@@ -20,7 +20,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.command import run_command
-from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.collator import make_collator
 from dama.data.dataset import ConversationTemplate, PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
@@ -149,7 +149,7 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
             logger.warning("%s %s: %s; listed in %s", name, path, data.report.summary(),
                            Path(args.output_dir) / SKIPPED_ROWS)
     hardness_mean, hardness_source = dataset_hardness_mean(args, pairs["train_file"])
-    collator = PackedCollator() if args.layout == "packed" else PaddedCollator(processor.tokenizer.pad_token_id)
+    collator = make_collator(args.layout, processor.tokenizer.pad_token_id)
     trainer = DamaTrainer(
         model=policy,
         dama_loss=DamaLoss(args, hardness_mean=hardness_mean),

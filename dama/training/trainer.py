@@ -1,4 +1,4 @@
-"""DamaTrainer: transformers.Trainer with the DAMA loss over packed preference batches.
+"""DamaTrainer: transformers.Trainer with the DAMA loss over preference batches (any layout of dama.data.batch).
 
 compute_loss: DamaPolicy(batch) -> policy log-probs (S,) -> chosen/rejected -> DamaLoss (with the reference
 log-probs from the batch, or from a frozen reference policy when reference="online"). What it adds to the Trainer:
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from dama.data.batch import PreferenceBatch
-from dama.data.collator import TokenBudgetBatchSampler
+from dama.data.collator import TokenBudgetBatchSampler, layout_pair_lengths
 from dama.method.distributed import all_reduce_sum
 from dama.method.loss import DamaLoss
 from dama.model.policy import DamaPolicy
@@ -83,9 +83,10 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if not self.args.max_tokens_per_batch:
             return super().get_train_dataloader()
-        sampler = TokenBudgetBatchSampler(self.train_dataset.pair_lengths, self.args.max_tokens_per_batch,
-                                          shuffle=self.args.shuffle, seed=self.args.seed,
-                                          drop_last=self.args.dataloader_drop_last)
+        dataset = self.train_dataset
+        pair_lengths = layout_pair_lengths(dataset.pair_lengths, dataset.prompt_lengths, self.args.layout)
+        sampler = TokenBudgetBatchSampler(pair_lengths, self.args.max_tokens_per_batch, shuffle=self.args.shuffle,
+                                          seed=self.args.seed, drop_last=self.args.dataloader_drop_last)
         loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
