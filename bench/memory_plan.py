@@ -45,7 +45,7 @@ class Case:
     name: str
     layers: int = 2
     pairs: int = 4
-    layout: str = "packed"
+    layout: str = "packed"  # explicit: the training default is prefix_shared
     head: str = "fused"
     checkpointing: bool = False
     lora_rank: int = 0
@@ -66,6 +66,8 @@ CASES = (
     Case("LoRA, 4 layers", layers=4, lora_rank=16),
     Case("LoRA, 4 layers, checkpointing", layers=4, lora_rank=16, checkpointing=True),
     Case("LoRA, 4 layers, padded", layers=4, lora_rank=16, layout="padded"),
+    Case("LoRA, 4 layers, prefix-shared", layers=4, lora_rank=16, layout="prefix_shared"),
+    Case("full, 2 layers, prefix-shared", layout="prefix_shared"),
     Case("LoRA, 4 layers, online reference", layers=4, lora_rank=16, reference="online"),
     Case("projector only, 4 layers", layers=4, freeze_language_model=True),
     Case("full, fp32 weights + bf16 autocast", bf16=True),
@@ -77,7 +79,7 @@ QUICK = ("full, 2 layers, 1 pair", "LoRA, 4 layers, checkpointing", "full, full-
 
 def training_argv(case: Case, output_dir: str) -> list[str]:
     """The `dama train` arguments of a case (the model and data are built here, not read from files)."""
-    attention = "packed" if case.layout == "packed" else "sdpa"
+    attention = "sdpa" if case.layout == "padded" else "packed"
     flag = {True: "true", False: "false"}
     return ["--output_dir", output_dir, "--use_cpu", "true", "--report_to", "none", "--data_aware", "false",
             "--layout", case.layout, "--attention", attention, "--head", case.head, "--reference", case.reference,
@@ -91,7 +93,7 @@ def measure_case(case: Case) -> dict:
     """Builds the case, measures one training step's working memory and predicts it; returns the record."""
     from transformers import LlavaForConditionalGeneration
 
-    from dama.data.collator import PackedCollator, PaddedCollator
+    from dama.data.collator import make_collator
     from dama.method.loss import DamaLoss
     from dama.planning.memory_plan import BatchShape, plan_memory
     from dama.planning.model_shape import ModelShape
@@ -109,7 +111,7 @@ def measure_case(case: Case) -> dict:
     llava = LlavaForConditionalGeneration(config).to(getattr(torch, case.model_dtype)).train()
     args = parse_training_arguments(training_argv(case, tempfile.mkdtemp(prefix="memory_plan_")))
     policy, ref_policy, adapters = prepare_models(args, llava)
-    collate = PackedCollator() if case.layout == "packed" else PaddedCollator(PAD_ID)
+    collate = make_collator(case.layout, PAD_ID)
     examples = micro_batches(shape)
     trainer = DamaTrainer(model=policy, dama_loss=DamaLoss(args, hardness_mean=0.0), ref_policy=ref_policy,
                           adapters=adapters, args=args, train_dataset=[e for pairs in examples for e in pairs],
@@ -141,7 +143,8 @@ def measure_case(case: Case) -> dict:
     model_shape = ModelShape.from_config(config)
     batch = BatchShape(pairs=case.pairs, tokens=measured.input_ids.numel(),
                        scored=measured.supervised_positions.numel(), image_slots=int(measured.image_index.numel()),
-                       longest=measured.input_ids.shape[1] if case.layout == "padded" else 0)
+                       longest=measured.input_ids.shape[1] if case.layout == "padded" else 0,
+                       **(prefix_shared_fields(measured) if case.layout == "prefix_shared" else {}))
     plan = plan_memory(model_shape, training_setup(args, model_shape, device="cpu"), batch)
     return {
         "config": asdict(case),
@@ -159,6 +162,14 @@ def measure_case(case: Case) -> dict:
         "scored_tokens": batch.scored,
         "device": "cpu",
     }
+
+
+def prefix_shared_fields(batch) -> dict:
+    """A PrefixSharedBatch's keys gathered beyond its row and its bottom-right masks' elements (segments with more
+    keys than queries)."""
+    queries, keys = batch.cu_seqlens.diff().long(), batch.cu_seqlens_k.diff().long()
+    return {"shared_keys": batch.key_index.numel() - batch.input_ids.numel(),
+            "segment_mask_elements": int((queries * keys)[queries != keys].sum())}
 
 
 def run_isolated(case: Case) -> dict:

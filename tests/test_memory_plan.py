@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from dama.data.batch import IGNORE_INDEX, PreferenceExample
-from dama.data.collator import PackedCollator, PaddedCollator
+from dama.data.collator import make_collator
 from dama.planning import activations as act
 from dama.planning.advice import largest_fitting
 from dama.planning.model_shape import ModelShape, read_model_shape
@@ -77,12 +77,14 @@ def saved_bytes_of_layer(policy, batch, layer: int, autocast: bool) -> int:
 
 
 CASES = {
-    "full fine-tuning, packed": ([], "segments"),
-    "LoRA, packed": (["--lora_rank", "4", "--freeze_language_model", "true"], "segments"),
-    "projector only, packed": (["--freeze_language_model", "true"], "segments"),
+    "full fine-tuning, packed": (["--layout", "packed"], "segments"),
+    "LoRA, packed": (["--layout", "packed", "--lora_rank", "4", "--freeze_language_model", "true"], "segments"),
+    "projector only, packed": (["--layout", "packed", "--freeze_language_model", "true"], "segments"),
     "full fine-tuning, padded": (["--layout", "padded", "--attention", "sdpa"], "padded"),
-    "LoRA, bf16 weights under autocast": (["--lora_rank", "4", "--freeze_language_model", "true", "--model_dtype",
-                                           "bfloat16", "--bf16", "true"], "segments"),
+    "LoRA, prefix-shared": (["--lora_rank", "4", "--freeze_language_model", "true", "--layout", "prefix_shared"],
+                            "segments"),
+    "LoRA, bf16 weights under autocast": (["--layout", "packed", "--lora_rank", "4", "--freeze_language_model",
+                                           "true", "--model_dtype", "bfloat16", "--bf16", "true"], "segments"),
 }
 
 
@@ -96,7 +98,7 @@ def test_a_decoder_layers_saved_activations_are_what_the_plan_counts(case, tmp_p
     policy, _, _ = prepare_models(args, LlavaForConditionalGeneration(config).to(dtype).train())
     generator = torch.Generator().manual_seed(0)
     examples = [example(generator, k) for k in range(3)]
-    batch = (PaddedCollator(0) if args.layout == "padded" else PackedCollator())(examples)
+    batch = make_collator(args.layout, 0)(examples)
     # Layer 1: layer 0 also holds what all layers share (the rotary tables), first saved there.
     measured = saved_bytes_of_layer(policy, batch, 1, autocast=args.bf16)
 
@@ -109,6 +111,10 @@ def test_a_decoder_layers_saved_activations_are_what_the_plan_counts(case, tmp_p
     predicted += act.layer_weight_copies(shape, precision, args.lora_rank, 4 if args.lora_rank else weight)
     if attention == "padded":
         predicted += act.padded_mask_per_layer(precision, batch.input_ids.shape[0], batch.input_ids.shape[1])
+    if args.layout == "prefix_shared":
+        predicted += act.gathered_keys_per_layer(shape, precision, attention, batch.key_index.numel() - tokens)
+        queries, keys = (batch.cu_seqlens.diff(), batch.cu_seqlens_k.diff())
+        predicted += int((queries * keys)[queries != keys].sum()) * precision.compute_bytes
     assert predicted == measured
 
 

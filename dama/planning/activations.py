@@ -109,6 +109,14 @@ def layer_weight_copies(shape: ModelShape, precision: Precision, lora_rank: int,
     return 0
 
 
+def gathered_keys_per_layer(shape: ModelShape, precision: Precision, attention: str, shared_keys: int) -> int:
+    """The prefix_shared layout gathers each pair's prompt keys and values a second time, for its rejected response,
+    and the attention keeps the gathered copies (GQA heads repeated after the gather on the SDPA path)."""
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    width = q_width if attention != "varlen" and kv_width < q_width else kv_width
+    return shared_keys * 2 * precision.compute_bytes * width
+
+
 def padded_mask_per_layer(precision: Precision, rows: int, longest: int) -> int:
     """The padded layout's (rows, 1, T, T) boolean mask as the additive mask of the compute dtype that SDPA makes
     from it in each layer and keeps for the backward."""

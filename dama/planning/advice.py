@@ -22,12 +22,17 @@ class Switch:
     speed_cost: str
     applies: Callable[[TrainingSetup], bool]
     apply: Callable[[TrainingSetup], TrainingSetup]
-    changes_layout: bool = False
 
 
 def _lora(setup: TrainingSetup) -> TrainingSetup:
     trained_bytes = 4 if setup.zero_stage is None else setup.trained_bytes
     return replace(setup, lora_rank=LORA_RANK, train_language_model=False, trained_bytes=trained_bytes)
+
+
+def _prefix_shared(setup: TrainingSetup) -> TrainingSetup:
+    # flash-attn varlen where the head runs the Triton kernels (a GPU), the exact SDPA path elsewhere.
+    attention = "varlen" if setup.head_kernel == "triton" else "segments"
+    return replace(setup, layout="prefix_shared", attention=attention)
 
 
 def _zero(stage: int, offload_params: bool = False, offload_optimizer: bool = False):
@@ -46,9 +51,9 @@ SWITCHES = (
            lambda s: replace(s, reference="precomputed")),
     Switch("fused head", "head: fused", "none: faster than full logits", lambda s: s.head == "full_logits",
            lambda s: replace(s, head="fused")),
-    Switch("packed layout", "layout: packed, attention: packed", "none: no padding to compute",
-           lambda s: s.layout == "padded", lambda s: replace(s, layout="packed", attention="varlen"),
-           changes_layout=True),
+    Switch("prefix-shared layout", "layout: prefix_shared, attention: packed",
+           "none: no padding, and each pair's image and prompt computed once", lambda s: s.layout != "prefix_shared",
+           _prefix_shared),
     Switch("LoRA", f"lora_rank: {LORA_RANK}, freeze_language_model: true",
            "about none per step (no base-weight gradients), but it trains adapters, not the whole model",
            lambda s: s.train_language_model, _lora),

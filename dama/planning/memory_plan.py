@@ -74,6 +74,8 @@ class BatchShape:
     image_slots: int
     longest: int = 0  # padded layout: T, the rows' length
     shared_keys: int = 0  # prefix_shared: prompt tokens gathered a second time as keys of the rejected responses
+    # prefix_shared: query x key elements of the rejected responses' bottom-right causal masks (SDPA path only)
+    segment_mask_elements: int = 0
 
     @property
     def rows(self) -> int:
@@ -88,7 +90,8 @@ def batch_shape(shape: ModelShape, layout: str, pairs: int, prompt_text: int, re
     prompt = shape.image_tokens + prompt_text
     scored = 2 * pairs * response
     if layout == "prefix_shared":
-        return BatchShape(pairs, pairs * (prompt + 2 * response), scored, pairs, shared_keys=pairs * prompt)
+        return BatchShape(pairs, pairs * (prompt + 2 * response), scored, pairs, shared_keys=pairs * prompt,
+                          segment_mask_elements=pairs * response * (prompt + response))
     if layout == "packed":
         return BatchShape(pairs, 2 * pairs * (prompt + response), scored, 2 * pairs)
     if layout == "padded":
@@ -265,11 +268,14 @@ def plan_memory(shape: ModelShape, setup: TrainingSetup, batch: BatchShape) -> M
         grads = _layer_grads(setup, layer)
         saved = act.layer_saved_per_token(shape, precision, grads, setup.attention)
         # Keys gathered for prefix sharing are saved beside the row's own (k and v of the prompts once more), autocast
-        # keeps 16-bit copies of wider weights, the padded layout's attention keeps a float mask per layer.
-        saved_extra = batch.shared_keys * 2 * precision.compute_bytes * shape.num_kv_heads * shape.head_dim
+        # keeps 16-bit copies of wider weights, SDPA keeps a float copy of the padded layout's mask, and of the
+        # prefix-shared rejected responses' bottom-right masks, in every layer.
+        saved_extra = act.gathered_keys_per_layer(shape, precision, setup.attention, batch.shared_keys)
         saved_extra += act.layer_weight_copies(shape, precision, setup.lora_rank, setup.trained_bytes)
         if setup.attention == "padded":
             saved_extra += act.padded_mask_per_layer(precision, batch.rows, batch.longest)
+        if setup.attention == "segments":
+            saved_extra += batch.segment_mask_elements * precision.compute_bytes  # SDPA's float copy of each mask
         saved += saved_extra // max(n, 1)
         kept.append((grads, saved))
         if setup.activation_checkpointing:

@@ -122,5 +122,8 @@ def largest_batch(args: DamaTrainingArguments, shape: ModelShape, *, prompt_text
     one = batch_shape(shape, layout, pairs, prompt_text, 0)  # the prompts alone
     if layout == "padded":
         return batch_shape(shape, "padded", pairs, prompt_text, args.max_length - prompt)
-    return BatchShape(pairs=pairs, tokens=max(budget, one.tokens + 2 * pairs), scored=max(budget - one.tokens,
-                      2 * pairs), image_slots=one.image_slots, shared_keys=one.shared_keys)
+    scored = max(budget - one.tokens, 2 * pairs)
+    rejected = scored // (2 * pairs)  # tokens of one response
+    masks = pairs * rejected * (prompt + rejected) if layout == "prefix_shared" else 0
+    return BatchShape(pairs=pairs, tokens=max(budget, one.tokens + 2 * pairs), scored=scored,
+                      image_slots=one.image_slots, shared_keys=one.shared_keys, segment_mask_elements=masks)
