@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import torch
+
 
 def run_command(name: str, action: Callable[[], str | None]) -> int:
     """Runs `action` (which returns the summary to print, or None) as the command `dama <name>`."""
@@ -20,3 +22,13 @@ def run_command(name: str, action: Callable[[], str | None]) -> int:
     if summary:
         print(summary)
     return 0
+
+
+def check_device_argument(device: str) -> None:
+    """ValueError unless `--device` names a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")

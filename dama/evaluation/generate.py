@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from dama.command import check_device_argument
 from dama.data.dataset import PairEncoder
 from dama.data.formats import atomic_path, write_metadata
 from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, count_prompt_rows, iter_prompt_rows
@@ -158,12 +159,7 @@ def _check_arguments(input_path: Path, output_path: Path, model_dir: Path, batch
         raise ValueError(f"--limit must be >= 0, got {limit}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")
+    check_device_argument(device)
     if not input_path.exists():
         raise FileNotFoundError(f"--input {input_path} does not exist")
     if not (model_dir / "config.json").is_file():

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dama_kernels
-from dama.command import run_command
+from dama.command import check_device_argument, run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import LAYOUTS, TokenBudgetBatchSampler, layout_pair_lengths, make_collator
 from dama.data.dataset import (
@@ -290,12 +290,7 @@ def _check_arguments(
         raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")
+    check_device_argument(device)
     if not input_path.exists():
         raise FileNotFoundError(f"--input {input_path} does not exist")
     if not (model_path / "config.json").is_file():
