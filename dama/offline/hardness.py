@@ -41,6 +41,7 @@ from dama.offline.passes import (
     AddedColumn,
     PartialResults,
     PassOutcome,
+    add_pass_arguments,
     check_output_path,
     plan_output,
     run_identity,
@@ -354,15 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
             "it stopped when rerun with the same arguments."
         ),
     )
-    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
-    parser.add_argument(
-        "--image-folder",
-        default=None,
-        help="folder that relative image paths are resolved under (default: the input's folder, or the input "
-        "folder of shards)",
-    )
+    add_pass_arguments(parser)
     parser.add_argument("--clip", required=True, help="local folder of a CLIPModel with its processor")
-    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs (images) per CLIP call (default: 16)")
     parser.add_argument(
         "--device",
@@ -384,27 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bad row (a missing, corrupt or over-large image, an empty or missing response; every row is checked "
         "before scoring starts): stop with an error naming it, or skip it and list it with its reason in the "
         "metadata (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
-        "with the same input and settings reports it complete and does nothing)",
-    )
-    parser.add_argument(
-        "--select",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
-        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
-        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
     )
     return parser
 

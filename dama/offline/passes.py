@@ -16,6 +16,7 @@ each left-out row's id in the output too (`output_row_id`), which is how the nex
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -417,3 +418,37 @@ def skipped_summary(metadata: Mapping[str, Any]) -> str:
     counts = metadata.get("skipped_by_reason") or {}
     reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
     return f"skipped {metadata['skipped_count']}" + (f" ({reasons})" if reasons else "")
+
+
+def add_pass_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every offline pass takes: what to read (--input, --image-folder, --select, --limit, --cache-dir)
+    and where to write (--output, --overwrite)."""
+    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
+    parser.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder that relative image paths are resolved under (default: the input's folder, or the input "
+        "folder of shards)",
+    )
+    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
+        "with the same input and settings reports it complete and does nothing)",
+    )
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
+        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
+        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
+    )

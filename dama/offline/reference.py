@@ -77,6 +77,7 @@ from dama.offline.passes import (
     AddedColumn,
     PartialResults,
     PassOutcome,
+    add_pass_arguments,
     check_output_path,
     plan_output,
     run_identity,
@@ -392,14 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
             "OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same arguments."
         ),
     )
-    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
-    parser.add_argument(
-        "--image-folder",
-        default=None,
-        help="folder that image paths are relative to (default: the input's folder, or the input folder of shards)",
-    )
+    add_pass_arguments(parser)
     parser.add_argument("--model", required=True, help="local folder of the reference LLaVA (model and processor)")
-    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -445,12 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
         "earlier step are always skipped (default: %(default)s)",
     )
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
-        "with the same input and settings reports it complete and does nothing)",
-    )
-    parser.add_argument(
         "--image-aspect-ratio",
         choices=IMAGE_ASPECT_RATIOS,
         default="crop",
@@ -464,14 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
         "wording, \"A chat between a curious user and an artificial intelligence assistant. ...\")",
     )
     parser.add_argument(
-        "--select",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
-        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring case'",
-    )
-    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device for the model (default: cuda when available, else cpu)",
@@ -482,12 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model dtype; use the dtype training runs in, so the policy reproduces these log-probs at step 0 "
         "(default: bfloat16 on CUDA, float32 on the CPU)",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
     )
     return parser
 
