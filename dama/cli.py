@@ -17,7 +17,7 @@ COMMANDS = {
     "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
     "show-example": ("dama.training.show_example", "show one pair as training sees it: tokens, labels, image tokens"),
     "generate": ("dama.evaluation.generate", "answer {image, question} rows with a trained model (JSONL out)"),
-    "eval-chair": ("dama.evaluation.chair", "score responses for object hallucination with CHAIR (CHAIR_s, CHAIR_i)"),
+    "eval-chair": ("dama.evaluation.chair", "object hallucination: CHAIR and Object HalBench's figures"),
     "benchmark-prompts": ("dama.evaluation.benchmark_prompts", "turn POPE's or AMBER's questions into generate input"),
     "eval-pope": ("dama.evaluation.pope", "score yes/no answers to POPE's object probes (accuracy, F1 per split)"),
     "eval-amber": ("dama.evaluation.amber", "score AMBER responses (CHAIR, Cover, Hal, Cog; yes/no accuracy and F1)"),

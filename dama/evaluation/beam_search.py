@@ -5,8 +5,9 @@ returns the best finished one, its score divided by its length (length penalty 1
 `generate`, batched and with the KV cache (every beam of every prompt is one row of the cache), which is also what
 the published Object HalBench answers were decoded with: RLAIF-V's `muffin/eval/muffin_vqa.py`, run by
 `script/eval/eval_rlaifv_objhal.sh` with `--num_beam 3 --temperature 0`, calls LLaVA's `model.generate` with
-`num_beams=3`, greedy (`do_sample=False`) and `max_new_tokens=1024`. A search stops, as there, when no running beam
-can beat the worst of the `num_beams` finished ones (`early_stopping=False`), or at `max_new_tokens`.
+`num_beams=3`, greedy (`do_sample=False`) and `max_new_tokens=1024`. A search stops, as there, once `num_beams`
+hypotheses have finished and the best running beam, scored at its current length, no longer beats the worst of them
+(`early_stopping=False`), or at `max_new_tokens`.
 """
 
 from __future__ import annotations
