@@ -4,8 +4,8 @@ Inputs, written to a temporary folder from a fixed seed and scored through each 
 included):
 - Object HalBench: 300 responses of about 120 words against COCO 2014-sized annotation files (82,783 + 40,504
   images, 604,907 + 291,875 instances, 414,113 + 202,654 captions, the sizes of train2014 and val2014) with the
-  minimal fields the scorer reads (no segmentation polygons: the real instances files are about 20 times larger,
-  and reading them dominates);
+  minimal fields the scorer reads (110 MiB in all; the real instances files also hold segmentation polygons and
+  are several times larger, and reading them dominates);
 - POPE: three split files of 3,000 questions and 9,000 answers;
 - AMBER: 15,220 responses (1,004 descriptions of about 100 words, 14,216 yes/no answers) against a 340-object
   vocabulary.

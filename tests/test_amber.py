@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dama.cli import main
-from dama.evaluation.amber import AmberVocabulary, evaluate_amber, singular_in, yes_or_no
+from dama.evaluation.amber import AmberVocabulary, evaluate_amber, read_amber_responses, singular_in, yes_or_no
 from dama.evaluation.benchmark_prompts import SHORT_ANSWER
 
 # relation.json: an object -> the words that also name it. safe_words.txt: words never counted as hallucinated.
@@ -107,6 +107,9 @@ def test_generate_jsonl_and_parts(amber_files):
     annotations = {e["id"]: e for e in json.loads((amber_files / "annotations.json").read_text())}
     report = evaluate_amber(only_yes_no, annotations, vocabulary=None)
     assert set(report) == {"discriminative"}
+    one_line = amber_files / "one.jsonl"
+    one_line.write_text(json.dumps({"id": 9, "response": "No"}) + "\n")
+    assert read_amber_responses(one_line) == [(9, "No")]
 
 
 def test_words():
@@ -114,6 +117,7 @@ def test_words():
     assert [singular_in(word, vocabulary) for word in ("men", "glasses", "buses", "leaves", "berries", "boxes",
                                                        "Bus", "run")] == [
         "man", "glass", "bus", "leaf", "berry", "box", None, None]
+    assert singular_in("leaves", {"leave"}) is None  # WordNet's exception list: leaves is leaf only
     assert [yes_or_no(answer) for answer in ("Yes", "no.", " NO, it is not", "Yesterday", "", "Not")] == [
         "Yes", "No", "No", None, None, None]
     assert AmberVocabulary({"dog": ["puppy"]}, frozenset()).nouns("Dogs, a dog-house, puppies.") == ["puppy"]

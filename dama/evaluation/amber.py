@@ -65,13 +65,15 @@ _ATTRIBUTE_TYPES = {"discriminative-attribute-state": "state", "discriminative-a
 
 
 def singular_in(word: str, vocabulary: Mapping[str, Any] | frozenset[str]) -> str | None:
-    """The shortest of `word` and its singular forms (irregular table, then WordNet's suffix rules) that is in
-    `vocabulary`, as WordNet's lemmatiser picks the shortest lemma it knows; None when none is."""
+    """The shortest of `word` and its singular forms that is in `vocabulary`, as WordNet's lemmatiser picks the
+    shortest lemma it knows; None when none is. Like WordNet, a word of the irregular table gets only its table form
+    ("leaves" is "leaf", never "leave"); other words get the suffix rules."""
     candidates = {word}
     if word in IRREGULAR_SINGULARS:
         candidates.add(IRREGULAR_SINGULARS[word])
-    candidates.update(word[:-len(suffix)] + replacement for suffix, replacement in _NOUN_SUFFIXES
-                      if word.endswith(suffix) and len(word) > len(suffix))
+    else:
+        candidates.update(word[:-len(suffix)] + replacement for suffix, replacement in _NOUN_SUFFIXES
+                          if word.endswith(suffix) and len(word) > len(suffix))
     known = [candidate for candidate in candidates if candidate in vocabulary]
     return min(known, key=lambda candidate: (len(candidate), candidate)) if known else None
 
@@ -235,6 +237,8 @@ def read_amber_responses(path: str | Path) -> list[tuple[int, str]]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is neither a JSON list nor JSON lines ({error})") from error
+    if isinstance(records, dict):  # JSON lines holding a single response
+        records = [records]
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of {{id, response}}")
     pairs = []
