@@ -17,7 +17,8 @@ a response (a response that says "dog" twice mentions one object). Then
     recall  = mentioned ground-truth objects / all ground-truth objects of the responses' images
 
 A response that mentions no object is counted in CHAIR_s's denominator as not hallucinating; recall shows whether a
-lower CHAIR comes from saying less.
+lower CHAIR comes from saying less. Beside them, the report holds Object HalBench's own figures, `response_hall`,
+`object_hall` and `object_recall`, counted by that benchmark's rules (`dama.evaluation.object_halbench`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 from dama.data.formats import write_json_atomic
 from dama.evaluation.coco_objects import ANIMALS, COCO_SYNONYMS, NOT_OBJECTS, YOUNG_AND_OLD, plural
+from dama.evaluation.object_halbench import format_object_halbench, object_halbench_totals
 
 _WORD = re.compile(r"[a-z0-9]+")
 # Punctuation that ends a phrase: "a computer, mice" mentions a computer and mice, never "computer mice".
@@ -61,16 +63,20 @@ class ObjectVocabulary:
 
     def __init__(self, synonyms: Mapping[str, Sequence[str]]):
         self._phrases: dict[tuple[str, ...], str | None] = {}
+        # A matched phrase (as `Mention.text` spells it) -> its singular form, for counting distinct object words.
+        self.singular: dict[str, str] = {}
         for category, forms in synonyms.items():
             for form in (category, *forms):
                 for variant in (form, plural(form)):
                     self._add(variant, category)
+                self.singular[" ".join(words(plural(form)))] = " ".join(words(form))
         for animal in ANIMALS:
             category = self._phrases.get((animal,))
             if category is not None:
                 for modifier in YOUNG_AND_OLD:
                     self._add(f"{modifier} {animal}", category)
                     self._add(f"{modifier} {plural(animal)}", category)
+                    self.singular[f"{modifier} {' '.join(words(plural(animal)))}"] = f"{modifier} {animal}"
         for phrase in NOT_OBJECTS:
             for key in (tuple(words(phrase)), tuple(words(plural(phrase)))):
                 if key not in self._phrases and self._contains_object(key):
@@ -299,7 +305,9 @@ def evaluate_chair(responses: Sequence[Mapping[str, Any]], annotations: Sequence
     scores = [score_response(vocabulary, record["response"], truth.objects[key], id=record.get("id", number),
                              image_id=record.get("image_id"))
               for number, (record, key) in enumerate(zip(responses, keys, strict=True))]
-    return {**chair_totals(scores), "per_response": [asdict(score) for score in scores]}
+    object_halbench = object_halbench_totals(vocabulary, [record["response"] for record in responses],
+                                             [truth.objects[key] for key in keys])
+    return {**chair_totals(scores), **object_halbench, "per_response": [asdict(score) for score in scores]}
 
 
 def format_report(report: Mapping[str, Any], examples: int = 5) -> str:
@@ -310,6 +318,7 @@ def format_report(report: Mapping[str, Any], examples: int = 5) -> str:
     widths = [max(len(a), len(b)) for a, b in zip(header, values, strict=True)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
              "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True))]
+    lines += ["", format_object_halbench(report)]
     shown = [score for score in report["per_response"] if score["hallucinated"]][:examples]
     if shown:
         lines.append("")
@@ -325,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "response mentions (COCO's 80 categories with synonyms and plurals, or the annotation file's own categories) "
         "are compared with the image's annotated objects. CHAIR_s = responses with a hallucinated object / "
         "responses; CHAIR_i = hallucinated mentions / mentions (each category once per response); recall = "
-        "ground-truth objects mentioned / ground-truth objects.",
+        "ground-truth objects mentioned / ground-truth objects. Also prints Object HalBench's Response Hall "
+        "(hallucinating responses / responses naming a COCO object), Object Hall and Object Recall, by its rules.",
     )
     parser.add_argument("responses", help="JSONL written by `dama generate` (id, image_id, question, response)")
     parser.add_argument("--annotations", action="append", required=True, metavar="INSTANCES_JSON",
@@ -335,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="COCO-format captions file(s): objects their reference captions mention also count as "
                         "present, as in CHAIR (optional, repeatable)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the report as JSON (chair_s, chair_i, recall, counts and per_response detail) to "
+                        help="write the report as JSON (chair_s, chair_i, recall, response_hall, object_hall, "
+                        "object_recall, counts and per_response detail) to "
                         "PATH; `--json` alone prints it instead of the table")
     parser.add_argument("--examples", type=int, default=5,
                         help="hallucinating responses shown under the table (default: %(default)s)")

@@ -7,8 +7,9 @@ to the vision tower's features), so generation follows the template wherever it 
 by the model's own CLIP processor, as in training.
 
 Decoding is batched with a KV cache (transformers' `generate`), prompts left-padded so that every row continues
-from its last prompt token: greedy by default, or sampled (`--sample`, temperature, top-p) from a seed. A sampled
-batch draws from `seed` and its position in the input, so a resumed run writes what an uninterrupted one would.
+from its last prompt token: greedy by default, sampled (`--sample`, temperature, top-p) from a seed, or beam search
+(`--num-beams`, `--preset object-halbench`: `dama.evaluation.beam_search`). A sampled batch draws from `seed` and its
+position in the input, so a resumed run writes what an uninterrupted one would.
 The model is loaded with transformers' SDPA attention: the packed attention of training is for training only.
 
 Output: a JSONL file, one `{"id", "image_id", "question", "response"}` per row in input order, and the run's
@@ -34,6 +35,7 @@ from PIL import Image
 from dama.command import check_device_argument
 from dama.data.dataset import PairEncoder
 from dama.data.formats import atomic_path, write_metadata
+from dama.evaluation.beam_search import PRESETS, beam_options, check_beams
 from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, count_prompt_rows, iter_prompt_rows
 from dama.model.loading import DTYPES, load_llava
 from dama.offline.passes import PartialResults, partial_path
@@ -47,15 +49,18 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class DecodingSettings:
-    """How responses are decoded; temperature and top_p apply only when `sample` is set."""
+    """How responses are decoded; temperature and top_p apply only when `sample` is set, num_beams > 1 is beam search
+    (`dama.evaluation.beam_search`)."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    num_beams: int = 1
 
     def check(self) -> None:
+        check_beams(self.num_beams, self.sample)
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -95,7 +100,8 @@ class ResponseGenerator:
         input_ids, attention_mask = self.left_padded(questions)
         pixel_values = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         config = GenerationConfig(
-            max_new_tokens=self.decoding.max_new_tokens, do_sample=self.decoding.sample, num_beams=1,
+            max_new_tokens=self.decoding.max_new_tokens, do_sample=self.decoding.sample,
+            **beam_options(self.decoding.num_beams),
             temperature=self.decoding.temperature if self.decoding.sample else None,
             top_p=self.decoding.top_p if self.decoding.sample else None, top_k=None,
             pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
@@ -207,6 +213,8 @@ def generate_responses(
         # The batches decide which draws each row gets, so a resumed sampled run must batch as the first did.
         settings.update(temperature=decoding.temperature, top_p=decoding.top_p, seed=decoding.seed,
                         batch_size=batch_size)
+    if decoding.num_beams > 1:
+        settings["num_beams"] = decoding.num_beams
     order, computed = [], 0
     with PartialResults(partial_path(output_path), settings) as partial:
         with tqdm(total=total, desc="generate", unit="row", disable=not progress) as bar:
@@ -238,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dama generate",
         description="Answer {image, question} rows with a trained LLaVA, using the exact prompt template of training: "
-        "batched decoding with a KV cache, greedy by default or sampled from a seed. Writes a JSONL of "
+        "batched decoding with a KV cache, greedy by default, sampled from a seed, or beam search. Writes a JSONL of "
         '{"id", "image_id", "question", "response"} in input order (score it with `dama eval-chair`) and the '
         "settings in OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same model "
         "and decoding options.",
@@ -259,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most tokens per response; decoding stops earlier at the end token (default: %(default)s)")
     parser.add_argument("--sample", action="store_true",
                         help="sample instead of greedy decoding (with --temperature, --top-p and --seed)")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search with this many beams (default: %(default)s, greedy or sampled decoding)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="a published benchmark's decoding; object-halbench = --num-beams 3 --max-new-tokens 1024, "
+                        "no sampling (options given explicitly win)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled draws (default: %(default)s)")
@@ -270,10 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _decoding_name(decoding: DecodingSettings) -> str:
+    if decoding.num_beams > 1:
+        return f"beam search ({decoding.num_beams} beams)"
+    return "sampling" if decoding.sample else "greedy decoding"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
     decoding = DecodingSettings(max_new_tokens=args.max_new_tokens, sample=args.sample,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                num_beams=args.num_beams)
     try:
         metadata = generate_responses(args.input, args.output, args.model, image_folder=args.image_folder,
                                       batch_size=args.batch_size, decoding=decoding, device=args.device,
@@ -282,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dama generate: error: {error}", file=sys.stderr)
         return 1
     print(f"answered {metadata['count']} rows ({metadata['resumed']} from an earlier run) with "
-          f"{'sampling' if decoding.sample else 'greedy decoding'}, {metadata['dtype']} on {metadata['device']}\n"
+          f"{_decoding_name(decoding)}, {metadata['dtype']} on {metadata['device']}\n"
           f"wrote {args.output} and {args.output}.meta.json")
     return 0
 
