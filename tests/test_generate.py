@@ -13,7 +13,13 @@ from dama.cli import main
 from dama.data.dataset import PairEncoder
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
-from dama.evaluation.generate import DecodingSettings, ResponseGenerator, generate_responses, load_generation_model
+from dama.evaluation.generate import (
+    DecodingSettings,
+    GenerateOptions,
+    ResponseGenerator,
+    generate_responses,
+    load_generation_model,
+)
 from dama.evaluation.prompts import iter_prompt_rows
 
 COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (240, 220, 40), (15, 15, 15))
@@ -42,6 +48,12 @@ def setup(tmp_path_factory):
                                                                                  100 + number} if number < 2 else {})})
     (root / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
+
+
+def _options(setup, output, **options):
+    """GenerateOptions for the prompts and model of `setup`, on the CPU."""
+    return GenerateOptions(**{"input": setup / "prompts.jsonl", "model": setup / "model", "output": output,
+                              "device": "cpu", **options})
 
 
 def _read(path):
@@ -86,16 +98,15 @@ def test_sampling_is_seeded(setup):
     answers = []
     for seed in (5, 5, 6):
         output = setup / f"sampled_{len(answers)}.jsonl"
-        generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=5, progress=False,
-                           decoding=DecodingSettings(max_new_tokens=8, sample=True, temperature=1.5, seed=seed))
+        generate_responses(_options(setup, output, batch_size=5),
+                           DecodingSettings(max_new_tokens=8, sample=True, temperature=1.5, seed=seed), progress=False)
         answers.append([r["response"] for r in _read(output)])
     assert answers[0] == answers[1] and answers[0] != answers[2]
 
 
 def test_resumes_after_a_crash(setup, monkeypatch):
     reference = setup / "uninterrupted.jsonl"
-    generate_responses(setup / "prompts.jsonl", reference, setup / "model", batch_size=2, decoding=SHORT,
-                       progress=False)
+    generate_responses(_options(setup, reference, batch_size=2), SHORT, progress=False)
     output = setup / "crashed.jsonl"
     real_call, calls = ResponseGenerator.__call__, []
 
@@ -107,13 +118,11 @@ def test_resumes_after_a_crash(setup, monkeypatch):
 
     monkeypatch.setattr(generate.ResponseGenerator, "__call__", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="power cut"):
-        generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=2, decoding=SHORT,
-                           progress=False)
+        generate_responses(_options(setup, output, batch_size=2), SHORT, progress=False)
     assert not output.exists()
     assert len((setup / "crashed.jsonl.partial.jsonl").read_text().splitlines()) == 1 + 2  # header and batch 1
     monkeypatch.setattr(generate.ResponseGenerator, "__call__", real_call)
-    metadata = generate_responses(setup / "prompts.jsonl", output, setup / "model", batch_size=2, decoding=SHORT,
-                                  progress=False)
+    metadata = generate_responses(_options(setup, output, batch_size=2), SHORT, progress=False)
     assert (metadata["resumed"], metadata["generated"]) == (2, 3)
     assert output.read_text() == reference.read_text()
     assert not (setup / "crashed.jsonl.partial.jsonl").exists()
@@ -122,7 +131,7 @@ def test_resumes_after_a_crash(setup, monkeypatch):
 def test_training_formats_as_input(setup):
     data = make_demo_data(setup / "demo", num_train=2, num_eval=0, image_size=32)["train"]
     output = setup / "from_parquet.jsonl"
-    generate_responses(data, output, setup / "model", decoding=SHORT, progress=False)
+    generate_responses(_options(setup, output, input=data), SHORT, progress=False)
     records = _read(output)
     assert [(r["id"], r["image_id"]) for r in records] == [("train.parquet:0", 0), ("train.parquet:1", 1)]
 
@@ -134,7 +143,7 @@ def test_training_formats_as_input(setup):
     ("lora", "holds LoRA adapters"),
     ("bad row", "line 1: expected an object with a text `question`"),
     ("missing image", "gone.png does not exist"),
-    ("other settings", "partial results made with other settings"),
+    ("other settings", "partial results of a run with other settings"),
     ("temperature", "--temperature must be > 0"),
 ])
 def test_cli_errors(setup, tmp_path, capsys, case, message):

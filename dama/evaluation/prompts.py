@@ -6,9 +6,9 @@
 - The preference formats training reads (RLAIF-V parquet, a file or a folder of shards; the authors' JSON list),
   through `dama.data.formats.load_preference_rows`: only the question and the image are used.
 
-Every row is named "<file name>:<row number in that file>" as in the offline passes. A row's output `id` is its own
-`id` when the JSONL gives one, else that row name; its `image_id` is the JSONL's `image_id`, else the image file's
-name, and for the preference formats (which carry no image id) the row's `idx`.
+Every row is named "<file name>:<row number in that file>" (`file_row_id`), as in the offline passes. A row's
+output `id` is its own `id` when the JSONL gives one, else that row name; its `image_id` is the JSONL's
+`image_id`, else the image file's name, and for the preference formats (which carry no image id) the row's `idx`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from dama.data.formats import PairRow, default_image_folder, load_preference_rows
+from dama.data.formats import PairRow, default_image_folder, file_row_id, load_preference_rows
+from dama.errors import DamaError
 
 JSONL_SUFFIX = ".jsonl"
 _DATA_URI = "data:image/"
@@ -84,7 +85,7 @@ def _image_source(value: str, folder: Path, row_id: str) -> tuple[bytes | None, 
     try:
         return base64.b64decode(value, validate=True), None
     except (binascii.Error, ValueError) as error:
-        raise ValueError(f"row {row_id}: `image` is neither an image file's path nor base64 image data") from error
+        raise DamaError(f"row {row_id}: `image` is neither an image file's path nor base64 image data") from error
 
 
 def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptRow]:
@@ -95,15 +96,15 @@ def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptR
                 return
             if not line.strip():
                 continue
-            row_id = f"{path.name}:{number}"
+            row_id = file_row_id(path, number)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not a JSON object ({error})") from error
+                raise DamaError(f"{path}, line {line_number}: not a JSON object ({error})") from error
             image = record.get("image") if isinstance(record, dict) else None
             if not isinstance(image, str) or not isinstance(record.get("question"), str):
-                raise ValueError(f"{path}, line {line_number}: expected an object with a text `question` and an "
-                                 "`image` (a file path or base64 image data)")
+                raise DamaError(f"{path}, line {line_number}: expected an object with a text `question` and an "
+                                "`image` (a file path or base64 image data)")
             image_bytes, image_path = _image_source(image, folder, row_id)
             pair = PairRow(row_id=row_id, question=record["question"], chosen="", rejected="",
                            image=None if image_bytes is None else {"bytes": image_bytes}, image_path=image_path,
@@ -118,7 +119,7 @@ def iter_prompt_rows(input_path: str | Path, image_folder: str | Path | None = N
     """The rows of a JSONL, parquet or JSON input in file order, at most `limit` of them (see the module docstring)."""
     input_path = Path(input_path)
     if not input_path.exists():
-        raise FileNotFoundError(f"input {input_path} does not exist")
+        raise DamaError(f"input {input_path} does not exist")
     folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
     if input_path.suffix == JSONL_SUFFIX:
         yield from _jsonl_rows(input_path, folder, limit)

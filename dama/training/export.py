@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from dama.command import run_command
+from dama.errors import DamaError
 from dama.model.lora import merge_adapters
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def export() -> str:
         if not args.merge:
-            raise ValueError("nothing to do: pass --merge to fold the adapters into the base weights")
+            raise DamaError("nothing to do: pass --merge to fold the adapters into the base weights")
         output = merge_adapters(args.adapters, args.output, base_model_path=args.base, dtype=args.dtype)
         return f"merged LLaVA written to {output}"
 

@@ -24,6 +24,7 @@ from dama.data.collator import make_collator
 from dama.data.dataset import ConversationTemplate, PreferenceDataset
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
+from dama.errors import DamaError
 from dama.method.loss import DamaLoss
 from dama.model.loading import apply_liger_patches, configure_trainable, load_llava
 from dama.model.lora import apply_lora, trainable_parameter_counts
@@ -66,7 +67,7 @@ def dataset_hardness_mean(args: DamaTrainingArguments, dataset: PreferenceDatase
     if not args.data_aware:
         return None, "data_aware off"
     if dataset.num_with_hardness == 0:
-        raise ValueError(
+        raise DamaError(
             f"data_aware=True, but no pair of {args.train_file} has a hardness (no `hardness` column, nor "
             "`chosen_logits` / `rejected_logits`): score the data with `dama hardness` first, or pass "
             "--data_aware false"
@@ -82,7 +83,7 @@ def check_data_file(args: DamaTrainingArguments, name: str) -> CheckedInput:
     """Every row of the file in field `name` (train_file or eval_file) checked and the bad ones left out or raised."""
     path = getattr(args, name)
     if not Path(path).exists():
-        raise ValueError(f"{name} {path} does not exist")
+        raise DamaError(f"{name} {path} does not exist")
     checks = RowChecks(hardness=True, reference=args.reference == "precomputed")
     return check_input(path, checks, on_bad_row=args.on_bad_row, skip_hint=SKIP_HINT, image_folder=args.image_folder)
 
@@ -124,13 +125,13 @@ def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGenera
 def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     """The trainer, its data checked row by row (the rows left out are in `trainer.skip_reports`)."""
     if not args.model_name_or_path or not args.train_file:
-        raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
+        raise DamaError("model_name_or_path and train_file are required (in the YAML or on the command line)")
     if args.reference == "online" and is_deepspeed_zero3_enabled():
-        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
-                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+        raise DamaError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
+                        "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
     if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
-        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
-                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
+        raise DamaError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
+                        "fp32 adapters then run under autocast beside the 16-bit frozen weights")
     # The rows are checked before the model loads: a bad row costs seconds, not a model load.
     checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
