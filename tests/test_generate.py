@@ -177,3 +177,63 @@ def test_cli_errors(setup, tmp_path, capsys, case, message):
     assert code == 1 and error.startswith("dama generate: error:") and message in error, error
     assert "Traceback" not in printed
 
+
+
+def test_a_finished_run_is_complete_and_another_runs_output_is_refused(setup, tmp_path, capsys):
+    output = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", str(setup / "model"), "--input", str(setup / "prompts.jsonl"), "--output",
+            str(output), "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    written, created = output.read_text(), json.loads((tmp_path / "answers.jsonl.meta.json").read_text())["created"]
+    capsys.readouterr()
+
+    # The same run again (the batch size does not change greedy answers): reported complete, nothing rewritten.
+    real_call = ResponseGenerator.__call__
+    try:
+        ResponseGenerator.__call__ = None  # any decoding would fail
+        assert main([*argv, "--batch-size", "3"]) == 0
+    finally:
+        ResponseGenerator.__call__ = real_call
+    assert "is already complete (same input and settings" in capsys.readouterr().out
+    assert output.read_text() == written
+    assert json.loads((tmp_path / "answers.jsonl.meta.json").read_text())["created"] == created
+
+    # Another run's output (other decoding settings, or another input) is refused and left as it was.
+    assert main([*argv[:-4], "--max-new-tokens", "3", "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already holds another run's output (settings.max_new_tokens: 4 -> 3)" in error
+    assert main([*argv, "--limit", "2"]) == 1
+    assert "limit: None -> 2" in capsys.readouterr().err
+    assert output.read_text() == written
+
+    # --overwrite replaces it.
+    assert main([*argv, "--limit", "2", "--overwrite"]) == 0
+    assert len(_read(output)) == 2 and "--overwrite:" in capsys.readouterr().err
+
+
+def test_an_output_the_pass_cannot_tell_is_its_own_is_refused(setup, tmp_path, capsys):
+    output = tmp_path / "answers.jsonl"
+    output.write_text('{"id": 1}\n')
+    argv = ["generate", "--model", str(setup / "model"), "--input", str(setup / "prompts.jsonl"), "--output",
+            str(output), "--device", "cpu"]
+    assert main(argv) == 1
+    assert "cannot tell is its own" in capsys.readouterr().err
+    assert output.read_text() == '{"id": 1}\n'
+
+
+def test_a_bug_inside_a_forward_keeps_its_traceback(setup, tmp_path, monkeypatch, capsys):
+    """A ValueError from inside the model is a bug, not bad input: it leaves the CLI with its traceback."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from dama.errors import DamaError
+
+    def planted_bug(self, image_features):
+        raise ValueError("planted bug in the forward")
+
+    monkeypatch.setattr(LlavaMultiModalProjector, "forward", planted_bug)
+    with pytest.raises(ValueError, match="planted bug in the forward") as raised:
+        main(["generate", "--model", str(setup / "model"), "--input", str(setup / "prompts.jsonl"), "--output",
+              str(tmp_path / "answers.jsonl"), "--device", "cpu"])
+    assert not isinstance(raised.value, DamaError)
+    assert any(entry.name == "planted_bug" for entry in raised.traceback)
+    assert "dama generate: error:" not in capsys.readouterr().err
