@@ -245,7 +245,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return cls(rows, processor, image_folder=image_folder, reference_record=record, **options)
 
     def _check_reference_record(self, record: Mapping[str, Any]) -> None:
-        """ValueError when the reference values were computed with another encoding or image setting than this."""
+        """DamaError when the reference values were computed with another encoding or image setting than this."""
         encoding, aspect = record.get("encoding"), record.get("image_aspect_ratio")
         if encoding is not None and encoding != self.encoder.signature:
             raise DamaError(

@@ -17,7 +17,7 @@ the keys take.
 Images, one rule for every step: the image's bytes when the row carries them (`image.bytes`), else the file named by
 `image.path`, `image_path` or a plain-string `image`. A relative path is resolved under the image folder, which is
 the input's own folder (the input itself when it is a folder of shards) unless an image folder is given. An image
-must decode completely and hold at most MAX_IMAGE_PIXELS pixels; anything else raises RowImageError (a ValueError
+must decode completely and hold at most MAX_IMAGE_PIXELS pixels; anything else raises RowImageError (a DamaError
 naming the row), whose `reason` is one of IMAGE_REASONS, the words every step counts skipped rows by.
 
 Also here: atomic file writes (`atomic_path`: a crash leaves the previous file, never half of a new one) and the
@@ -65,7 +65,7 @@ _WARNINGS_LOCK = threading.Lock()
 
 
 def detect_format(path: str | Path) -> str:
-    """'parquet' for a .parquet file or a folder of them, 'json' for a .json file; ValueError otherwise."""
+    """'parquet' for a .parquet file or a folder of them, 'json' for a .json file; DamaError otherwise."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".parquet":
         return "parquet"
@@ -198,7 +198,7 @@ class RowSelector:
 
 
 def select_rows(rows: datasets.Dataset, selectors: Sequence[RowSelector], source: str) -> datasets.Dataset:
-    """The rows meeting every selector; ValueError naming an absent column, or listing the values when none is kept."""
+    """The rows meeting every selector; DamaError naming an absent column, or listing the values when none is kept."""
     for selector in selectors:
         if selector.column not in rows.column_names:
             raise DamaError(f"select {selector.key}: {source} has no column {selector.column!r} (it has "

@@ -287,7 +287,7 @@ def evaluate_chair(responses: Sequence[Mapping[str, Any]], annotations: Sequence
                    captions: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Score `dama generate` records against COCO-format annotations: the totals and a `per_response` list.
 
-    ValueError when a response names an image the annotations do not hold (the wrong instances file, or no image_id).
+    DamaError when a response names an image the annotations do not hold (the wrong instances file, or no image_id).
     """
     truth = read_instances(annotations)
     vocabulary = ObjectVocabulary.for_categories(truth.categories, truth.synonyms)

@@ -49,7 +49,7 @@ class PromptRow:
         return self.pair.question
 
     def load_image(self) -> Image.Image:
-        """The RGB image; ValueError naming the row when it is missing or unreadable (dama.data.formats' rule)."""
+        """The RGB image; DamaError naming the row when it is missing or unreadable (dama.data.formats' rule)."""
         return self.pair.load_image()
 
     @property
@@ -130,7 +130,7 @@ def iter_prompt_rows(input_path: str | Path, image_folder: str | Path | None = N
 
 
 def count_prompt_rows(input_path: str | Path, limit: int | None = None) -> int:
-    """How many rows `iter_prompt_rows` yields (for the progress bar); ValueError for an unknown format."""
+    """How many rows `iter_prompt_rows` yields (for the progress bar); DamaError for an unknown format."""
     input_path = Path(input_path)
     if input_path.suffix == JSONL_SUFFIX:
         with open(input_path, encoding="utf-8") as handle:

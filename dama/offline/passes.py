@@ -165,7 +165,7 @@ def _cast_like(table: Any, schema: Any, file: Path) -> Any:
 
 
 def check_output_path(input_path: Path, output_path: Path) -> None:
-    """ValueError unless the output is in the input's format and is another file (the passes' --input / --output)."""
+    """DamaError unless the output is in the input's format and is another file (the passes' --input / --output)."""
     input_format = detect_format(input_path)
     expected = ".parquet" if input_format == "parquet" else ".json"
     if output_path.suffix != expected:
@@ -319,7 +319,7 @@ class PartialResults:
     def finished(self, row_id: str, fingerprint: str, description: str) -> dict[str, Any] | None:
         """The record of a row an earlier run finished, or None; `description` names the row in the error.
 
-        ValueError when that row then held another pair (another `fingerprint`): the input changed since.
+        DamaError when that row then held another pair (another `fingerprint`): the input changed since.
         """
         record = self.done.get(row_id)
         if record is not None and record["fingerprint"] != fingerprint:

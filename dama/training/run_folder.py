@@ -126,7 +126,7 @@ def plan_run_folder(
 ) -> RunFolderPlan:
     """Decide what the run with resolved `config` does with `output_dir` (module docstring); reads only.
 
-    ValueError, saying what to do, when the folder must be refused.
+    DamaError, saying what to do, when the folder must be refused.
     """
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():

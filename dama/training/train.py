@@ -4,8 +4,8 @@ Start-up, in order, before a step runs: parse the config; decide what to do with
 (dama.training.run_folder: a folder holding another run is refused, a complete run is reported and left alone);
 check every row of train_file and eval_file (dama.data.validation; on_bad_row decides whether a bad row stops the
 run or is left out); load the model. Only then is output_dir written: the old run removed under
---overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Every failure up to there
-is one line, `dama train: error: ...`, and exit status 1.
+--overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Bad input found up to there
+(dama.errors.DamaError) is one line, `dama train: error: ...`, and exit status 1; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def start_summary(trainer: DamaTrainer) -> str:
 
 def prepare_training(args: DamaTrainingArguments) -> tuple[RunFolderPlan, DamaTrainer | None]:
     """Start-up: what to do with output_dir, then the trainer and the run record. No trainer when there is nothing to
-    train: the run is complete, or it had reached its last step and its final model is now written. ValueError for bad
+    train: the run is complete, or it had reached its last step and its final model is now written. DamaError for bad
     input (config, data, model folder, output_dir), raised before anything is written."""
     plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
                            overwrite=args.overwrite_output_dir)
