@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -30,6 +31,9 @@ from dama.errors import DamaError
 _G = TypeVar("_G")
 _ABSENT = object()
 CONFIG_HELP = "YAML file of field: value pairs; command-line options win over it."
+HELP_WIDTH = 100
+# The options section lists every option; `dama train` has hundreds, too many for a usage line.
+USAGE = "%(prog)s [--config FILE.yaml] [--key value | --key=value ...]"
 
 
 def field_names(groups: Sequence[type]) -> set[str]:
@@ -38,15 +42,30 @@ def field_names(groups: Sequence[type]) -> set[str]:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help; the description as written."""
+    """Each option's default after its help, unless the help says it; the description's paragraphs as `_described`
+    wrapped them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _described(description: str | None) -> str | None:
+    """The description with each plain paragraph wrapped; indented ones (command lines) are kept as written."""
+    if description is None:
+        return None
+    paragraphs = description.strip().split("\n\n")
+    return "\n\n".join(part if part.startswith(" ") else textwrap.fill(" ".join(part.split()), HELP_WIDTH)
+                       for part in paragraphs)
 
 
 def _parser(prog: str, groups: Sequence[type], description: str | None, epilog: str | None) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
     # No abbreviations: `--model` must not silently mean `--model_name_or_path` of a longer option list.
-    parser = HfArgumentParser(list(groups), prog=prog, description=description, epilog=epilog, allow_abbrev=False,
-                              formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(list(groups), prog=prog, usage=USAGE, description=_described(description),
+                              epilog=epilog, allow_abbrev=False, formatter_class=_HelpFormatter)
     # One line and exit status 2, not the usage of every field.
     parser.error = lambda message: parser.exit(2, f"{prog}: error: {message} (`{prog} --help` lists every option)\n")
     parser.add_argument("--config", default=None, help=CONFIG_HELP)

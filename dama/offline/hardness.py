@@ -253,7 +253,7 @@ def build_splitter(
 
 
 @dataclass
-class HardnessOptions(PassOptions, RowOptions):
+class HardnessOptions(RowOptions, PassOptions):
     """Everything `dama hardness` takes: what to read and write, which rows, and how to score them."""
 
     clip: str | None = field(default=None, metadata={"help": "Local folder of a CLIPModel with its processor."})

@@ -109,7 +109,7 @@ SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they
 
 
 @dataclass
-class ReferenceOptions(PassOptions, RowOptions, EncodingOptions):
+class ReferenceOptions(EncodingOptions, RowOptions, PassOptions):
     """Everything `dama precompute-ref` takes: what to read and write, which rows, the encoding (training's) and the
     reference model's batching."""
 
