@@ -13,6 +13,7 @@ from dama.cli import main
 from dama.data.dataset import PairEncoder
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
+from dama.errors import DamaError
 from dama.evaluation.generate import (
     DecodingSettings,
     GenerateOptions,
@@ -237,3 +238,40 @@ def test_a_bug_inside_a_forward_keeps_its_traceback(setup, tmp_path, monkeypatch
     assert not isinstance(raised.value, DamaError)
     assert any(entry.name == "planted_bug" for entry in raised.traceback)
     assert "dama generate: error:" not in capsys.readouterr().err
+
+
+def test_bad_rows_are_found_before_the_model_loads_and_skipped_on_request(setup, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (setup / "prompts.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({"image": str(setup / "images" / "gone.png"), "question": "What?", "id": "gone"})
+    lines[3] = json.dumps({"image": str(setup / "images" / "3.png"), "question": "  "})
+    prompts.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", str(setup / "model"), "--input", str(prompts), "--image-folder", str(setup),
+            "--output", str(output), "--max-new-tokens", "3", "--device", "cpu"]
+    real_load = generate.load_generation_model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rows were checked")
+
+    monkeypatch.setattr(generate, "load_generation_model", no_model)
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "row prompts.jsonl:1: its image file" in error and "--on-bad-row skip" in error
+
+    monkeypatch.setattr(generate, "load_generation_model", real_load)
+    assert main([*argv, "--on-bad-row", "skip"]) == 0
+    assert [record["id"] for record in _read(output)] == ["q0", "prompts.jsonl:2", "prompts.jsonl:4"]
+    metadata = json.loads((tmp_path / "answers.jsonl.meta.json").read_text())
+    assert {entry["row_id"]: entry["reason"] for entry in metadata["skipped"]} == {
+        "prompts.jsonl:1": "missing image", "prompts.jsonl:3": "empty question"}
+    assert (metadata["count"], metadata["rows"], metadata["skipped_count"]) == (3, 5, 2)
+
+
+def test_a_selection_of_a_preference_input(setup, tmp_path):
+    data = make_demo_data(tmp_path / "demo", num_train=4, num_eval=0, image_size=32)["train"]
+    output = tmp_path / "selected.jsonl"
+    generate_responses(_options(setup, output, input=data, select=["idx~2"]), SHORT, progress=False)
+    assert [record["id"] for record in _read(output)] == ["train.parquet:2"]
+    with pytest.raises(DamaError, match="--select keeps rows of a parquet or .json preference input"):
+        generate_responses(_options(setup, tmp_path / "other.jsonl", select=["idx~2"]), SHORT, progress=False)

@@ -11,6 +11,10 @@ from its last prompt token: greedy by default, or sampled (`--sample`, temperatu
 batch draws from `seed` and its position in the input, so a resumed run writes what an uninterrupted one would.
 The model is loaded with transformers' SDPA attention: the packed attention of training is for training only.
 
+Every row is checked before the model loads (an empty question, an image that is missing or does not decode): the
+first bad one stops the run naming it, or with --on-bad-row skip each is left out and listed in the metadata.
+`--select` keeps the rows of a preference input meeting its conditions.
+
 Output: a JSONL file, one `{"id", "image_id", "question", "response"}` per row in input order, and the run's
 settings in `<output>.meta.json`. It follows the passes' protocol (dama.offline.passes): finished batches are appended
 to `<output>.partial.jsonl` (flushed and fsynced) and a rerun with the same model and decoding settings skips them;
@@ -34,7 +38,7 @@ from dama.command import check_device_argument, run_command
 from dama.data.dataset import PairEncoder
 from dama.data.formats import atomic_path, file_row_id, metadata_path
 from dama.errors import DamaError
-from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, count_prompt_rows, iter_prompt_rows
+from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, check_prompt_rows, iter_prompt_rows
 from dama.model.loading import load_llava
 from dama.offline.passes import (
     PartialResults,
@@ -45,12 +49,13 @@ from dama.offline.passes import (
     run_pass,
 )
 from dama.option_loader import build, read_options
-from dama.options import DTYPE_NAMES, DtypeName, PassOptions, check_at_least, check_choice
+from dama.options import DTYPE_NAMES, DtypeName, PassOptions, RowOptions, check_at_least, check_choice
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 512
 # Sampled batches draw from seed * SEED_STRIDE + batch number: distinct streams for neighbouring seeds.
 SEED_STRIDE = 1_000_003
+SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 _T = TypeVar("_T")
 
 
@@ -80,8 +85,9 @@ class DecodingSettings:
 
 
 @dataclass
-class GenerateOptions(PassOptions):
-    """What `dama generate` reads and writes, and the model that answers."""
+class GenerateOptions(RowOptions, PassOptions):
+    """What `dama generate` reads (which rows, and what to do with a bad one) and writes, and the model that
+    answers."""
 
     model: str | None = field(
         default=None,
@@ -93,6 +99,7 @@ class GenerateOptions(PassOptions):
 
     def __post_init__(self) -> None:
         self.check_pass_options()
+        self.check_row_options()
         if not self.model:
             raise DamaError("--model is required: the local folder of a saved LLaVA")
         check_at_least("batch_size", self.batch_size, 1)
@@ -241,23 +248,30 @@ def generate_responses(
     input_path, model_dir = Path(options.input), Path(options.model)
     dtype = options.dtype or ("bfloat16" if torch.device(options.device).type == "cuda" else "float32")
     settings = {"model": str(model_dir.resolve()), "dtype": dtype, "max_new_tokens": decoding.max_new_tokens,
-                "sample": decoding.sample}
+                "sample": decoding.sample, "select": list(options.select)}
     if decoding.sample:
         # The batches decide which draws each row gets, so a resumed sampled run must batch as the first did.
         settings.update(temperature=decoding.temperature, top_p=decoding.top_p, seed=decoding.seed,
                         batch_size=options.batch_size)
-    plan = plan_pass(options, settings)
+    plan = plan_pass(options, settings, on_bad_row=options.on_bad_row)
     if plan.action == "complete":
         return completed_metadata(plan)
-    total = count_prompt_rows(input_path, options.limit)
+
+    def read_rows() -> Iterator[PromptRow]:
+        return iter_prompt_rows(input_path, options.image_folder, options.limit, select=options.select,
+                                cache_dir=options.cache_dir)
+
+    # Every row is checked before the model loads: a bad image costs seconds, not a model load and half a run.
+    report = check_prompt_rows(read_rows(), options.on_bad_row, SKIP_HINT)
+    left_out = report.row_ids
     model, processor = load_generation_model(model_dir, dtype, options.device)
     generator = ResponseGenerator(model, processor, decoding)
     output = ResponsesOutput(input_path, options.limit)
 
     def score(partial: PartialResults) -> PassOutcome:
-        outcome = PassOutcome(results={}, skipped=[], resumed=0)
-        rows_in_order = iter_prompt_rows(input_path, options.image_folder, options.limit)
-        with tqdm(total=total, desc="generate", unit="row", disable=not progress) as bar:
+        outcome = PassOutcome(results={}, skipped=report.skipped, resumed=0)
+        rows_in_order = (row for row in read_rows() if row.row_id not in left_out)
+        with tqdm(total=report.kept, desc="generate", unit="row", disable=not progress) as bar:
             for number, rows in enumerate(_chunks(rows_in_order, options.batch_size)):
                 output.row_ids.extend(row.row_id for row in rows)
                 pending = []
@@ -278,7 +292,8 @@ def generate_responses(
         return outcome
 
     def generate_fields(outcome: PassOutcome) -> dict[str, Any]:
-        return {"generated": outcome.computed, "device": options.device, "batch_size": options.batch_size}
+        return {"generated": outcome.computed, "rows": report.total, "device": options.device,
+                "batch_size": options.batch_size}
 
     return run_pass(plan, step="generate", settings=settings, score=score, output=output, metadata=generate_fields)
 
@@ -287,8 +302,9 @@ DESCRIPTION = (
     "Answer {image, question} rows with a trained LLaVA, using the exact prompt template of training: batched "
     "decoding with a KV cache, greedy by default or sampled from a seed. Writes a JSONL of "
     '{"id", "image_id", "question", "response"} in input order (score it with `dama eval-chair`) and the settings in '
-    "OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same model and decoding "
-    "options; a finished one is reported complete; another run's output is refused unless --overwrite."
+    "OUTPUT.meta.json. Every row is checked before the model loads. An interrupted run resumes where it stopped "
+    "when rerun with the same model and decoding options; a finished one is reported complete; another run's output "
+    "is refused unless --overwrite."
 )
 
 
