@@ -168,6 +168,41 @@ class PassOptions:
 
 
 @dataclass
+class LlavaOptions:
+    """The LLaVA a pass runs (precompute-ref's reference, generate's answering model); combined with PassOptions,
+    whose device it runs on."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Local folder of a saved LLaVA and its processor (no downloads): precompute-ref's reference "
+                  "model; for generate the output_dir of `dama train`, a checkpoint-N folder, or the starting model."},
+    )
+    dtype: DtypeName | None = field(
+        default=None,
+        metadata={"help": "Model dtype (default: bfloat16 on CUDA, float32 on the CPU); for precompute-ref the dtype "
+                  "training runs in, so that the policy reproduces these log-probs at step 0."},
+    )
+
+    def __post_init__(self) -> None:
+        self.check_llava_options()
+
+    def check_llava_options(self) -> None:
+        if not self.model:
+            raise DamaError("--model is required: the local folder of a saved LLaVA")
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, DTYPE_NAMES)
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The model dtype: the one given, else bfloat16 on CUDA (the training recipes') and float32 elsewhere."""
+        if self.dtype is None:
+            import torch
+
+            return "bfloat16" if torch.device(self.device).type == "cuda" else "float32"
+        return self.dtype
+
+
+@dataclass
 class RowOptions:
     """Which preference rows a pass keeps, and how it treats a bad one (hardness, precompute-ref)."""
 

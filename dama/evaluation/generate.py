@@ -49,7 +49,7 @@ from dama.offline.passes import (
     run_pass,
 )
 from dama.option_loader import build, read_options
-from dama.options import DTYPE_NAMES, DtypeName, PassOptions, RowOptions, check_at_least, check_choice
+from dama.options import LlavaOptions, PassOptions, RowOptions, check_at_least
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -85,26 +85,17 @@ class DecodingSettings:
 
 
 @dataclass
-class GenerateOptions(RowOptions, PassOptions):
+class GenerateOptions(LlavaOptions, RowOptions, PassOptions):
     """What `dama generate` reads (which rows, and what to do with a bad one) and writes, and the model that
     answers."""
 
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Local folder of a saved LLaVA and its processor: the output_dir of `dama train`, a "
-                  "checkpoint-N folder, or the starting model."})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Rows decoded together."})
-    dtype: DtypeName | None = field(
-        default=None, metadata={"help": "Model dtype (default: bfloat16 on CUDA, float32 on the CPU)."})
 
     def __post_init__(self) -> None:
         self.check_pass_options()
         self.check_row_options()
-        if not self.model:
-            raise DamaError("--model is required: the local folder of a saved LLaVA")
+        self.check_llava_options()
         check_at_least("batch_size", self.batch_size, 1)
-        if self.dtype is not None:
-            check_choice("dtype", self.dtype, DTYPE_NAMES)
 
 
 class ResponseGenerator:
@@ -246,7 +237,7 @@ def generate_responses(
 
     _check_files(options)
     input_path, model_dir = Path(options.input), Path(options.model)
-    dtype = options.dtype or ("bfloat16" if torch.device(options.device).type == "cuda" else "float32")
+    dtype = options.resolved_dtype
     settings = {"model": str(model_dir.resolve()), "dtype": dtype, "max_new_tokens": decoding.max_new_tokens,
                 "sample": decoding.sample, "select": list(options.select)}
     if decoding.sample:

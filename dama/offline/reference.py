@@ -81,10 +81,9 @@ from dama.offline.passes import (
 )
 from dama.option_loader import build, read_options
 from dama.options import (
-    DTYPE_NAMES,
     LAYOUTS,
-    DtypeName,
     EncodingOptions,
+    LlavaOptions,
     PassOptions,
     RowOptions,
     check_at_least,
@@ -109,15 +108,13 @@ SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they
 
 
 @dataclass
-class ReferenceOptions(EncodingOptions, RowOptions, PassOptions):
+class ReferenceOptions(EncodingOptions, LlavaOptions, RowOptions, PassOptions):
     """Everything `dama precompute-ref` takes: what to read and write, which rows, the encoding (training's) and the
     reference model's batching."""
 
     # Training's layout field, its padded layout left out (the command line then refuses it as a choice).
     layout: ReferenceLayout = field(default=REFERENCE_LAYOUTS[0],
                                     metadata=option_field(EncodingOptions, "layout").metadata)
-    model: str | None = field(
-        default=None, metadata={"help": "Local folder of the reference LLaVA (model and processor)."})
     batch_size: int = field(
         default=DEFAULT_BATCH_SIZE,
         metadata={"help": "Pairs per packed forward; with max_tokens_per_batch, the most pairs per forward."})
@@ -126,29 +123,15 @@ class ReferenceOptions(EncodingOptions, RowOptions, PassOptions):
         metadata={"help": "Group pairs, in file order, into forwards of at most this many tokens (each pair's prompt "
                   "counted once with layout prefix_shared, twice with packed) instead of a fixed number of pairs "
                   "(default: off)."})
-    dtype: DtypeName | None = field(
-        default=None,
-        metadata={"help": "Model dtype; use the dtype training runs in, so the policy reproduces these log-probs at "
-                  "step 0 (default: bfloat16 on CUDA, float32 on the CPU)."})
 
     def __post_init__(self) -> None:
         self.check_pass_options()
         self.check_row_options()
         self.check_encoding_options()
+        self.check_llava_options()
         check_choice("layout", self.layout, REFERENCE_LAYOUTS)
-        if not self.model:
-            raise DamaError("--model is required: the local folder of the reference LLaVA")
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("max_tokens_per_batch", self.max_tokens_per_batch, 1, optional=True)
-        if self.dtype is not None:
-            check_choice("dtype", self.dtype, DTYPE_NAMES)
-
-    @property
-    def resolved_dtype(self) -> str:
-        """The model dtype: the one given, else bfloat16 on CUDA (the training recipe's) and float32 elsewhere."""
-        if self.dtype is None:
-            return "bfloat16" if torch.device(self.device).type == "cuda" else "float32"
-        return self.dtype
 
 @dataclass(frozen=True)
 class PairReference:
