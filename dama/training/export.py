@@ -11,6 +11,7 @@ import argparse
 from dama.command import run_command
 from dama.errors import DamaError
 from dama.model.lora import merge_adapters
+from dama.options import DTYPE_NAMES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", default=None,
                         help="base checkpoint folder; default: the one named in adapter_config.json (the run's "
                         "model_name_or_path)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
                         help="dtype of the written weights; auto = the base checkpoint's (default)")
     return parser.parse_args(argv)
 
