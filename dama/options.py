@@ -4,7 +4,7 @@ A value set is a `Literal` type; its tuple (`OVERLONG_POLICIES`, ...) is read fr
 the command line's choices (HfArgumentParser reads the `Literal`), the checks and the help all use one definition.
 Each group documents its fields in their `help` (what `--help` and README's config table print) and checks itself in
 `__post_init__`, raising DamaError. A command's options are its groups combined in one dataclass (precompute-ref:
-`PassOptions`, `RowOptions`, `EncodingOptions` and its model's fields); `encoding` hands the group on whole.
+`PassOptions`, `RowOptions`, `EncodingOptions`, `LlavaOptions` and its batching); `encoding` hands a group on whole.
 `dama.option_loader` reads them from a YAML file and the command line.
 """
 

@@ -46,6 +46,7 @@ from dama.options import (
     MIN_MAX_LENGTH,
     OVERLONG_POLICIES,
     VICUNA_V1_SYSTEM,
+    EncodingOptions,
     check_at_least,
     check_choice,
 )
@@ -65,6 +66,14 @@ from .row_values import reference_values, row_hardness
 ENCODE_BATCH = 1024
 # The pair PairEncoder.signature encodes: its ids pin down the template and the tokenizer's behaviour on it.
 SIGNATURE_PAIR = ("What is in the image?\nAnswer briefly.", "A cat: 3 kittens, 1 ball.")
+
+
+def dataset_options(encoding: EncodingOptions) -> dict[str, Any]:
+    """PreferenceDataset's options that the encoding group decides (training's and precompute-ref's, which must agree):
+    max_length, overlong, image_aspect_ratio and the template with its system prompt."""
+    return {"max_length": encoding.max_length, "overlong": encoding.overlong,
+            "image_aspect_ratio": encoding.image_aspect_ratio,
+            "template": ConversationTemplate(system=encoding.system_prompt)}
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ import dama_kernels
 from dama.command import check_device_argument, run_command
 from dama.data.batch import PreferenceBatch
 from dama.data.collator import TokenBudgetBatchSampler, layout_pair_lengths, make_collator
-from dama.data.dataset import ConversationTemplate, PreferenceDataset
+from dama.data.dataset import PreferenceDataset, dataset_options
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
@@ -323,9 +323,8 @@ def precompute_reference(options: ReferenceOptions) -> dict[str, Any]:
     # with another tokenizer, so they are not read at all.
     rows = checked.rows.remove_columns([name for name in OUTPUT_COLUMNS if name in checked.rows.column_names])
     llava, processor = load_llava(model_path, dtype)
-    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder, max_length=options.max_length,
-                                overlong=options.overlong, image_aspect_ratio=options.image_aspect_ratio,
-                                template=ConversationTemplate(system=options.system_prompt))
+    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder,
+                                **dataset_options(options.encoding))
     checked.report.add_overlong(dataset)
     left_out = checked.report.row_ids
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in left_out]

@@ -17,7 +17,7 @@ from typing import Any
 
 from dama.command import run_command
 from dama.data.batch import IGNORE_INDEX
-from dama.data.dataset import ConversationTemplate, PreferenceDataset
+from dama.data.dataset import PreferenceDataset, dataset_options
 from dama.errors import DamaError
 from dama.model.loading import load_processor
 from dama.option_loader import build, read_options
@@ -134,8 +134,7 @@ def load_example_dataset(options: ExampleOptions, config: DamaTrainingArguments)
         raise DamaError("give --config with model_name_or_path and train_file, or --model and --input")
     dataset = PreferenceDataset.from_path(
         data, load_processor(model), image_folder=config.image_folder, limit=options.index + 1,
-        max_length=config.max_length, overlong=config.overlong, image_aspect_ratio=config.image_aspect_ratio,
-        template=ConversationTemplate(system=config.system_prompt),
+        **dataset_options(config.encoding),
     )
     if options.index >= len(dataset):
         raise DamaError(f"{data} has no pair {options.index}: {len(dataset)} pairs read up to it "

@@ -21,7 +21,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.command import run_command
 from dama.data.collator import make_collator
-from dama.data.dataset import ConversationTemplate, PreferenceDataset
+from dama.data.dataset import PreferenceDataset, dataset_options
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
 from dama.errors import DamaError
@@ -136,15 +136,12 @@ def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
     policy, ref_policy, adapters = prepare_models(args, llava)
-    template = ConversationTemplate(system=args.system_prompt)
     pairs = {}
     for name, data in checked.items():
         path = getattr(args, name)
         record = read_metadata(path) if metadata_path(path).is_file() else None
         pairs[name] = PreferenceDataset(data.rows, processor, image_folder=data.image_folder,
-                                        max_length=args.max_length, overlong=args.overlong,
-                                        image_aspect_ratio=args.image_aspect_ratio, template=template,
-                                        reference_record=record)
+                                        reference_record=record, **dataset_options(args.encoding))
         data.report.add_overlong(pairs[name])
         if data.report.skipped:
             logger.warning("%s %s: %s; listed in %s", name, path, data.report.summary(),
