@@ -5,7 +5,10 @@ YAML's whether written `--key value` or `--key=value`, with dashes or underscore
 a YAML key may use dashes too; an unknown key (YAML) or option (command line) is an error.
 """
 
+import re
+import shlex
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import yaml
@@ -155,3 +158,33 @@ def test_the_encoding_group_is_passed_whole(tmp_path):
     training = parse_training_arguments(["--output_dir", str(tmp_path), "--max-length=300", "--image-aspect-ratio",
                                          "pad"])
     assert training.encoding == options.encoding
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_PARSERS = {
+    "train": lambda argv: parse_training_arguments(argv, check_devices=False),
+    "plan": plan_command.parse_options,
+    "show-example": show_example.parse_options,
+    "hardness": hardness.parse_options,
+    "precompute-ref": reference.parse_options,
+    "generate": generate.parse_options,
+}
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """(command, arguments) of every `dama <command>` line in README's shell blocks, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", README.read_text())
+    commands = []
+    for line in text.splitlines():
+        match = re.match(r"(?:deepspeed .*-m dama\.cli|dama) ([a-z-]+) (.*)", line.strip())
+        if match and match.group(1) in README_PARSERS:
+            commands.append((match.group(1), shlex.split(match.group(2), comments=True)))
+    return commands
+
+
+def test_the_readme_commands_parse(monkeypatch):
+    monkeypatch.chdir(README.parent)  # the configs they name are the repository's
+    commands = _readme_commands()
+    assert {command for command, _ in commands} == set(README_PARSERS)
+    for command, argv in commands:
+        README_PARSERS[command](argv)
