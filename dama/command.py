@@ -1,7 +1,8 @@
 """How every `dama <command>` ends: its summary on stdout and exit 0, or one error line on stderr and exit 1.
 
-Bad input (a missing file, a wrong option, a bad row) is reported as `dama <command>: error: <what to do>`, never as
-a traceback; anything else is a bug and keeps its traceback.
+Bad input the project checked (a missing file, a wrong option, a bad row: `dama.errors.DamaError`) is reported as
+`dama <command>: error: <what to do>`, never as a traceback; anything else is a bug, or a failure of the machine,
+and keeps its traceback (see dama.errors).
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import torch
+from dama.errors import DamaError
 
 
 def run_command(name: str, action: Callable[[], str | None]) -> int:
     """Runs `action` (which returns the summary to print, or None) as the command `dama <name>`."""
     try:
         summary = action()
-    except (ValueError, OSError) as error:
+    except DamaError as error:
         print(f"dama {name}: error: {error}", file=sys.stderr)
         return 1
     if summary:
@@ -25,10 +26,12 @@ def run_command(name: str, action: Callable[[], str | None]) -> int:
 
 
 def check_device_argument(device: str) -> None:
-    """ValueError unless `--device` names a torch device this machine has (cpu, cuda, cuda:N)."""
+    """DamaError unless `--device` names a torch device this machine has (cpu, cuda, cuda:N)."""
+    import torch
+
     try:
         kind = torch.device(device).type
     except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
+        raise DamaError(f"--device {device!r} is not a torch device ({error}); give cpu, cuda or cuda:N") from error
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")
+        raise DamaError(f"--device {device} asks for CUDA but no CUDA GPU is available here; use --device cpu")

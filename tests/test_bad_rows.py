@@ -30,7 +30,9 @@ from dama.demo.data import demo_corpus, make_rows
 from dama.demo.tiny_clip import build_tiny_clip
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.offline import hardness, reference
+from dama.offline.hardness import HardnessOptions
 from dama.offline.passes import partial_path
+from dama.offline.reference import ReferenceOptions
 from dama.training import train
 
 
@@ -167,15 +169,16 @@ def test_a_skip_in_one_step_never_breaks_the_next(models, tmp_path, capsys):
     rows[5]["rejected"] = ""
     source = _write(rows, tmp_path / "train.parquet")
     scored, ready = tmp_path / "train.scored.parquet", tmp_path / "train.ref.parquet"
-    hardness.compute_hardness(source, scored, models["clip"], on_bad_row="skip")
+    hardness.compute_hardness(HardnessOptions(input=source, output=scored, clip=models["clip"], on_bad_row="skip",
+                                               device="cpu"))
     assert set(upstream_skips(scored)) == {"train.scored.parquet:2", "train.scored.parquet:5"}
 
     longest = _longest_sequences(models, rows)
     max_length = sorted(longest)[len(longest) // 2]
     long_rows = [n for n, length in enumerate(longest) if length > max_length and n not in (2, 5)]
     assert long_rows, "the demo pairs should differ in length"
-    metadata = reference.precompute_reference(scored, ready, models["llava"], max_length=max_length,
-                                              overlong="skip")
+    metadata = reference.precompute_reference(ReferenceOptions(input=scored, output=ready, model=models["llava"],
+                                                               max_length=max_length, overlong="skip", device="cpu"))
     reasons = {entry["output_row_id"]: entry["reason"] for entry in metadata["skipped"]}
     assert reasons == {"train.ref.parquet:2": "unreadable image", "train.ref.parquet:5": "empty response",
                        **{f"train.ref.parquet:{n}": "over-long" for n in long_rows}}
@@ -239,7 +242,8 @@ def test_a_pass_output_is_replaced_only_by_its_own_run_or_with_overwrite(models,
 
     # The same run again: reported complete, nothing scored, nothing rewritten.
     scorer = CountingScorer(hardness.ClipScorer(models["clip"]))
-    metadata = hardness.compute_hardness(source, output, models["clip"], scorer=scorer)
+    metadata = hardness.compute_hardness(HardnessOptions(input=source, output=output, clip=models["clip"],
+                                                          device="cpu"), scorer=scorer)
     assert metadata["already_complete"] and scorer.calls == 0 and metadata["created"] == created
     capsys.readouterr()
     assert hardness.main(argv) == 0

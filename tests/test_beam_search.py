@@ -82,9 +82,8 @@ def test_preset_and_options(tiny, tmp_path, capsys, monkeypatch):
     prompts.write_text(json.dumps({"image": "a.png", "question": QUESTIONS[0], "image_id": 1}) + "\n")
     seen = []
     monkeypatch.setattr("dama.evaluation.generate.generate_responses",
-                        lambda *args, decoding, **kwargs: seen.append(decoding) or {"count": 1, "resumed": 0,
-                                                                                    "dtype": "float32",
-                                                                                    "device": "cpu"})
+                        lambda options, decoding: seen.append(decoding) or {"count": 1, "resumed": 0,
+                                                                           "dtype": "float32", "device": "cpu"})
     base = ["generate", "--model", str(root / "model"), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]
     assert main([*base, "--preset", "object-halbench"]) == 0
     assert main([*base, "--preset", "object-halbench", "--max-new-tokens", "8"]) == 0

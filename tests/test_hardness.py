@@ -16,6 +16,7 @@ from dama.demo.tiny_clip import build_tiny_clip
 from dama.offline.hardness import (
     BadRowError,
     ClipScorer,
+    HardnessOptions,
     compute_hardness,
     main,
     pair_hardness,
@@ -175,7 +176,8 @@ def test_bad_rows_stop_the_run_naming_the_row(tmp_path, clip_path, kind, capsys)
         (data, images), first_bad = _write_json(tmp_path), "pairs.json:2"
     output = tmp_path / f"out.{kind}"
     with pytest.raises(BadRowError, match=rf"row {first_bad}: cannot read its image.*: not a format PIL reads"):
-        compute_hardness(data, output, clip_path, image_folder=images, batch_size=2)
+        compute_hardness(HardnessOptions(input=data, output=output, clip=clip_path, image_folder=images, batch_size=2,
+                                         device="cpu"))
     assert not output.exists() and not metadata_path(output).exists()
     argv = ["--input", str(data), "--clip", str(clip_path), "--output", str(output)]
     assert main(argv + (["--image-folder", str(images)] if images else [])) == 1
@@ -191,7 +193,8 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
         (data, images) = _write_json(tmp_path)
         bad = {f"pairs.json:{n}" for n in (CORRUPT_ROW, EMPTY_ROW, MISSING_ROW)}
     output = tmp_path / f"out.{kind}"
-    metadata = compute_hardness(data, output, clip_path, image_folder=images, batch_size=2, on_bad_row="skip")
+    metadata = compute_hardness(HardnessOptions(input=data, output=output, clip=clip_path, image_folder=images,
+                                                batch_size=2, on_bad_row="skip", device="cpu"))
 
     assert {entry["row_id"] for entry in metadata["skipped"]} == bad
     assert metadata["skipped_count"] == len(bad) and metadata["count"] == ROW_COUNT - len(bad)
@@ -226,19 +229,19 @@ def test_skip_mode_end_to_end(tmp_path, clip_path, kind):
 
 def test_resume_after_a_crash_skips_finished_rows_and_matches_an_uninterrupted_run(tmp_path, clip_path):
     data = _write_parquet_shards(tmp_path / "shards")
-    options = {"batch_size": 2, "on_bad_row": "skip"}
+    options = {"clip": clip_path, "batch_size": 2, "on_bad_row": "skip", "device": "cpu"}
     reference = tmp_path / "reference.parquet"
-    compute_hardness(data, reference, clip_path, **options)
+    compute_hardness(HardnessOptions(input=data, output=reference, **options))
 
     output = tmp_path / "out.parquet"
     crashing = RecordingScorer(ClipScorer(clip_path), crash_after=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_hardness(data, output, clip_path, scorer=crashing, **options)
+        compute_hardness(HardnessOptions(input=data, output=output, **options), scorer=crashing)
     assert not output.exists() and partial_path(output).exists()
     first_batch = {text for pair_texts in crashing.calls[0] for text in pair_texts}
 
     rerun = RecordingScorer(ClipScorer(clip_path))
-    metadata = compute_hardness(data, output, clip_path, scorer=rerun, **options)
+    metadata = compute_hardness(HardnessOptions(input=data, output=output, **options), scorer=rerun)
     rescored = {text for call in rerun.calls for pair_texts in call for text in pair_texts}
     assert first_batch and not first_batch & rescored
     assert metadata["resumed"] == 2 and metadata["count"] == 5
@@ -304,6 +307,6 @@ def test_cli_raw_limit_and_argument_checks(tmp_path, clip_path, capsys):
     assert main([*argv, "--splitter", "lm"]) == 1
     assert "--splitter-model" in capsys.readouterr().err
     assert main([*argv, "--batch-size", "0"]) == 1
-    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert "batch_size must be at least 1" in capsys.readouterr().err
     assert main([*argv[:-3], str(tmp_path / "no_clip"), *argv[-2:]]) == 1
     assert "--clip" in capsys.readouterr().err

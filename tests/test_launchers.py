@@ -14,7 +14,7 @@ import pytest
 
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
-from dama.offline.reference import precompute_reference
+from dama.offline.reference import ReferenceOptions, precompute_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,8 @@ def tiny_setup(tmp_path_factory):
     raw = make_demo_data(root / "data", num_train=16, num_eval=0, image_size=32)
     # Precomputed reference log-probs: the default, and the only reference that ZeRO-3 supports.
     paths = {"train": root / "data" / "train.ref.parquet"}
-    precompute_reference(raw["train"], paths["train"], root / "model", cache_dir=root / "cache")
+    precompute_reference(ReferenceOptions(input=raw["train"], output=paths["train"], model=root / "model",
+                                          cache_dir=root / "cache", device="cpu"))
     return root, paths
 
 

@@ -18,7 +18,7 @@ from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.lora import LORA_TARGETS, trainable_parameter_counts
 from dama.model.policy import DamaPolicy
-from dama.offline.reference import precompute_reference
+from dama.offline.reference import ReferenceOptions, precompute_reference
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import newest_checkpoint
 from dama.training.train import build_trainer
@@ -169,7 +169,8 @@ def with_reference(tiny_setup, tmp_path_factory):
     """The training pairs with the base model's precomputed reference log-probs."""
     root, paths = tiny_setup
     folder = tmp_path_factory.mktemp("reference")
-    precompute_reference(paths["train"], folder / "train.ref.parquet", root / "model", cache_dir=folder / "cache")
+    precompute_reference(ReferenceOptions(input=paths["train"], output=folder / "train.ref.parquet",
+                                          model=root / "model", cache_dir=folder / "cache", device="cpu"))
     return {"train": folder / "train.ref.parquet"}
 
 

@@ -16,8 +16,8 @@ import dama.data.formats as formats
 from dama.demo.data import demo_corpus
 from dama.demo.tiny_clip import build_tiny_clip
 from dama.demo.tiny_llava import build_tiny_llava
-from dama.offline.hardness import compute_hardness
-from dama.offline.reference import precompute_reference
+from dama.offline.hardness import HardnessOptions, compute_hardness
+from dama.offline.reference import ReferenceOptions, precompute_reference
 from dama.training.arguments import parse_training_arguments
 from dama.training.train import build_trainer
 
@@ -68,9 +68,11 @@ def test_every_step_reads_the_same_image_for_a_row(kind, models, tmp_path, monke
     monkeypatch.setattr(formats, "_decode", recording_decode)
     suffix = source.suffix
     step = "hardness"
-    compute_hardness(source, tmp_path / f"scored{suffix}", models["clip"], batch_size=2)
+    compute_hardness(HardnessOptions(input=source, output=tmp_path / f"scored{suffix}", clip=models["clip"],
+                                     batch_size=2, device="cpu"))
     step = "precompute-ref"
-    precompute_reference(source, tmp_path / f"ref{suffix}", models["llava"], batch_size=2)
+    precompute_reference(ReferenceOptions(input=source, output=tmp_path / f"ref{suffix}", model=models["llava"],
+                                          batch_size=2, device="cpu"))
     step = "train"
     trainer = build_trainer(parse_training_arguments([
         "--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(models["llava"]),

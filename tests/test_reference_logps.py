@@ -22,7 +22,7 @@ from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.loading import load_llava
 from dama.model.policy import DamaPolicy
 from dama.offline.passes import partial_path, write_dataset
-from dama.offline.reference import OUTPUT_COLUMNS, main, precompute_reference
+from dama.offline.reference import OUTPUT_COLUMNS, ReferenceOptions, main, precompute_reference
 
 NUM_PAIRS = 7
 HARDNESS_MEAN = 0.3125
@@ -48,7 +48,8 @@ def setup(tmp_path_factory, single_thread):
     data = make_demo_data(root / "data", num_train=NUM_PAIRS, num_eval=1)["train"]
     write_metadata(data, {"hardness_mean": HARDNESS_MEAN, "count": NUM_PAIRS})
     output = root / "out" / "train_ref.parquet"
-    metadata = precompute_reference(data, output, model_path, batch_size=3, cache_dir=root / "cache")
+    metadata = precompute_reference(ReferenceOptions(input=data, output=output, model=model_path, batch_size=3,
+                                                     cache_dir=root / "cache", device="cpu"))
     return {"root": root, "model": model_path, "data": data, "output": output, "metadata": metadata}
 
 
@@ -178,15 +179,16 @@ def test_resume_after_a_crash_skips_finished_rows_and_matches_an_uninterrupted_r
 
     monkeypatch.setattr(reference, "supervised_token_logps", counting_and_crashing)
     output = setup["root"] / "resume" / "train_ref.parquet"
-    options = {"batch_size": 3, "cache_dir": setup["root"] / "cache"}
+    options = ReferenceOptions(input=setup["data"], output=output, model=setup["model"], batch_size=3,
+                               cache_dir=setup["root"] / "cache", device="cpu")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        precompute_reference(setup["data"], output, setup["model"], **options)
+        precompute_reference(options)
     assert not output.exists() and not metadata_path(output).exists()
     assert len(partial_path(output).read_text().splitlines()) == 1 + 3  # the header and the first batch
 
     calls.clear()
     crash_at["batch"] = None
-    resumed = precompute_reference(setup["data"], output, setup["model"], **options)
+    resumed = precompute_reference(options)
     assert calls == [[f"train.parquet:{n}" for n in (3, 4, 5)], ["train.parquet:6"]]
     assert (resumed["resumed"], resumed["computed"], resumed["count"]) == (3, 4, NUM_PAIRS)
     assert (setup["metadata"]["resumed"], setup["metadata"]["computed"]) == (0, NUM_PAIRS)
@@ -258,10 +260,10 @@ def _arguments(setup, tmp_path, **changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"--batch-size": "0"}, "--batch-size must be at least 1"),
-        ({"--max-tokens-per-batch": "0"}, "--max-tokens-per-batch must be a positive"),
-        ({"--max-length": "0"}, "--max-length must be a positive"),
-        ({"--limit": "-1"}, "--limit must be >= 0"),
+        ({"--batch-size": "0"}, "batch_size must be at least 1"),
+        ({"--max-tokens-per-batch": "0"}, "max_tokens_per_batch must be at least 1"),
+        ({"--max-length": "1"}, "max_length must be at least 2"),
+        ({"--limit": "-1"}, "limit must be at least 0"),
         ({"--device": "nonsense"}, "is not a torch device"),
         ({"--input": "missing.parquet"}, "does not exist"),
         ({"--model": "no_model_here"}, "holds no config.json"),

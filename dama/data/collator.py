@@ -7,10 +7,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from dama.errors import DamaError
+from dama.options import LAYOUTS
+
 from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch, PreferenceBatch, PreferenceExample, PrefixSharedBatch
 
 # The micro-batch layouts, the default first.
-LAYOUTS = ("prefix_shared", "packed", "padded")
 
 
 def _sequences(examples: Sequence[PreferenceExample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -91,14 +93,14 @@ def _shared_prompt_length(example: PreferenceExample) -> int:
     prompt = example.prompt_length
     chosen, rejected = example.chosen_input_ids, example.rejected_input_ids
     if not 1 <= prompt < min(chosen.shape[0], rejected.shape[0]):
-        raise ValueError(
+        raise DamaError(
             f"row {example.row_id}: prefix sharing needs a prompt of at least one token and a response of at least "
             f"one token on each side, got prompt_length={prompt} for sequences of {chosen.shape[0]} and "
             f"{rejected.shape[0]} tokens; use layout='packed' for such pairs"
         )
     if not torch.equal(chosen[:prompt], rejected[:prompt]):
-        raise ValueError(f"row {example.row_id}: the chosen and rejected sequences differ within their first "
-                         f"prompt_length={prompt} tokens, so there is no prompt to share; use layout='packed'")
+        raise DamaError(f"row {example.row_id}: the chosen and rejected sequences differ within their first "
+                        f"prompt_length={prompt} tokens, so there is no prompt to share; use layout='packed'")
     return prompt
 
 
@@ -238,13 +240,13 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         drop_last: bool = False,
     ):
         if max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+            raise DamaError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         if max_pairs is not None and max_pairs < 1:
-            raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs}")
+            raise DamaError(f"max_pairs must be >= 1 or None, got {max_pairs}")
         too_long = [(i, n) for i, n in enumerate(pair_lengths) if n > max_tokens]
         if too_long:
             index, length = too_long[0]
-            raise ValueError(
+            raise DamaError(
                 f"{len(too_long)} pairs are longer than max_tokens={max_tokens} on their own (first: pair {index}, "
                 f"{length} tokens); raise max_tokens to at least {max(n for _, n in too_long)} or lower max_length"
             )

@@ -40,6 +40,17 @@ import datasets
 import torch
 from PIL import Image
 
+from dama.errors import DamaError
+from dama.options import (
+    IMAGE_ASPECT_RATIOS,
+    MIN_MAX_LENGTH,
+    OVERLONG_POLICIES,
+    VICUNA_V1_SYSTEM,
+    EncodingOptions,
+    check_at_least,
+    check_choice,
+)
+
 from .batch import IGNORE_INDEX, PreferenceExample
 from .formats import (
     IMAGE_COLUMNS,
@@ -51,17 +62,18 @@ from .formats import (
 )
 from .row_values import reference_values, row_hardness
 
-# LLaVA's `vicuna_v1` conversation, the one LLaVA-1.5 was instruction-tuned with and the DAMA authors trained with.
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions."
-)
-OVERLONG_POLICIES = ("error", "skip")
-IMAGE_ASPECT_RATIOS = ("crop", "pad")
 # Rows per tokenizer call while encoding a dataset: the fast tokenizer encodes a batch in parallel.
 ENCODE_BATCH = 1024
 # The pair PairEncoder.signature encodes: its ids pin down the template and the tokenizer's behaviour on it.
 SIGNATURE_PAIR = ("What is in the image?\nAnswer briefly.", "A cat: 3 kittens, 1 ball.")
+
+
+def dataset_options(encoding: EncodingOptions) -> dict[str, Any]:
+    """PreferenceDataset's options that the encoding group decides (training's and precompute-ref's, which must agree):
+    max_length, overlong, image_aspect_ratio and the template with its system prompt."""
+    return {"max_length": encoding.max_length, "overlong": encoding.overlong,
+            "image_aspect_ratio": encoding.image_aspect_ratio,
+            "template": ConversationTemplate(system=encoding.system_prompt)}
 
 
 @dataclass(frozen=True)
@@ -96,19 +108,19 @@ def num_image_tokens(processor: Any) -> int:
     image_processor = processor.image_processor
     crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", True) else None
     if not crop or "height" not in crop or "width" not in crop:
-        raise ValueError(
+        raise DamaError(
             "the image processor must centre-crop to a fixed {height, width} (LLaVA-1.5's CLIP processing); "
             f"got crop_size={crop}"
         )
     patch_size = getattr(processor, "patch_size", None)
     if not patch_size:
-        raise ValueError("the processor has no patch_size; build it as LlavaProcessor(..., patch_size=...)")
+        raise DamaError("the processor has no patch_size; build it as LlavaProcessor(..., patch_size=...)")
     count = (crop["height"] // patch_size) * (crop["width"] // patch_size)
     count += getattr(processor, "num_additional_image_tokens", 0) or 0
     if getattr(processor, "vision_feature_select_strategy", None) == "default":
         count -= 1
     if count < 1:
-        raise ValueError(f"the processor yields {count} image tokens; check patch_size and crop_size")
+        raise DamaError(f"the processor yields {count} image tokens; check patch_size and crop_size")
     return count
 
 
@@ -121,9 +133,9 @@ class PairEncoder:
         self.image_token = getattr(processor, "image_token", "<image>")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token")
+            raise DamaError(f"the tokenizer has no {self.image_token!r} token; add it as a special token")
         if self.tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos token; LLaVA's responses end with '</s>'")
+            raise DamaError("the tokenizer has no eos token; LLaVA's responses end with '</s>'")
         self.num_image_tokens = num_image_tokens(processor)
         bos = self.tokenizer.bos_token_id
         self._bos = [] if bos is None else [bos]
@@ -141,8 +153,8 @@ class PairEncoder:
         encoded = []
         for question, before, after in zip(questions, befores, afters, strict=True):
             if self.image_token_id in before or self.image_token_id in after:
-                raise ValueError(f"the prompt of question {question!r} holds a second image token (in the template's "
-                                 "system text?); LLaVA-1.5 takes one image per prompt")
+                raise DamaError(f"the prompt of question {question!r} holds a second image token (in the template's "
+                                "system text?); LLaVA-1.5 takes one image per prompt")
             encoded.append(self._bos + before + image + after)
         return encoded
 
@@ -153,7 +165,7 @@ class PairEncoder:
         encoded = []
         for response, ids in zip(responses, self._encode([f"{context} {r.strip()}" for r in responses]), strict=True):
             if ids[:cut] != self._context_ids:
-                raise ValueError(
+                raise DamaError(
                     f"the tokenizer merges {context!r} with the start of the response {response[:40]!r}, so the "
                     "prompt/response boundary is not a token boundary; use a tokenizer that splits on white space"
                 )
@@ -194,14 +206,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
     ):
         """`reference_record`: the metadata `dama precompute-ref` wrote beside these rows (its `encoding` and
         `image_aspect_ratio`), checked against this dataset's before any reference value is used."""
-        if overlong not in OVERLONG_POLICIES:
-            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be a positive number of tokens or None, got {max_length}")
+        check_choice("overlong", overlong, OVERLONG_POLICIES)
+        check_choice("image_aspect_ratio", image_aspect_ratio, IMAGE_ASPECT_RATIOS)
+        check_at_least("max_length", max_length, MIN_MAX_LENGTH, optional=True)
         if "row_id" not in rows.column_names:
-            raise ValueError("rows need a row_id column; read them with load_preference_rows")
+            raise DamaError("rows need a row_id column; read them with load_preference_rows")
         self.processor = processor
         self.encoder = PairEncoder(processor, template)
         self.image_folder = None if image_folder is None else Path(image_folder)
@@ -245,16 +254,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return cls(rows, processor, image_folder=image_folder, reference_record=record, **options)
 
     def _check_reference_record(self, record: Mapping[str, Any]) -> None:
-        """ValueError when the reference values were computed with another encoding or image setting than this."""
+        """DamaError when the reference values were computed with another encoding or image setting than this."""
         encoding, aspect = record.get("encoding"), record.get("image_aspect_ratio")
         if encoding is not None and encoding != self.encoder.signature:
-            raise ValueError(
+            raise DamaError(
                 f"the reference log-probs of this data were computed with another template or tokenizer (encoding "
                 f"{encoding}, this run's {self.encoder.signature}; system prompt then: {record.get('system_prompt')!r})"
                 ". Run `dama precompute-ref` again with this model and template."
             )
         if aspect is not None and aspect != self.image_aspect_ratio:
-            raise ValueError(
+            raise DamaError(
                 f"the reference log-probs of this data were computed with image_aspect_ratio={aspect!r}, this run "
                 f"uses {self.image_aspect_ratio!r}: use the same setting or run `dama precompute-ref` again."
             )
@@ -268,7 +277,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             longest = len(prompt) + max(len(r) for r in responses)
             if self.max_length is not None and longest > self.max_length:
                 if overlong == "error":
-                    raise ValueError(
+                    raise DamaError(
                         f"row {row_id}: prompt ({len(prompt)} tokens, image included) plus the longer response is "
                         f"{longest} tokens > max_length={self.max_length}. Responses are never truncated: raise "
                         "max_length, or pass overlong='skip' to leave such pairs out (they are counted)."

@@ -17,7 +17,7 @@ the keys take.
 Images, one rule for every step: the image's bytes when the row carries them (`image.bytes`), else the file named by
 `image.path`, `image_path` or a plain-string `image`. A relative path is resolved under the image folder, which is
 the input's own folder (the input itself when it is a folder of shards) unless an image folder is given. An image
-must decode completely and hold at most MAX_IMAGE_PIXELS pixels; anything else raises RowImageError (a ValueError
+must decode completely and hold at most MAX_IMAGE_PIXELS pixels; anything else raises RowImageError (a DamaError
 naming the row), whose `reason` is one of IMAGE_REASONS, the words every step counts skipped rows by.
 
 Also here: atomic file writes (`atomic_path`: a crash leaves the previous file, never half of a new one) and the
@@ -43,6 +43,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from dama.errors import DamaError
+
 TEXT_COLUMNS = ("question", "chosen", "rejected")
 IMAGE_COLUMNS = ("image", "image_path")
 # The reference log-prob columns this project writes and reads (sums, means, lists over supervised tokens).
@@ -63,13 +65,13 @@ _WARNINGS_LOCK = threading.Lock()
 
 
 def detect_format(path: str | Path) -> str:
-    """'parquet' for a .parquet file or a folder of them, 'json' for a .json file; ValueError otherwise."""
+    """'parquet' for a .parquet file or a folder of them, 'json' for a .json file; DamaError otherwise."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".parquet":
         return "parquet"
     if path.suffix == ".json":
         return "json"
-    raise ValueError(f"{path}: cannot tell the format; give a .parquet file, a folder of .parquet shards or a .json")
+    raise DamaError(f"{path}: cannot tell the format; give a .parquet file, a folder of .parquet shards or a .json")
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -78,22 +80,28 @@ def parquet_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
         if not files:
-            raise ValueError(f"{path} is a folder without .parquet files")
+            raise DamaError(f"{path} is a folder without .parquet files")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"input {path} does not exist")
+        raise DamaError(f"input {path} does not exist")
     return [path]
 
 
 def read_json_list(path: Path) -> list[dict]:
     """The records of an authors'-format JSON file (a list of objects), with a clear error for anything else."""
     if not path.is_file():
-        raise FileNotFoundError(f"input {path} does not exist")
+        raise DamaError(f"input {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-        raise ValueError(f"{path}: expected a JSON list of objects (the authors' format)")
+        raise DamaError(f"{path}: expected a JSON list of objects (the authors' format)")
     return data
+
+
+def file_row_id(file: str | Path, number: int) -> str:
+    """The id of row `number` (counted from 0) of a file: "<file name>:<number>". Every step names rows this way,
+    which is how an output row, a partial result and a skipped-rows entry are joined to their input row."""
+    return f"{Path(file).name}:{number}"
 
 
 def load_preference_rows(
@@ -113,7 +121,7 @@ def load_preference_rows(
     """
     path = Path(path)
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        raise DamaError(f"limit must be >= 0 or None, got {limit}")
     selectors = [RowSelector.parse(text) for text in select]
     wanted = (*TEXT_COLUMNS, *OPTIONAL_COLUMNS, *(s.column for s in selectors))
     if detect_format(path) == "json":
@@ -123,11 +131,11 @@ def load_preference_rows(
         for file in parquet_files(path):
             shard = datasets.Dataset.from_parquet(str(file), cache_dir=None if cache_dir is None else str(cache_dir))
             shard = shard.select_columns([c for c in dict.fromkeys(wanted) if c in shard.column_names])
-            shards.append(shard.add_column("row_id", [f"{file.name}:{n}" for n in range(shard.num_rows)]))
+            shards.append(shard.add_column("row_id", [file_row_id(file, n) for n in range(shard.num_rows)]))
         rows = datasets.concatenate_datasets(shards)
     missing = [c for c in TEXT_COLUMNS if c not in rows.column_names]
     if missing:
-        raise ValueError(f"{path} lacks the columns {missing}; a preference pair needs question, chosen, rejected")
+        raise DamaError(f"{path} lacks the columns {missing}; a preference pair needs question, chosen, rejected")
     if selectors:
         rows = select_rows(rows, selectors, str(path))
     return rows if limit is None else rows.select(range(min(limit, rows.num_rows)))
@@ -141,7 +149,7 @@ def _json_rows(path: Path, wanted: Sequence[str]) -> datasets.Dataset:
     for column in JSON_TEXT_COLUMNS:
         if column in columns:
             columns[column] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns[column]]
-    columns["row_id"] = [f"{path.name}:{n}" for n in range(len(records))]
+    columns["row_id"] = [file_row_id(path, n) for n in range(len(records))]
     return datasets.Dataset.from_dict(columns)
 
 
@@ -158,7 +166,7 @@ class RowSelector:
     def parse(cls, text: str) -> RowSelector:
         positions = [p for p in (text.find("="), text.find("~")) if p > 0]
         if not positions:
-            raise ValueError(f"select {text!r}: write KEY=VALUE or KEY~VALUE (e.g. origin_split.model~llava)")
+            raise DamaError(f"select {text!r}: write KEY=VALUE or KEY~VALUE (e.g. origin_split.model~llava)")
         cut = min(positions)
         key, value = text[:cut].strip(), text[cut + 1:].strip()
         column, _, field = key.partition(".")
@@ -176,7 +184,7 @@ class RowSelector:
             try:
                 cell = json.loads(cell)
             except json.JSONDecodeError as error:
-                raise ValueError(f"row {row_id}: select {self.key} needs JSON in {self.column}, got {cell[:60]!r}") \
+                raise DamaError(f"row {row_id}: select {self.key} needs JSON in {self.column}, got {cell[:60]!r}") \
                     from error
         if not isinstance(cell, Mapping):
             return None
@@ -190,11 +198,11 @@ class RowSelector:
 
 
 def select_rows(rows: datasets.Dataset, selectors: Sequence[RowSelector], source: str) -> datasets.Dataset:
-    """The rows meeting every selector; ValueError naming an absent column, or listing the values when none is kept."""
+    """The rows meeting every selector; DamaError naming an absent column, or listing the values when none is kept."""
     for selector in selectors:
         if selector.column not in rows.column_names:
-            raise ValueError(f"select {selector.key}: {source} has no column {selector.column!r} (it has "
-                             f"{sorted(c for c in rows.column_names if c != 'row_id')})")
+            raise DamaError(f"select {selector.key}: {source} has no column {selector.column!r} (it has "
+                            f"{sorted(c for c in rows.column_names if c != 'row_id')})")
     columns = list(dict.fromkeys(["row_id", *(s.column for s in selectors)]))
     table = rows.select_columns(columns)
     keep, seen = [], {s.key: Counter() for s in selectors}
@@ -209,7 +217,7 @@ def select_rows(rows: datasets.Dataset, selectors: Sequence[RowSelector], source
     if not keep:
         found = "; ".join(f"{key}: " + ", ".join(f"{value!r} ({count})" for value, count in counts.most_common(12))
                           for key, counts in seen.items())
-        raise ValueError(f"no row of {source} meets every condition of select; values found: {found}")
+        raise DamaError(f"no row of {source} meets every condition of select; values found: {found}")
     return rows.select(keep)
 
 
@@ -219,7 +227,7 @@ def default_image_folder(input_path: str | Path) -> Path:
     return input_path if input_path.is_dir() else input_path.parent
 
 
-class RowImageError(ValueError):
+class RowImageError(DamaError):
     """A row's image is missing, cannot be decoded, or is too large; `reason` is one of IMAGE_REASONS."""
 
     def __init__(self, message: str, reason: str):
@@ -375,7 +383,7 @@ def write_metadata(dataset_path: str | Path, metadata: Mapping[str, Any]) -> Pat
 def read_metadata(dataset_path: str | Path) -> dict[str, Any]:
     path = metadata_path(dataset_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DamaError(
             f"{path} not found: run `dama hardness` on the dataset first, or set the mean hardness in the config"
         )
     with open(path, encoding="utf-8") as handle:
@@ -386,5 +394,5 @@ def read_hardness_mean(dataset_path: str | Path) -> float:
     """δ̄, the dataset's mean hardness, from the metadata beside the dataset."""
     value = read_metadata(dataset_path).get("hardness_mean")
     if value is None:
-        raise ValueError(f"{metadata_path(dataset_path)} has no hardness_mean (no pair was scored)")
+        raise DamaError(f"{metadata_path(dataset_path)} has no hardness_mean (no pair was scored)")
     return float(value)

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dama.errors import DamaError
+
 from .formats import REF_LOGPS_COLUMNS, REF_MEAN_COLUMNS, REF_TOKEN_COLUMNS
 
 # Positions of (sum, mean, per-token) of the chosen and the rejected response in the `logps` list.
@@ -58,12 +60,12 @@ def authors_logps(value: Any, row_id: str) -> list | None:
     value = _json_list(value)
     if isinstance(value, Mapping):
         if "logps" not in value:
-            raise ValueError(f"row {row_id}: `logps` is an object without a 'logps' key: {sorted(value)[:5]}")
+            raise DamaError(f"row {row_id}: `logps` is an object without a 'logps' key: {sorted(value)[:5]}")
         value = value["logps"]
     if value is None:
         return None
     if not isinstance(value, Sequence) or len(value) != 6:
-        raise ValueError(
+        raise DamaError(
             f"row {row_id}: `logps` must be [chosen_sum, chosen_mean, chosen_per_token, rejected_sum, rejected_mean, "
             f"rejected_per_token] (a list, its JSON text or {{\"logps\": [...]}}), got "
             f"{len(value) if isinstance(value, Sequence) else type(value).__name__} entries"
@@ -104,7 +106,7 @@ def reference_values(
             total, mean = float(row[REF_LOGPS_COLUMNS[side]]), _float_or_nan(row.get(REF_MEAN_COLUMNS[side]))
             tokens = row.get(REF_TOKEN_COLUMNS[side])
             if tokens is not None and len(tokens) != count:
-                raise ValueError(
+                raise DamaError(
                     f"row {row_id}: the reference {name} per-token log-probs have {len(tokens)} values but the "
                     f"{name} response has {count} supervised tokens here: they were computed with another tokenizer "
                     f"or template. {RECOMPUTE}"
@@ -125,24 +127,24 @@ def _check_logps_tokens(tokens: list | None, total: float, prompt_length: int, c
                         what: str) -> None:
     """Raises unless the per-token list of `logps` fits this tokenization (module docstring's two layouts)."""
     if tokens is None:
-        raise ValueError(f"{what} have no per-token list, so nothing shows they fit this tokenization. {RECOMPUTE}")
+        raise DamaError(f"{what} have no per-token list, so nothing shows they fit this tokenization. {RECOMPUTE}")
     if len(tokens) == count:
         return
     sequence_length = prompt_length + count
     if len(tokens) != sequence_length - 1:
-        raise ValueError(
+        raise DamaError(
             f"{what} have {len(tokens)} per-token values; this tokenization gives {count} supervised tokens in a "
             f"sequence of {sequence_length}, so they were computed with another tokenizer, template or image size. "
             f"{RECOMPUTE}"
         )
     if not authors_template:
-        raise ValueError(f"{what} cover the whole sequence as the authors' code writes them, which used LLaVA-1.5's "
-                         f"own conversation template; this run uses another one. {RECOMPUTE}")
+        raise DamaError(f"{what} cover the whole sequence as the authors' code writes them, which used LLaVA-1.5's "
+                        f"own conversation template; this run uses another one. {RECOMPUTE}")
     # Value t scores token t + 1: the response's tokens sit at positions prompt_length .. sequence_length - 1.
     response_sum = math.fsum(float(v) for v in tokens[prompt_length - 1:])
     # The stored sum is the same values added up and rounded once to the model's dtype (bfloat16: 8 bits).
     if abs(response_sum - total) > 2.0**-8 * abs(total) + 1e-4:
-        raise ValueError(
+        raise DamaError(
             f"{what} cover the whole sequence, but the values at this tokenization's response positions add up to "
             f"{response_sum:.6g}, not the stored sum {total:.6g}: the prompt/response boundary differs. {RECOMPUTE}"
         )

@@ -32,6 +32,9 @@ from typing import Any
 
 import datasets
 
+from dama.errors import DamaError
+from dama.options import BAD_ROW_POLICIES
+
 from .dataset import PreferenceDataset
 from .formats import (
     IMAGE_COLUMNS,
@@ -46,7 +49,6 @@ from .formats import (
 )
 from .row_values import stored_reference
 
-BAD_ROW_POLICIES = ("error", "skip")
 MISSING_FIELD = "missing field"
 EMPTY_RESPONSE = "empty response"
 BAD_HARDNESS = "non-finite hardness"
@@ -59,7 +61,7 @@ CHECK_BATCH = 64
 IMAGE_THREADS = min(8, os.cpu_count() or 1)
 
 
-class BadRowError(ValueError):
+class BadRowError(DamaError):
     """A bad row under on_bad_row="error": the message names the row, what is wrong and how to skip such rows."""
 
 
@@ -166,7 +168,7 @@ def _image_problem(cells: Mapping[str, Any], image_folder: Path | None, row_id: 
 
 def _check_columns(rows: datasets.Dataset, checks: RowChecks, source: str) -> None:
     if checks.reference and not {"logps", REF_LOGPS_COLUMNS[0]} & set(rows.column_names):
-        raise ValueError(
+        raise DamaError(
             f"{source} has no reference log-probs (no {REF_LOGPS_COLUMNS[0]} or logps column): run `dama "
             "precompute-ref` on it first, or train with reference: online"
         )
@@ -190,7 +192,7 @@ def validate_rows(
     from tqdm.auto import tqdm
 
     if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        raise DamaError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     _check_columns(rows, checks, source)
     upstream = upstream or {}
     report = SkipReport(total=rows.num_rows)
@@ -224,8 +226,8 @@ def validate_rows(
                 report.add(row_id, reason, detail)
             progress.update(len(row_ids))
     if report.total and not report.kept:
-        raise ValueError(f"every row of {source} is bad ({report.summary()}): check that it is the right file, with "
-                         "the right columns")
+        raise DamaError(f"every row of {source} is bad ({report.summary()}): check that it is the right file, with "
+                        "the right columns")
     return report
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from dama.data.formats import PairRow, default_image_folder, load_preference_rows, write_json_atomic
 from dama.demo.tiny_clip import CaptionedImage
 from dama.evaluation.chair import evaluate_chair, read_responses
-from dama.evaluation.generate import DecodingSettings, generate_responses
+from dama.evaluation.generate import DecodingSettings, GenerateOptions, generate_responses
 from dama.offline.splitting import RuleSplitter
 
 # Words that change with the noun after them ("a red" / "an orange"): not hallucinations themselves.
@@ -83,9 +83,10 @@ def chair_before_after(eval_path: Path, annotations: Path, models: dict[str, Pat
     reports = {}
     for name, model_dir in models.items():
         answers = output_dir / f"{name}.jsonl"
-        answers.unlink(missing_ok=True)  # a demo rerun answers again with the newly trained model
-        generate_responses(eval_path, answers, model_dir, batch_size=batch_size,
-                           decoding=DecodingSettings(max_new_tokens=DEMO_MAX_NEW_TOKENS), progress=False)
+        # A demo rerun answers again with the newly trained model: its earlier answers are replaced.
+        generate_responses(GenerateOptions(input=eval_path, output=answers, model=model_dir, batch_size=batch_size,
+                                           device="cpu", overwrite=True),
+                           DecodingSettings(max_new_tokens=DEMO_MAX_NEW_TOKENS), progress=False)
         reports[name] = evaluate_chair(read_responses(answers), [annotations])
         reports[name]["answers"] = read_responses(answers)
         write_json_atomic(output_dir / f"{name}.chair.json", {k: v for k, v in reports[name].items()

@@ -41,8 +41,8 @@ from dama.demo.tiny_clip import build_tiny_clip, contrastive_warm_up
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.loading import load_llava
 from dama.model.policy import DamaPolicy
-from dama.offline.hardness import compute_hardness
-from dama.offline.reference import precompute_reference
+from dama.offline.hardness import HardnessOptions, compute_hardness
+from dama.offline.reference import ReferenceOptions, precompute_reference
 from dama.training.arguments import parse_training_arguments, resolved_config
 from dama.training.run_folder import mark_complete, plan_run_folder
 from dama.training.train import build_trainer, start_run
@@ -85,7 +85,8 @@ def prepare_clip(output_dir: Path, train_file: Path, steps: int, seed: int) -> t
     corpus = [sentence for example in examples for sentence in (*example.true, *example.false)]
     clip = build_tiny_clip(output_dir / "clip", seed=seed, corpus=corpus)
     random_scored = output_dir / "cache" / "train.random_clip.scored.parquet"
-    compute_hardness(train_file, random_scored, clip, overwrite=True)
+    compute_hardness(HardnessOptions(input=train_file, output=random_scored, clip=clip, device="cpu",
+                                     overwrite=True))
     print(f"[demo] contrastive warm-up of the tiny CLIP ({steps} steps)", flush=True)
     loss = contrastive_warm_up(clip, examples, steps, batch_size=min(CLIP_BATCH_SIZE, len(examples)), seed=seed)
     print(f"[demo] CLIP warm-up loss {loss:.3f}", flush=True)
@@ -107,11 +108,12 @@ def prepare_inputs(output_dir: Path, num_train: int, num_eval: int, seed: int, w
         scored = path.with_name(f"{split}.scored.parquet")
         print(f"[demo] hardness ({split})", flush=True)
         # Each demo run makes its data and models afresh: its earlier outputs are replaced.
-        compute_hardness(path, scored, clip, overwrite=True)
+        compute_hardness(HardnessOptions(input=path, output=scored, clip=clip, device="cpu",
+                                     overwrite=True))
         print(f"[demo] reference log-probs ({split})", flush=True)
         ready[split] = path.with_name(f"{split}.scored.ref.parquet")
-        precompute_reference(scored, ready[split], output_dir / "model", cache_dir=output_dir / "cache",
-                             overwrite=True)
+        precompute_reference(ReferenceOptions(input=scored, output=ready[split], model=output_dir / "model",
+                                              cache_dir=output_dir / "cache", device="cpu", overwrite=True))
     hardness = {"random_clip": random_clip_report, "warmed_up_clip": hardness_report(data["train"].with_name(
         "train.scored.parquet"))}
     return ready, hardness

@@ -47,7 +47,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from dama.command import run_command
 from dama.data.formats import write_json_atomic
+from dama.errors import DamaError
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 # Plurals that the suffix rules below do not undo (WordNet's exception list holds these and more).
@@ -99,7 +101,7 @@ class AmberVocabulary:
         """(word, index of the object it names) in AMBER's order: each object's associated words, then the objects."""
         missing = [name for name in objects if name not in self.relations]
         if missing:
-            raise ValueError(f"object(s) {missing} of the annotations are not keys of relation.json: give the "
+            raise DamaError(f"object(s) {missing} of the annotations are not keys of relation.json: give the "
                              "relation.json that ships with these annotations")
         pairs = [(word, index) for index, name in enumerate(objects) for word in self.relations[name]]
         return pairs + [(name, index) for index, name in enumerate(objects)]
@@ -197,19 +199,19 @@ def read_annotations(path: str | Path) -> dict[int, dict[str, Any]]:
     data = _read_json(Path(path), "annotations file")
     if not isinstance(data, list) or not all(isinstance(entry, dict) and "id" in entry and "type" in entry
                                              and "truth" in entry for entry in data):
-        raise ValueError(f"{path} is not AMBER's annotations.json: expected a list of {{id, type, truth[, hallu]}}")
+        raise DamaError(f"{path} is not AMBER's annotations.json: expected a list of {{id, type, truth[, hallu]}}")
     return {int(entry["id"]): entry for entry in data}
 
 
 def read_vocabulary(relations_path: str | Path, safe_words_path: str | Path | None) -> AmberVocabulary:
     relations = _read_json(Path(relations_path), "relations file")
     if not isinstance(relations, dict) or not all(isinstance(words, list) for words in relations.values()):
-        raise ValueError(f"{relations_path} is not AMBER's relation.json: expected {{object: [associated words]}}")
+        raise DamaError(f"{relations_path} is not AMBER's relation.json: expected {{object: [associated words]}}")
     safe = set()
     if safe_words_path is not None:
         path = Path(safe_words_path)
         if not path.is_file():
-            raise FileNotFoundError(f"safe words file {path} does not exist")
+            raise DamaError(f"safe words file {path} does not exist")
         safe = {line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     return AmberVocabulary({str(key): [str(word) for word in words] for key, words in relations.items()},
                            frozenset(safe))
@@ -217,18 +219,18 @@ def read_vocabulary(relations_path: str | Path, safe_words_path: str | Path | No
 
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise DamaError(f"{what} {path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {path} is not valid JSON ({error})") from error
+        raise DamaError(f"{what} {path} is not valid JSON ({error})") from error
 
 
 def read_amber_responses(path: str | Path) -> list[tuple[int, str]]:
     """(id, response) pairs from AMBER's `[{"id", "response"}]` JSON or `dama generate`'s JSONL."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"responses file {path} does not exist")
+        raise DamaError(f"responses file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
         records = json.loads(text)
@@ -236,19 +238,19 @@ def read_amber_responses(path: str | Path) -> list[tuple[int, str]]:
         try:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines ({error})") from error
+            raise DamaError(f"{path} is neither a JSON list nor JSON lines ({error})") from error
     if isinstance(records, dict):  # JSON lines holding a single response
         records = [records]
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of {{id, response}}")
+        raise DamaError(f"{path}: expected a list of {{id, response}}")
     pairs = []
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or not isinstance(record.get("response"), str):
-            raise ValueError(f"{path}, response {number}: expected an object with an AMBER `id` and a text `response`")
+            raise DamaError(f"{path}, response {number}: expected an object with an AMBER `id` and a text `response`")
         try:
             pairs.append((int(record.get("id")), record["response"]))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}, response {number}: id {record.get('id')!r} is not an AMBER query id (an "
+            raise DamaError(f"{path}, response {number}: id {record.get('id')!r} is not an AMBER query id (an "
                              "integer from 1 to 15220)") from error
     return pairs
 
@@ -260,14 +262,14 @@ def evaluate_amber(responses: Sequence[tuple[int, str]], annotations: Mapping[in
     groups: dict[str, tuple[list[str], list[str | None]]] = {}
     for id, response in responses:
         if id not in annotations:
-            raise ValueError(f"response id {id} is not in the annotations file")
+            raise DamaError(f"response id {id} is not in the annotations file")
         if id in seen:
-            raise ValueError(f"query {id} is answered twice")
+            raise DamaError(f"query {id} is answered twice")
         seen.add(id)
         entry = annotations[id]
         if entry["type"] == "generative":
             if vocabulary is None:
-                raise ValueError("the responses answer generative queries: give --relations relation.json (and "
+                raise DamaError("the responses answer generative queries: give --relations relation.json (and "
                                  "--safe-words safe_words.txt)")
             descriptions.append(score_description(vocabulary, response, entry["truth"], entry.get("hallu", []), id))
             continue
@@ -287,7 +289,7 @@ def evaluate_amber(responses: Sequence[tuple[int, str]], annotations: Mapping[in
         report["generative"] = {**generative_totals(descriptions),
                                 "per_response": [vars(score) for score in descriptions]}
     if not report:
-        raise ValueError("no responses to score")
+        raise DamaError("no responses to score")
     return report
 
 
@@ -330,17 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         vocabulary = None if args.relations is None else read_vocabulary(args.relations, args.safe_words)
         report = evaluate_amber(read_amber_responses(args.responses), read_annotations(args.annotations), vocabulary)
-    except (ValueError, OSError) as error:
-        print(f"dama eval-amber: error: {error}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    if args.json is not None:
+        if args.json is None:
+            return format_report(report)
         write_json_atomic(args.json, report)
-        print(f"\nwrote {args.json}")
-    return 0
+        return f"{format_report(report)}\n\nwrote {args.json}"
+
+    return run_command("eval-amber", action)
 
 
 if __name__ == "__main__":

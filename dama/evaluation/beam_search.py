@@ -12,7 +12,10 @@ hypotheses have finished and the best running beam, scored at its current length
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dama.errors import DamaError
 
 # Option values of `dama generate --preset NAME`; options given on the command line win.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -20,12 +23,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class PresetOption:
+    """`--preset NAME`: a published benchmark's decoding settings, under the options given explicitly."""
+
+    preset: Literal["object-halbench"] | None = field(
+        default=None, metadata={"help": "A published benchmark's decoding; object-halbench = --num-beams 3 "
+                                "--max-new-tokens 1024, no sampling (options given explicitly win)."})
+
+
 def check_beams(num_beams: int, sample: bool) -> None:
-    """ValueError unless `num_beams` is a usable beam count for the decoding mode."""
+    """DamaError unless `num_beams` is a usable beam count for the decoding mode."""
     if num_beams < 1:
-        raise ValueError(f"--num-beams must be at least 1, got {num_beams}")
+        raise DamaError(f"--num-beams must be at least 1, got {num_beams}")
     if num_beams > 1 and sample:
-        raise ValueError("--num-beams above 1 is beam search, which is deterministic: drop --sample (the published "
+        raise DamaError("--num-beams above 1 is beam search, which is deterministic: drop --sample (the published "
                          "Object HalBench setting is --preset object-halbench: 3 beams, no sampling)")
 
 

@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dama.command import run_command
 from dama.data.formats import atomic_path
+from dama.errors import DamaError
 from dama.evaluation.pope import read_json_lines
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -44,14 +46,14 @@ def amber_prompts(paths: Sequence[str | Path], short_answer: bool = True) -> Ite
     """One prompt per query of AMBER query files, in file order."""
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"query file {path} does not exist")
+            raise DamaError(f"query file {path} does not exist")
         try:
             queries = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
+            raise DamaError(f"{path} is not valid JSON ({error})") from error
         if not isinstance(queries, list) or not all(isinstance(query, dict) and {"id", "image", "query"} <= set(query)
                                                     for query in queries):
-            raise ValueError(f"{path} is not an AMBER query file: expected a JSON list of {{id, image, query}}")
+            raise DamaError(f"{path} is not an AMBER query file: expected a JSON list of {{id, image, query}}")
         for query in queries:
             yes_no = int(query["id"]) >= FIRST_DISCRIMINATIVE_AMBER_ID
             yield {"id": int(query["id"]), "image": str(query["image"]), "image_id": str(query["image"]),
@@ -86,13 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     make = pope_prompts if args.benchmark == "pope" else amber_prompts
-    try:
+
+    def action() -> str:
         count = write_prompts(make(args.files, short_answer=not args.no_short_answer), args.output)
-    except (ValueError, OSError) as error:
-        print(f"dama benchmark-prompts: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {count} prompts to {args.output}")
-    return 0
+        return f"wrote {count} prompts to {args.output}"
+
+    return run_command("benchmark-prompts", action)
 
 
 if __name__ == "__main__":

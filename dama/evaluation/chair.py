@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dama.command import run_command
 from dama.data.formats import write_json_atomic
+from dama.errors import DamaError
 from dama.evaluation.coco_objects import ANIMALS, COCO_SYNONYMS, NOT_OBJECTS, YOUNG_AND_OLD, plural
 from dama.evaluation.object_halbench import format_object_halbench, object_halbench_totals
 
@@ -87,10 +89,10 @@ class ObjectVocabulary:
     def _add(self, phrase: str, category: str) -> None:
         key = tuple(words(phrase))
         if not key:
-            raise ValueError(f"category {category!r}: {phrase!r} has no words to match")
+            raise DamaError(f"category {category!r}: {phrase!r} has no words to match")
         known = self._phrases.get(key)
         if known is not None and known != category:
-            raise ValueError(f"{' '.join(key)!r} would name both {known!r} and {category!r}; give it to one only")
+            raise DamaError(f"{' '.join(key)!r} would name both {known!r} and {category!r}; give it to one only")
         self._phrases[key] = category
 
     def _contains_object(self, key: tuple[str, ...]) -> bool:
@@ -157,27 +159,27 @@ class GroundTruth:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise DamaError(f"{what} {path} does not exist")
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {path} is not valid JSON ({error})") from error
+        raise DamaError(f"{what} {path} is not valid JSON ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path}: expected a COCO-format JSON object with images and annotations")
+        raise DamaError(f"{what} {path}: expected a COCO-format JSON object with images and annotations")
     return data
 
 
 def _require(data: Mapping[str, Any], keys: Sequence[str], path: Path) -> None:
     missing = [key for key in keys if not isinstance(data.get(key), list)]
     if missing:
-        raise ValueError(f"{path} is not a COCO instances file: it lacks the list(s) {missing}")
+        raise DamaError(f"{path} is not a COCO instances file: it lacks the list(s) {missing}")
 
 
 def read_instances(paths: Sequence[str | Path]) -> GroundTruth:
     """The images, categories and per-image objects of one or more COCO instances files (e.g. train and val)."""
     if not paths:
-        raise ValueError("give at least one annotations file (COCO instances format)")
+        raise DamaError("give at least one annotations file (COCO instances format)")
     names: dict[Any, str] = {}
     truth = GroundTruth(categories=[], objects={})
     for path in map(Path, paths):
@@ -185,11 +187,11 @@ def read_instances(paths: Sequence[str | Path]) -> GroundTruth:
         _require(data, ("images", "annotations", "categories"), path)
         for category in data["categories"]:
             if "id" not in category or not category.get("name"):
-                raise ValueError(f"{path}: every category needs an id and a name, got {category}")
+                raise DamaError(f"{path}: every category needs an id and a name, got {category}")
             name = str(category["name"]).strip().lower()
             if names.setdefault(category["id"], name) != name:
-                raise ValueError(f"{path}: category id {category['id']} is {name!r} here but {names[category['id']]!r}"
-                                 " in an earlier file")
+                raise DamaError(f"{path}: category id {category['id']} is {name!r} here but {names[category['id']]!r}"
+                                " in an earlier file")
             if name not in truth.categories:
                 truth.categories.append(name)
             if category.get("synonyms"):
@@ -203,8 +205,8 @@ def read_instances(paths: Sequence[str | Path]) -> GroundTruth:
         for annotation in data["annotations"]:
             image_id, category_id = annotation.get("image_id"), annotation.get("category_id")
             if category_id not in names:
-                raise ValueError(f"{path}: annotation {annotation.get('id')} has category_id {category_id}, which is "
-                                 "not among the categories")
+                raise DamaError(f"{path}: annotation {annotation.get('id')} has category_id {category_id}, which is "
+                                "not among the categories")
             truth.objects.setdefault(image_id, set()).add(names[category_id])
     return truth
 
@@ -270,7 +272,7 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
     """The records of a `dama generate` JSONL file (each needs `response` and `image_id`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"responses file {path} does not exist")
+        raise DamaError(f"responses file {path} does not exist")
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -279,10 +281,10 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from error
+                raise DamaError(f"{path}, line {number}: not a JSON object ({error})") from error
             if not isinstance(record, dict) or not isinstance(record.get("response"), str) or "image_id" not in record:
-                raise ValueError(f"{path}, line {number}: expected an object with a text `response` and an `image_id`"
-                                 " (the output of `dama generate`)")
+                raise DamaError(f"{path}, line {number}: expected an object with a text `response` and an `image_id`"
+                                " (the output of `dama generate`)")
             records.append(record)
     return records
 
@@ -291,15 +293,15 @@ def evaluate_chair(responses: Sequence[Mapping[str, Any]], annotations: Sequence
                    captions: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Score `dama generate` records against COCO-format annotations: the totals and a `per_response` list.
 
-    ValueError when a response names an image the annotations do not hold (the wrong instances file, or no image_id).
+    DamaError when a response names an image the annotations do not hold (the wrong instances file, or no image_id).
     """
     truth = read_instances(annotations)
     vocabulary = ObjectVocabulary.for_categories(truth.categories, truth.synonyms)
     keys = [truth.image_key(record.get("image_id")) for record in responses]
     unknown = [record.get("image_id") for record, key in zip(responses, keys, strict=True) if key is None]
     if unknown:
-        raise ValueError(f"{len(unknown)} of {len(responses)} responses name images the annotations do not hold (first:"
-                         f" image_id {unknown[0]!r}); give the instances file of those images")
+        raise DamaError(f"{len(unknown)} of {len(responses)} responses name images the annotations do not hold (first:"
+                        f" image_id {unknown[0]!r}); give the instances file of those images")
     if captions:
         add_caption_objects(truth, captions, vocabulary, images=set(keys))
     scores = [score_response(vocabulary, record["response"], truth.objects[key], id=record.get("id", number),
@@ -355,19 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         report = evaluate_chair(read_responses(args.responses), args.annotations, args.captions)
-    except (ValueError, OSError) as error:
-        print(f"dama eval-chair: error: {error}", file=sys.stderr)
-        return 1
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-        return 0
-    print(format_report(report, args.examples))
-    if args.json is not None:
-        write_json_atomic(args.json, report)
-        print(f"\nwrote {args.json}")
-    return 0
+        if args.json == "-":
+            return json.dumps(report, indent=2)
+        shown = format_report(report, args.examples)
+        if args.json is not None:
+            write_json_atomic(args.json, report)
+            shown += f"\n\nwrote {args.json}"
+        return shown
+
+    return run_command("eval-chair", action)
 
 
 if __name__ == "__main__":

@@ -12,38 +12,52 @@ from its last prompt token: greedy by default, sampled (`--sample`, temperature,
 position in the input, so a resumed run writes what an uninterrupted one would.
 The model is loaded with transformers' SDPA attention: the packed attention of training is for training only.
 
+Every row is checked before the model loads (an empty question, an image that is missing or does not decode): the
+first bad one stops the run naming it, or with --on-bad-row skip each is left out and listed in the metadata.
+`--select` keeps the rows of a preference input meeting its conditions.
+
 Output: a JSONL file, one `{"id", "image_id", "question", "response"}` per row in input order, and the run's
-settings in `<output>.meta.json`. Resumable and atomic like the offline passes: finished batches are appended to
-`<output>.partial.jsonl` (flushed and fsynced); a rerun with the same model and decoding settings skips them; the
-output appears only complete, then the partial file is removed.
+settings in `<output>.meta.json`. It follows the passes' protocol (dama.offline.passes): finished batches are appended
+to `<output>.partial.jsonl` (flushed and fsynced) and a rerun with the same model and decoding settings skips them;
+the output appears only complete, then the partial file is removed; a finished run is reported complete and another
+run's output is refused unless --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
-from dama.command import check_device_argument
+from dama.command import check_device_argument, run_command
 from dama.data.dataset import PairEncoder
-from dama.data.formats import atomic_path, write_metadata
-from dama.evaluation.beam_search import PRESETS, beam_options, check_beams
-from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, count_prompt_rows, iter_prompt_rows
-from dama.model.loading import DTYPES, load_llava
-from dama.offline.passes import PartialResults, partial_path
+from dama.data.formats import atomic_path, file_row_id, metadata_path
+from dama.errors import DamaError
+from dama.evaluation.beam_search import PRESETS, PresetOption, beam_options, check_beams
+from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, check_prompt_rows, iter_prompt_rows
+from dama.model.loading import load_llava
+from dama.offline.passes import (
+    PartialResults,
+    PassOutcome,
+    already_complete_message,
+    completed_metadata,
+    plan_pass,
+    run_pass,
+)
+from dama.option_loader import build, read_options
+from dama.options import LlavaOptions, PassOptions, RowOptions, check_at_least
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 512
 # Sampled batches draw from seed * SEED_STRIDE + batch number: distinct streams for neighbouring seeds.
 SEED_STRIDE = 1_000_003
+SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 _T = TypeVar("_T")
 
 
@@ -52,21 +66,42 @@ class DecodingSettings:
     """How responses are decoded; temperature and top_p apply only when `sample` is set, num_beams > 1 is beam search
     (`dama.evaluation.beam_search`)."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    num_beams: int = 1
+    max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metadata={"help": "Most tokens per response; decoding stops earlier at the end token."})
+    sample: bool = field(
+        default=False, metadata={"help": "Sample instead of greedy decoding (with temperature, top_p and seed)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampled draws."})
+    num_beams: int = field(
+        default=1, metadata={"help": "Beam search with this many beams (1: greedy or sampled decoding)."})
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
         check_beams(self.num_beams, self.sample)
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+            raise DamaError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+            raise DamaError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise DamaError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerateOptions(LlavaOptions, RowOptions, PassOptions):
+    """What `dama generate` reads (which rows, and what to do with a bad one) and writes, and the model that
+    answers."""
+
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Rows decoded together."})
+
+    def __post_init__(self) -> None:
+        self.check_pass_options()
+        self.check_row_options()
+        self.check_llava_options()
+        check_at_least("batch_size", self.batch_size, 1)
 
 
 class ResponseGenerator:
@@ -136,7 +171,7 @@ def load_generation_model(model_dir: str | Path, dtype: str, device: str) -> tup
     """A full LLaVA model (eval mode, SDPA attention, on `device`) and its processor from a local folder."""
     model_dir = Path(model_dir)
     if (model_dir / "adapter_config.json").is_file() or any("lora_" in name for name in saved_weight_names(model_dir)):
-        raise ValueError(
+        raise DamaError(
             f"{model_dir} holds LoRA adapters: dama generate reads full models only. Merge the adapters into the base "
             f"weights first: dama export {model_dir} --merge --output <new folder>"
         )
@@ -156,24 +191,17 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield chunk
 
 
-def _check_arguments(input_path: Path, output_path: Path, model_dir: Path, batch_size: int, device: str,
-                     dtype: str | None, limit: int | None, decoding: DecodingSettings) -> None:
-    decoding.check()
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {limit}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    check_device_argument(device)
+def _check_files(options: GenerateOptions) -> None:
+    check_device_argument(options.device)
+    input_path, output_path, model_dir = Path(options.input), Path(options.output), Path(options.model)
     if not input_path.exists():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+        raise DamaError(f"--input {input_path} does not exist")
     if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir} holds no config.json: give the local folder of a saved LLaVA")
+        raise DamaError(f"--model {model_dir} holds no config.json: give the local folder of a saved LLaVA")
     if output_path.suffix != JSONL_SUFFIX:
-        raise ValueError(f"--output must be a {JSONL_SUFFIX} file (one JSON object per response), got {output_path}")
+        raise DamaError(f"--output must be a {JSONL_SUFFIX} file (one JSON object per response), got {output_path}")
     if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must differ from --input")
+        raise DamaError("--output must differ from --input")
 
 
 def _record(row: PromptRow, response: str) -> dict[str, Any]:
@@ -181,106 +209,112 @@ def _record(row: PromptRow, response: str) -> dict[str, Any]:
             "question": row.question, "response": response}
 
 
+@dataclass
+class ResponsesOutput:
+    """The JSONL `dama generate` writes: one {"id", "image_id", "question", "response"} per row, in input order
+    (`row_ids`, filled while the rows are answered)."""
+
+    input_path: Path
+    limit: int | None
+    row_ids: list[str] = field(default_factory=list)
+
+    def write(self, output_path: Path, outcome: PassOutcome) -> dict[str, str]:
+        with atomic_path(output_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+            for row_id in self.row_ids:
+                record = outcome.results[row_id]
+                handle.write(json.dumps({key: record[key] for key in ("id", "image_id", "question", "response")},
+                                        ensure_ascii=False) + "\n")
+        return {row_id: file_row_id(output_path, number) for number, row_id in enumerate(self.row_ids)}
+
+    def description(self) -> dict[str, Any]:
+        return {"input": str(self.input_path), "format": JSONL_SUFFIX[1:], "limit": self.limit}
+
+
 def generate_responses(
-    input_path: str | Path,
-    output_path: str | Path,
-    model_dir: str | Path,
-    *,
-    image_folder: str | Path | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    decoding: DecodingSettings = DecodingSettings(),
-    device: str = "cpu",
-    dtype: str | None = None,
-    limit: int | None = None,
-    progress: bool = True,
+    options: GenerateOptions, decoding: DecodingSettings = DecodingSettings(), progress: bool = True
 ) -> dict[str, Any]:
     """The whole command: answer every row of the input, write the JSONL and `<output>.meta.json`; returns the latter.
 
-    `dtype` None picks bfloat16 on CUDA and float32 elsewhere. Images resolve under `image_folder`, by default the
-    input's folder.
+    It follows the passes' protocol (dama.offline.passes): an output that is already this run's, complete, is
+    reported ("already_complete": True) and left alone; another run's output is refused unless options.overwrite;
+    an interrupted run resumes from its partial results. `options.dtype` None picks bfloat16 on CUDA and float32
+    elsewhere. Images resolve under `options.image_folder`, by default the input's folder.
     """
     from tqdm.auto import tqdm
 
-    input_path, output_path, model_dir = Path(input_path), Path(output_path), Path(model_dir)
-    _check_arguments(input_path, output_path, model_dir, batch_size, device, dtype, limit, decoding)
-    dtype = dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
-    total = count_prompt_rows(input_path, limit)
-    model, processor = load_generation_model(model_dir, dtype, device)
-    generator = ResponseGenerator(model, processor, decoding)
+    _check_files(options)
+    input_path, model_dir = Path(options.input), Path(options.model)
+    dtype = options.resolved_dtype
     settings = {"model": str(model_dir.resolve()), "dtype": dtype, "max_new_tokens": decoding.max_new_tokens,
-                "sample": decoding.sample}
+                "sample": decoding.sample, "select": list(options.select)}
     if decoding.sample:
         # The batches decide which draws each row gets, so a resumed sampled run must batch as the first did.
         settings.update(temperature=decoding.temperature, top_p=decoding.top_p, seed=decoding.seed,
-                        batch_size=batch_size)
+                        batch_size=options.batch_size)
     if decoding.num_beams > 1:
         settings["num_beams"] = decoding.num_beams
-    order, computed = [], 0
-    with PartialResults(partial_path(output_path), settings) as partial:
-        with tqdm(total=total, desc="generate", unit="row", disable=not progress) as bar:
-            for number, rows in enumerate(_chunks(iter_prompt_rows(input_path, image_folder, limit), batch_size)):
-                order += [row.row_id for row in rows]
-                pending = [row for row in rows
-                           if partial.finished(row.row_id, row.fingerprint, f"row {row.row_id}") is None]
+    plan = plan_pass(options, settings, on_bad_row=options.on_bad_row)
+    if plan.action == "complete":
+        return completed_metadata(plan)
+
+    def read_rows() -> Iterator[PromptRow]:
+        return iter_prompt_rows(input_path, options.image_folder, options.limit, select=options.select,
+                                cache_dir=options.cache_dir)
+
+    # Every row is checked before the model loads: a bad image costs seconds, not a model load and half a run.
+    report = check_prompt_rows(read_rows(), options.on_bad_row, SKIP_HINT)
+    left_out = report.row_ids
+    model, processor = load_generation_model(model_dir, dtype, options.device)
+    generator = ResponseGenerator(model, processor, decoding)
+    output = ResponsesOutput(input_path, options.limit)
+
+    def score(partial: PartialResults) -> PassOutcome:
+        outcome = PassOutcome(results={}, skipped=report.skipped, resumed=0)
+        rows_in_order = (row for row in read_rows() if row.row_id not in left_out)
+        with tqdm(total=report.kept, desc="generate", unit="row", disable=not progress) as bar:
+            for number, rows in enumerate(_chunks(rows_in_order, options.batch_size)):
+                output.row_ids.extend(row.row_id for row in rows)
+                pending = []
+                for row in rows:
+                    finished = partial.finished(row.row_id, row.fingerprint, f"row {row.row_id}")
+                    if finished is None:
+                        pending.append(row)
+                    else:
+                        outcome.results[row.row_id] = finished
+                        outcome.resumed += 1
                 if pending:
                     responses = generator([row.question for row in pending], [row.load_image() for row in pending],
                                           seed=decoding.seed * SEED_STRIDE + number)
-                    partial.append([_record(row, text) for row, text in zip(pending, responses, strict=True)])
-                    computed += len(pending)
+                    records = [_record(row, text) for row, text in zip(pending, responses, strict=True)]
+                    partial.append(records)
+                    outcome.results.update((record["row_id"], record) for record in records)
                 bar.update(len(rows))
-        with atomic_path(output_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
-            for row_id in order:
-                record = partial.done[row_id]
-                handle.write(json.dumps({key: record[key] for key in ("id", "image_id", "question", "response")},
-                                        ensure_ascii=False) + "\n")
-        metadata = {**settings, "input": str(input_path), "output": output_path.name, "count": len(order),
-                    "generated": computed, "resumed": len(order) - computed, "device": device,
-                    "batch_size": batch_size, "limit": limit,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_metadata(output_path, metadata)
-    partial.remove()
-    return metadata
+        return outcome
+
+    def generate_fields(outcome: PassOutcome) -> dict[str, Any]:
+        return {"generated": outcome.computed, "rows": report.total, "device": options.device,
+                "batch_size": options.batch_size}
+
+    return run_pass(plan, step="generate", settings=settings, score=score, output=output, metadata=generate_fields)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dama generate",
-        description="Answer {image, question} rows with a trained LLaVA, using the exact prompt template of training: "
-        "batched decoding with a KV cache, greedy by default, sampled from a seed, or beam search. Writes a JSONL of "
-        '{"id", "image_id", "question", "response"} in input order (score it with `dama eval-chair`) and the '
-        "settings in OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same model "
-        "and decoding options.",
-    )
-    parser.add_argument("--model", required=True,
-                        help="local folder of a saved LLaVA and its processor: the output_dir of `dama train`, a "
-                        "checkpoint-N folder, or the starting model")
-    parser.add_argument("--input", required=True,
-                        help="a .jsonl of {image (path or base64), question[, id, image_id]} per line (e.g. Object "
-                        "HalBench's prompt file), or a dataset training reads (RLAIF-V .parquet file or folder, "
-                        "authors' .json)")
-    parser.add_argument("--output", required=True, help="the .jsonl file to write")
-    parser.add_argument("--image-folder", default=None,
-                        help="folder that relative image paths are resolved against (default: the input's folder)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="rows decoded together (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help="most tokens per response; decoding stops earlier at the end token (default: %(default)s)")
-    parser.add_argument("--sample", action="store_true",
-                        help="sample instead of greedy decoding (with --temperature, --top-p and --seed)")
-    parser.add_argument("--num-beams", type=int, default=1,
-                        help="beam search with this many beams (default: %(default)s, greedy or sampled decoding)")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="a published benchmark's decoding; object-halbench = --num-beams 3 --max-new-tokens 1024, "
-                        "no sampling (options given explicitly win)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled draws (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    parser.add_argument("--limit", type=int, default=None, help="answer only the first N rows (for a trial run)")
-    return parser
+DESCRIPTION = (
+    "Answer {image, question} rows with a trained LLaVA, using the exact prompt template of training: batched "
+    "decoding with a KV cache, greedy by default, sampled from a seed, or beam search. Writes a JSONL of "
+    '{"id", "image_id", "question", "response"} in input order (score it with `dama eval-chair`) and the settings in '
+    "OUTPUT.meta.json. Every row is checked before the model loads. An interrupted run resumes where it stopped "
+    "when rerun with the same model and decoding options; a finished one is reported complete; another run's output "
+    "is refused unless --overwrite."
+)
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[GenerateOptions, DecodingSettings]:
+    """`dama generate`'s options from an optional YAML (--config) and the command line (dama.option_loader)."""
+    values = read_options("dama generate", [GenerateOptions, DecodingSettings, PresetOption], argv, DESCRIPTION)
+    preset = values.pop("preset", None)
+    if preset is not None:
+        values = {**PRESETS[preset], **values}
+    return build(GenerateOptions, values), build(DecodingSettings, values)
 
 
 def _decoding_name(decoding: DecodingSettings) -> str:
@@ -290,25 +324,16 @@ def _decoding_name(decoding: DecodingSettings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset is not None:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
-    decoding = DecodingSettings(max_new_tokens=args.max_new_tokens, sample=args.sample,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                num_beams=args.num_beams)
-    try:
-        metadata = generate_responses(args.input, args.output, args.model, image_folder=args.image_folder,
-                                      batch_size=args.batch_size, decoding=decoding, device=args.device,
-                                      dtype=args.dtype, limit=args.limit)
-    except (ValueError, OSError) as error:
-        print(f"dama generate: error: {error}", file=sys.stderr)
-        return 1
-    print(f"answered {metadata['count']} rows ({metadata['resumed']} from an earlier run) with "
-          f"{_decoding_name(decoding)}, {metadata['dtype']} on {metadata['device']}\n"
-          f"wrote {args.output} and {args.output}.meta.json")
-    return 0
+    def action() -> str:
+        options, decoding = parse_options(argv)
+        metadata = generate_responses(options, decoding)
+        if metadata.get("already_complete"):
+            return already_complete_message(options.output, metadata)
+        return (f"answered {metadata['count']} rows ({metadata['resumed']} from an earlier run) with "
+                f"{_decoding_name(decoding)}, {metadata['dtype']} on {metadata['device']}"
+                f"\nwrote {options.output} and {metadata_path(options.output)}")
+
+    return run_command("generate", action)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dama.command import run_command
 from dama.data.formats import write_json_atomic
+from dama.errors import DamaError
 
 NEGATIVE_WORDS = frozenset({"No", "not", "no"})
 
@@ -52,7 +54,7 @@ class PopeQuestion:
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"questions file {path} does not exist")
+        raise DamaError(f"questions file {path} does not exist")
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -61,10 +63,10 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON object ({error}); POPE's question files hold "
+                raise DamaError(f"{path}, line {number}: not a JSON object ({error}); POPE's question files hold "
                                  "one JSON object per line") from error
             if not isinstance(row, dict) or "question_id" not in row or "image" not in row or "text" not in row:
-                raise ValueError(f"{path}, line {number}: expected POPE's question_id, image and text (and label, or "
+                raise DamaError(f"{path}, line {number}: expected POPE's question_id, image and text (and label, or "
                                  "category in LLaVA's variant)")
             rows.append(row)
     return rows
@@ -72,14 +74,14 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 def _label(value: Any, where: str) -> bool:
     if value not in ("yes", "no"):
-        raise ValueError(f"{where}: label must be 'yes' or 'no', got {value!r}")
+        raise DamaError(f"{where}: label must be 'yes' or 'no', got {value!r}")
     return value == "yes"
 
 
 def read_pope_questions(paths: Sequence[str | Path]) -> list[PopeQuestion]:
     """The questions of POPE split files and, when given, of LLaVA's combined file (see the module docstring)."""
     if not paths:
-        raise ValueError("give at least one --questions file (e.g. coco_pope_random.json)")
+        raise DamaError("give at least one --questions file (e.g. coco_pope_random.json)")
     labelled: dict[str, list[PopeQuestion]] = {}
     combined: list[tuple[Path, list[dict[str, Any]]]] = []
     for path in map(Path, paths):
@@ -88,7 +90,7 @@ def read_pope_questions(paths: Sequence[str | Path]) -> list[PopeQuestion]:
             combined.append((path, rows))
             continue
         if path.stem in labelled:
-            raise ValueError(f"two question files are named {path.stem!r}: each split needs its own file name")
+            raise DamaError(f"two question files are named {path.stem!r}: each split needs its own file name")
         labelled[path.stem] = [
             PopeQuestion(path.stem, row["question_id"], str(row["image"]), str(row["text"]),
                          _label(row.get("label"), f"{path}, question {row['question_id']}")) for row in rows]
@@ -105,21 +107,21 @@ def _pair_with_labels(path: Path, rows: list[dict[str, Any]], labelled: Mapping[
     by_category: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if not row.get("category"):
-            raise ValueError(f"{path}, question {row['question_id']}: neither a label (POPE's split files) nor a "
+            raise DamaError(f"{path}, question {row['question_id']}: neither a label (POPE's split files) nor a "
                              "category (LLaVA's llava_pope_test.jsonl)")
         by_category.setdefault(str(row["category"]), []).append(row)
     questions = []
     for category, members in by_category.items():
         splits = [name for name in labelled if name == category or name.endswith(f"_{category}")]
         if len(splits) != 1:
-            raise ValueError(f"{path} has {category!r} questions: give the POPE split file that labels them (e.g. "
+            raise DamaError(f"{path} has {category!r} questions: give the POPE split file that labels them (e.g. "
                              f"--questions coco_pope_{category}.json), exactly once")
         truth = labelled[splits[0]]
         if len(truth) != len(members):
-            raise ValueError(f"{path} has {len(members)} {category!r} questions but {splits[0]} has {len(truth)}")
+            raise DamaError(f"{path} has {len(members)} {category!r} questions but {splits[0]} has {len(truth)}")
         for row, labelled_question in zip(members, truth, strict=True):
             if Path(str(row["image"])).name != Path(labelled_question.image).name:
-                raise ValueError(f"{path}, question {row['question_id']} ({row['image']}) does not pair with "
+                raise DamaError(f"{path}, question {row['question_id']} ({row['image']}) does not pair with "
                                  f"{splits[0]} question {labelled_question.question_id} ({labelled_question.image})")
             questions.append(PopeQuestion(splits[0], row["question_id"], str(row["image"]), str(row["text"]),
                                           labelled_question.label))
@@ -145,22 +147,22 @@ def match_answers(questions: Sequence[PopeQuestion], answers: Sequence[Mapping[s
         identifier = answer.get("id", answer.get("question_id"))
         text = answer.get("response", answer.get("text", answer.get("answer")))
         if identifier is None or not isinstance(text, str):
-            raise ValueError(f"answer {number}: expected an `id` (or question_id) and a text `response` (the output "
+            raise DamaError(f"answer {number}: expected an `id` (or question_id) and a text `response` (the output "
                              "of `dama generate`)")
         key = str(identifier)
         if key not in by_key:
             candidates = bare.get(key, bare.get(key.rsplit("/", 1)[-1], []))
             if len(candidates) != 1:
-                raise ValueError(f"answer {number}: id {identifier!r} names {'several' if candidates else 'no'} "
+                raise DamaError(f"answer {number}: id {identifier!r} names {'several' if candidates else 'no'} "
                                  "question(s) of the question files; give ids as <split>/<question_id> (what "
                                  "`dama benchmark-prompts pope` writes)")
             key = question_key(candidates[0])
         if key in found:
-            raise ValueError(f"answer {number}: question {key} is answered twice")
+            raise DamaError(f"answer {number}: question {key} is answered twice")
         found[key] = text
     missing = [key for key in by_key if key not in found]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(by_key)} questions have no answer (first: {missing[0]}); answer "
+        raise DamaError(f"{len(missing)} of {len(by_key)} questions have no answer (first: {missing[0]}); answer "
                          "every question of the given files, or give only the files that were answered")
     return [(question, found[question_key(question)]) for question in questions]
 
@@ -199,7 +201,7 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON lines answers file (`dama generate`'s output, or LLaVA's answer files)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"answers file {path} does not exist")
+        raise DamaError(f"answers file {path} does not exist")
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -207,7 +209,7 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from error
+                    raise DamaError(f"{path}, line {number}: not a JSON object ({error})") from error
     return records
 
 
@@ -243,16 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         report = evaluate_pope(read_answers(args.answers), args.questions)
-    except (ValueError, OSError) as error:
-        print(f"dama eval-pope: error: {error}", file=sys.stderr)
-        return 1
-    print(format_table(report))
-    if args.json is not None:
+        if args.json is None:
+            return format_table(report)
         write_json_atomic(args.json, report)
-        print(f"\nwrote {args.json}")
-    return 0
+        return f"{format_table(report)}\n\nwrote {args.json}"
+
+    return run_command("eval-pope", action)
 
 
 if __name__ == "__main__":

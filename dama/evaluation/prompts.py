@@ -6,9 +6,9 @@
 - The preference formats training reads (RLAIF-V parquet, a file or a folder of shards; the authors' JSON list),
   through `dama.data.formats.load_preference_rows`: only the question and the image are used.
 
-Every row is named "<file name>:<row number in that file>" as in the offline passes. A row's output `id` is its own
-`id` when the JSONL gives one, else that row name; its `image_id` is the JSONL's `image_id`, else the image file's
-name, and for the preference formats (which carry no image id) the row's `idx`.
+Every row is named "<file name>:<row number in that file>" (`file_row_id`), as in the offline passes. A row's
+output `id` is its own `id` when the JSONL gives one, else that row name; its `image_id` is the JSONL's
+`image_id`, else the image file's name, and for the preference formats (which carry no image id) the row's `idx`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from dama.data.formats import PairRow, default_image_folder, load_preference_rows
+from dama.data.formats import PairRow, RowImageError, default_image_folder, file_row_id, load_preference_rows
+from dama.data.validation import BadRowError, SkipReport
+from dama.errors import DamaError
 
 JSONL_SUFFIX = ".jsonl"
 _DATA_URI = "data:image/"
+EMPTY_QUESTION = "empty question"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
@@ -48,7 +51,7 @@ class PromptRow:
         return self.pair.question
 
     def load_image(self) -> Image.Image:
-        """The RGB image; ValueError naming the row when it is missing or unreadable (dama.data.formats' rule)."""
+        """The RGB image; DamaError naming the row when it is missing or unreadable (dama.data.formats' rule)."""
         return self.pair.load_image()
 
     @property
@@ -84,7 +87,7 @@ def _image_source(value: str, folder: Path, row_id: str) -> tuple[bytes | None, 
     try:
         return base64.b64decode(value, validate=True), None
     except (binascii.Error, ValueError) as error:
-        raise ValueError(f"row {row_id}: `image` is neither an image file's path nor base64 image data") from error
+        raise DamaError(f"row {row_id}: `image` is neither an image file's path nor base64 image data") from error
 
 
 def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptRow]:
@@ -95,15 +98,15 @@ def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptR
                 return
             if not line.strip():
                 continue
-            row_id = f"{path.name}:{number}"
+            row_id = file_row_id(path, number)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not a JSON object ({error})") from error
+                raise DamaError(f"{path}, line {line_number}: not a JSON object ({error})") from error
             image = record.get("image") if isinstance(record, dict) else None
             if not isinstance(image, str) or not isinstance(record.get("question"), str):
-                raise ValueError(f"{path}, line {line_number}: expected an object with a text `question` and an "
-                                 "`image` (a file path or base64 image data)")
+                raise DamaError(f"{path}, line {line_number}: expected an object with a text `question` and an "
+                                "`image` (a file path or base64 image data)")
             image_bytes, image_path = _image_source(image, folder, row_id)
             pair = PairRow(row_id=row_id, question=record["question"], chosen="", rejected="",
                            image=None if image_bytes is None else {"bytes": image_bytes}, image_path=image_path,
@@ -113,26 +116,62 @@ def _jsonl_rows(path: Path, folder: Path, limit: int | None) -> Iterator[PromptR
             number += 1
 
 
-def iter_prompt_rows(input_path: str | Path, image_folder: str | Path | None = None,
-                     limit: int | None = None) -> Iterator[PromptRow]:
-    """The rows of a JSONL, parquet or JSON input in file order, at most `limit` of them (see the module docstring)."""
+def iter_prompt_rows(
+    input_path: str | Path,
+    image_folder: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    select: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
+) -> Iterator[PromptRow]:
+    """The rows of a JSONL, parquet or JSON input in file order, at most `limit` of them (see the module docstring).
+
+    `select` keeps the rows of a preference input that meet its conditions (dama.data.formats); `cache_dir` is the
+    datasets library's cache of a parquet input.
+    """
     input_path = Path(input_path)
     if not input_path.exists():
-        raise FileNotFoundError(f"input {input_path} does not exist")
+        raise DamaError(f"input {input_path} does not exist")
     folder = Path(image_folder) if image_folder is not None else default_image_folder(input_path)
     if input_path.suffix == JSONL_SUFFIX:
+        if select:
+            raise DamaError("--select keeps rows of a parquet or .json preference input, not of a .jsonl of questions")
         yield from _jsonl_rows(input_path, folder, limit)
         return
-    for record in load_preference_rows(input_path, limit=limit):
+    for record in load_preference_rows(input_path, limit=limit, select=select, cache_dir=cache_dir):
         pair = PairRow.from_record(record, folder)
         yield PromptRow(pair, id=pair.row_id, image_id=pair.idx)
 
 
-def count_prompt_rows(input_path: str | Path, limit: int | None = None) -> int:
-    """How many rows `iter_prompt_rows` yields (for the progress bar); ValueError for an unknown format."""
-    input_path = Path(input_path)
-    if input_path.suffix == JSONL_SUFFIX:
-        with open(input_path, encoding="utf-8") as handle:
-            total = sum(1 for line in handle if line.strip())
-        return total if limit is None else min(total, limit)
-    return load_preference_rows(input_path, limit=limit).num_rows
+def prompt_row_problem(row: PromptRow) -> tuple[str, str] | None:
+    """(reason, detail) of what makes a row unanswerable (an empty question, an image that does not decode), or None.
+
+    Decodes the image, as the preference rows' check does (dama.data.validation).
+    """
+    if not row.question.strip():
+        return EMPTY_QUESTION, f"row {row.row_id}: its question is empty"
+    try:
+        row.load_image()
+    except RowImageError as error:
+        return error.reason, str(error)
+    return None
+
+
+def check_prompt_rows(rows: Iterable[PromptRow], on_bad_row: str, skip_hint: str) -> SkipReport:
+    """Every row checked before any is answered: the first bad one raises BadRowError (on_bad_row="error", the
+    message ends with `skip_hint`), or each is recorded in the report ("skip"). DamaError when every row is bad."""
+    from tqdm.auto import tqdm
+
+    report = SkipReport(total=0)
+    for row in tqdm(rows, desc="checking rows", unit="row", disable=None):
+        report.total += 1
+        problem = prompt_row_problem(row)
+        if problem is None:
+            continue
+        reason, detail = problem
+        if on_bad_row == "error":
+            raise BadRowError(f"{detail}. {skip_hint}")
+        report.add(row.row_id, reason, detail)
+    if report.total and not report.kept:
+        raise DamaError(f"every row is bad ({report.summary()}): check that it is the right file")
+    return report

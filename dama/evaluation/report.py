@@ -19,7 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dama.command import run_command
 from dama.data.formats import atomic_path
+from dama.errors import DamaError
 
 # (column, benchmark, path of keys in that benchmark's report)
 FIXED_COLUMNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -42,7 +44,7 @@ def benchmark_of(report: Mapping[str, Any], path: Path) -> str:
         return "amber"
     if "splits" in report:
         return "pope"
-    raise ValueError(f"{path} is not a report of dama eval-chair, eval-amber or eval-pope (their --json output)")
+    raise DamaError(f"{path} is not a report of dama eval-chair, eval-amber or eval-pope (their --json output)")
 
 
 def read_model_reports(name: str, paths: Sequence[str | Path]) -> dict[str, Mapping[str, Any]]:
@@ -50,16 +52,16 @@ def read_model_reports(name: str, paths: Sequence[str | Path]) -> dict[str, Mapp
     reports: dict[str, Mapping[str, Any]] = {}
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"report {path} does not exist")
+            raise DamaError(f"report {path} does not exist")
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
+            raise DamaError(f"{path} is not valid JSON ({error})") from error
         if not isinstance(report, dict):
-            raise ValueError(f"{path} is not a report of dama eval-chair, eval-amber or eval-pope")
+            raise DamaError(f"{path} is not a report of dama eval-chair, eval-amber or eval-pope")
         benchmark = benchmark_of(report, path)
         if benchmark in reports:
-            raise ValueError(f"model {name!r} has two {benchmark} reports; give one per benchmark")
+            raise DamaError(f"model {name!r} has two {benchmark} reports; give one per benchmark")
         reports[benchmark] = report
     return reports
 
@@ -130,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> str:
         models: dict[str, dict[str, Mapping[str, Any]]] = {}
         for name, *paths in args.model:
             if not paths:
-                raise ValueError(f"--model {name}: give its report files after the name")
+                raise DamaError(f"--model {name}: give its report files after the name")
             if name in models:
-                raise ValueError(f"model {name!r} is given twice; one --model per row")
+                raise DamaError(f"model {name!r} is given twice; one --model per row")
             models[name] = read_model_reports(name, paths)
         header, rows = build_table(models)
         markdown = to_markdown(header, rows)
@@ -144,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.markdown, markdown)
         if args.csv is not None:
             _write(args.csv, to_csv(header, rows))
-    except (ValueError, OSError) as error:
-        print(f"dama eval-report: error: {error}", file=sys.stderr)
-        return 1
-    print(markdown, end="")
-    return 0
+        return markdown.rstrip("\n")
+
+    return run_command("eval-report", action)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, get_args
 
+from dama.errors import DamaError
+from dama.options import check_choice
 from dama_kernels.functional import IMPLS as LOSS_IMPLS
 
-from .weighting import VARIANTS
+from .weighting import VARIANTS, Variant
 
-EMA_UPDATES = ("micro_batch", "optimizer_step")
+EmaUpdate = Literal["micro_batch", "optimizer_step"]
+EMA_UPDATES: tuple[str, ...] = get_args(EmaUpdate)
+# The kernels' own tuple (dama_kernels does not import dama); a Literal of a tuple lists its members.
+LossImpl = Literal[LOSS_IMPLS]
 
 
 @dataclass
@@ -30,7 +35,7 @@ class DamaMethodConfig:
         default=1e-3,
         metadata={"help": "Floor of the combined per-pair beta: beta_C = max(beta * alpha_D * alpha_M, beta_min)."},
     )
-    variant: Literal["release", "paper"] = field(
+    variant: Variant = field(
         default="release",
         metadata={
             "help": "Where the paper and the authors' release differ (alpha_M, EMA target): 'release' averages "
@@ -42,7 +47,7 @@ class DamaMethodConfig:
         default=False,
         metadata={"help": "Use the mean of the response's token log-probs instead of their sum."},
     )
-    loss_impl: Literal["auto", "triton", "torch"] = field(
+    loss_impl: LossImpl = field(
         default="auto",
         metadata={"help": "Loss implementation: 'auto' (Triton on CUDA, PyTorch otherwise), 'triton' or 'torch'."},
     )
@@ -83,7 +88,7 @@ class DamaMethodConfig:
         default=0.9,
         metadata={"help": "EMA factor of the running margin: R <- gamma * R + (1 - gamma) * batch mean. [0, 1]."},
     )
-    ema_update: Literal["micro_batch", "optimizer_step"] = field(
+    ema_update: EmaUpdate = field(
         default="micro_batch",
         metadata={
             "help": "When the running statistics move with gradient accumulation: after every micro-batch (the "
@@ -95,26 +100,26 @@ class DamaMethodConfig:
         self.validate_method_options()
 
     def validate_method_options(self) -> None:
-        """Raises ValueError naming the first invalid option and its allowed range."""
-        _check_choice("variant", self.variant, VARIANTS)
-        _check_choice("ema_update", self.ema_update, EMA_UPDATES)
-        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        """Raises DamaError naming the first invalid option and its allowed range."""
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("ema_update", self.ema_update, EMA_UPDATES)
+        check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
+            raise DamaError(f"beta must be a finite number > 0, got {self.beta}")
         # beta_min above beta would clamp even plain DPO (alpha = 1) away from beta.
         if not (0 <= self.beta_min <= self.beta):
-            raise ValueError(f"beta_min must lie in [0, beta={self.beta}], got {self.beta_min}")
+            raise DamaError(f"beta_min must lie in [0, beta={self.beta}], got {self.beta_min}")
         if not (0 < self.keep_ratio <= 1):
-            raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
+            raise DamaError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
         if not (math.isfinite(self.filter_width) and self.filter_width > 0):
-            raise ValueError(f"filter_width must be a finite number > 0, got {self.filter_width}")
+            raise DamaError(f"filter_width must be a finite number > 0, got {self.filter_width}")
         if not (0 <= self.gamma <= 1):
-            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+            raise DamaError(f"gamma must lie in [0, 1], got {self.gamma}")
         if isinstance(self.filter_seed, bool) or not isinstance(self.filter_seed, int) or self.filter_seed < 0:
-            raise ValueError(f"filter_seed must be a non-negative int, got {self.filter_seed!r}")
+            raise DamaError(f"filter_seed must be a non-negative int, got {self.filter_seed!r}")
         if self.hardness_mean is not None and not math.isfinite(self.hardness_mean):
-            raise ValueError(f"hardness_mean must be a finite float or None (take it from the data), got "
-                             f"{self.hardness_mean}")
+            raise DamaError(f"hardness_mean must be a finite float or None (take it from the data), got "
+                            f"{self.hardness_mean}")
         self._refuse_options_without_effect()
 
     def _refuse_options_without_effect(self) -> None:
@@ -122,13 +127,9 @@ class DamaMethodConfig:
         defaults = {f.name: f.default for f in fields(DamaMethodConfig)}
         filter_options = [n for n in ("keep_ratio", "filter_width", "filter_seed") if getattr(self, n) != defaults[n]]
         if not self.model_aware and filter_options:
-            raise ValueError(f"{', '.join(filter_options)} only act with model_aware=true (the outlier filter belongs "
-                             "to the model-aware strategy); leave them at their defaults or turn model_aware on")
+            raise DamaError(f"{', '.join(filter_options)} only act with model_aware=true (the outlier filter belongs "
+                            "to the model-aware strategy); leave them at their defaults or turn model_aware on")
         if not self.outlier_filter and filter_options:
-            raise ValueError(f"{', '.join(filter_options)} only act with outlier_filter=true; leave them at their "
-                             "defaults or turn outlier_filter on")
+            raise DamaError(f"{', '.join(filter_options)} only act with outlier_filter=true; leave them at their "
+                            "defaults or turn outlier_filter on")
 
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dama.errors import DamaError
 from dama.method.config import DamaMethodConfig
 from dama.method.distributed import all_gather_cat, get_rank
 from dama.method.weighting import (
@@ -127,7 +128,7 @@ class DamaLoss(nn.Module):
     def set_hardness_mean(self, hardness_mean: float) -> None:
         """Sets delta_bar from the dataset's metadata (config.hardness_mean, when set, still wins)."""
         if not math.isfinite(hardness_mean):
-            raise ValueError(f"hardness_mean must be finite, got {hardness_mean}")
+            raise DamaError(f"hardness_mean must be finite, got {hardness_mean}")
         self.dataset_hardness_mean.fill_(hardness_mean)
 
     @property
@@ -275,13 +276,13 @@ class DamaLoss(nn.Module):
                     torch.zeros(num_pairs, dtype=torch.bool, device=device))
         hardness_mean = self.hardness_mean
         if hardness_mean is None:
-            raise ValueError(
+            raise DamaError(
                 "data_aware=True needs the dataset's mean hardness delta_bar: pass hardness_mean= to DamaLoss or call "
                 "set_hardness_mean() with the value from the dataset's metadata, set config.hardness_mean, or turn "
                 "data_aware off."
             )
         if hardness is None:
-            raise ValueError(
+            raise DamaError(
                 "data_aware=True needs a per-pair hardness tensor (P,): score the dataset offline (dama.hardness) or "
                 "turn data_aware off. Use NaN for single pairs without a hardness."
             )

@@ -8,10 +8,12 @@ computed in float64: these are a few scalars per pair, and float64 keeps the run
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-VARIANTS = ("release", "paper")
+Variant = Literal["release", "paper"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
 # floor(keep_ratio * N) must not lose a pair to rounding: 0.57 * 100 is 56.99999999999999 in floating point.
 _FLOOR_TOLERANCE = 1e-9
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dama.errors import DamaError
+from dama.options import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def load_llava(path: str | Path, dtype: str = "float32") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -22,7 +25,7 @@ def load_processor(path: str | Path) -> LlavaProcessor:
     """The processor (tokenizer and image processor) of a saved LLaVA folder, without its weights."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
+        raise DamaError(f"{path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
     return LlavaProcessor.from_pretrained(path, local_files_only=True)
 
 
@@ -46,14 +49,14 @@ def configure_trainable(
         # Under ZeRO-3 a parameter is partitioned at load time and its full size is kept in ds_numel.
         counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
     if not any(counts.values()):
-        raise ValueError("every part of the model is frozen: nothing would train")
+        raise DamaError("every part of the model is frozen: nothing would train")
     return counts
 
 
 def apply_liger_patches(model: LlavaForConditionalGeneration) -> None:
     """liger-kernel's Llama kernels (RMSNorm, SwiGLU, RoPE) on the language model; they need a GPU."""
     if not torch.cuda.is_available():
-        raise ValueError("liger_patches needs a CUDA GPU (liger's Triton kernels do not run on the CPU)")
+        raise DamaError("liger_patches needs a CUDA GPU (liger's Triton kernels do not run on the CPU)")
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model.model.language_model, rms_norm=True, swiglu=True, rope=True,

@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dama.errors import DamaError
+
 from .loading import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def _peft():
     try:
         import peft
     except ImportError as missing:
-        raise ValueError("lora_rank > 0 needs peft: pip install '.[lora]'") from missing
+        raise DamaError("lora_rank > 0 needs peft: pip install '.[lora]'") from missing
     return peft
 
 
@@ -61,7 +63,7 @@ def apply_lora(llava: LlavaForConditionalGeneration, rank: int, alpha: float, *,
     """
     peft = _peft()
     if rank < 1:
-        raise ValueError(f"lora_rank must be >= 1 to add adapters, got {rank}")
+        raise DamaError(f"lora_rank must be >= 1 to add adapters, got {rank}")
     whole = [name for part, name in WHOLE_PARTS.items()
              if {"projector": train_projector, "vision_tower": train_vision_tower}[part]]
     config = peft.LoraConfig(
@@ -129,13 +131,13 @@ def load_adapter_weights(adapters, folder: str | Path) -> None:
     peft = _peft()
     weights_file = Path(folder, ADAPTER_WEIGHTS_NAME)
     if not weights_file.is_file():
-        raise ValueError(f"{folder} holds no {ADAPTER_WEIGHTS_NAME}: not a LoRA checkpoint of this run")
+        raise DamaError(f"{folder} holds no {ADAPTER_WEIGHTS_NAME}: not a LoRA checkpoint of this run")
     result = peft.set_peft_model_state_dict(adapters, load_file(str(weights_file)))
     trained = {name for name, p in adapters.named_parameters() if p.requires_grad}
     missing = sorted(set(result.missing_keys) & trained)
     if missing or result.unexpected_keys:
-        raise ValueError(f"{weights_file} does not match this model's adapters: missing {missing[:3]}, unexpected "
-                         f"{list(result.unexpected_keys)[:3]} (was it saved with another lora_rank or parts?)")
+        raise DamaError(f"{weights_file} does not match this model's adapters: missing {missing[:3]}, unexpected "
+                        f"{list(result.unexpected_keys)[:3]} (was it saved with another lora_rank or parts?)")
 
 
 def merge_adapters(adapter_dir: str | Path, output_dir: str | Path, base_model_path: str | Path | None = None,
@@ -149,17 +151,17 @@ def merge_adapters(adapter_dir: str | Path, output_dir: str | Path, base_model_p
     peft = _peft()
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
-        raise ValueError(f"{adapter_dir} holds no {ADAPTER_CONFIG_NAME}: give the output folder (or a checkpoint) of "
-                         "a `dama train` run with lora_rank > 0")
+        raise DamaError(f"{adapter_dir} holds no {ADAPTER_CONFIG_NAME}: give the output folder (or a checkpoint) of "
+                        "a `dama train` run with lora_rank > 0")
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     base = Path(base_model_path or config.base_model_name_or_path or "")
     if not (base / "config.json").is_file():
-        raise ValueError(f"the base checkpoint {str(base)!r} holds no config.json: pass --base, the folder the "
-                         "adapters were trained on")
+        raise DamaError(f"the base checkpoint {str(base)!r} holds no config.json: pass --base, the folder the "
+                        "adapters were trained on")
     if output_dir.resolve() in (adapter_dir.resolve(), base.resolve()):
-        raise ValueError(f"--output {output_dir} would replace the adapters or the base checkpoint: give a new folder")
+        raise DamaError(f"--output {output_dir} would replace the adapters or the base checkpoint: give a new folder")
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
+        raise DamaError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
     llava = LlavaForConditionalGeneration.from_pretrained(
         base, dtype="auto" if dtype == "auto" else DTYPES[dtype], local_files_only=True)
     merged = peft.PeftModel.from_pretrained(llava, str(adapter_dir)).merge_and_unload()

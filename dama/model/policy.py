@@ -17,10 +17,9 @@ from transformers import LlavaForConditionalGeneration
 
 import dama_kernels
 from dama.model.attention import use_packed_attention
+from dama.options import HEADS
 
 from ..data.batch import PackedBatch, PreferenceBatch, PrefixSharedBatch
-
-HEADS = ("fused", "full_logits")
 
 
 class SequenceLogpsHead(nn.Module):

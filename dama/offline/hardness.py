@@ -22,33 +22,36 @@ rows found there, and the file is removed once the output and metadata are writt
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import pyarrow as pa
 import torch
 from PIL import Image
 
 from dama.command import run_command
-from dama.data.formats import IMAGE_UNREADABLE, PairRow, metadata_path, read_metadata
-from dama.data.validation import BAD_ROW_POLICIES, BadRowError, RowChecks, check_input
+from dama.data.formats import IMAGE_UNREADABLE, PairRow, metadata_path
+from dama.data.validation import BadRowError, RowChecks, check_input
+from dama.errors import DamaError
 from dama.offline.passes import (
     AddedColumn,
+    DatasetOutput,
     PartialResults,
     PassOutcome,
-    add_pass_arguments,
+    already_complete_message,
     check_output_path,
-    plan_output,
-    run_identity,
+    completed_metadata,
+    plan_pass,
     run_pass,
     skipped_summary,
 )
 from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
+from dama.option_loader import build, read_options
+from dama.options import PassOptions, RowOptions, check_at_least, check_choice
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
 HARDNESS_COLUMNS = (
@@ -56,7 +59,8 @@ HARDNESS_COLUMNS = (
     AddedColumn("rejected_logits", pa.list_(pa.float64())),
     AddedColumn("hardness", pa.float64()),
 )
-SPLITTERS = ("rule", "lm")
+SplitterName = Literal["rule", "lm"]
+SPLITTERS: tuple[str, ...] = get_args(SplitterName)
 NO_SUB_SENTENCE = "no sub-sentence"
 SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
@@ -85,11 +89,11 @@ def pair_hardness(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, ra
     scores together, in float64 so that δ is not dominated by rounding when the two sums are close.
     """
     if chosen_scores.dim() != 1 or rejected_scores.dim() != 1:
-        raise ValueError(
+        raise DamaError(
             f"scores must be 1-D, got chosen {tuple(chosen_scores.shape)} and rejected {tuple(rejected_scores.shape)}"
         )
     if chosen_scores.numel() == 0 or rejected_scores.numel() == 0:
-        raise ValueError("each response needs at least one sub-sentence score")
+        raise DamaError("each response needs at least one sub-sentence score")
     scores = torch.cat([chosen_scores, rejected_scores]).to(torch.float64)  # (S_w + S_l,)
     values = scores if raw else torch.softmax(scores, dim=0)
     chosen, rejected = values[: chosen_scores.numel()], values[chosen_scores.numel() :]
@@ -135,7 +139,7 @@ class ClipScorer:
     def score(self, images: list[Image.Image], texts: list[list[str]]) -> list[torch.Tensor]:
         """See `ImageTextScorer.score`. Shapes: P images -> pixel_values (P, 3, H, W); ΣT_p texts -> (ΣT_p, D)."""
         if len(images) != len(texts):
-            raise ValueError(f"got {len(images)} images but {len(texts)} lists of texts; give one list per image")
+            raise DamaError(f"got {len(images)} images but {len(texts)} lists of texts; give one list per image")
         with torch.no_grad():
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             image_features = self.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
@@ -248,84 +252,73 @@ def build_splitter(
     return LMSplitter(splitter_model, fallback=rule, device=device)
 
 
-def _check_arguments(
-    input_path: Path,
-    output_path: Path,
-    clip_path: str | Path,
-    batch_size: int,
-    on_bad_row: str,
-    splitter: str,
-    splitter_model: str | None,
-    limit: int | None,
-) -> None:
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
-    if splitter not in SPLITTERS:
-        raise ValueError(f"--splitter must be one of {SPLITTERS}, got {splitter!r}")
-    if splitter == "lm" and not splitter_model:
-        raise ValueError("--splitter lm needs --splitter-model PATH (a local causal LM folder)")
-    if limit is not None and limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {limit}")
+@dataclass
+class HardnessOptions(RowOptions, PassOptions):
+    """Everything `dama hardness` takes: what to read and write, which rows, and how to score them."""
+
+    clip: str | None = field(default=None, metadata={"help": "Local folder of a CLIPModel with its processor."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs (images) per CLIP call."})
+    raw: bool = field(default=False, metadata={"help": "Store the raw CLIP scores instead of softmax probabilities."})
+    splitter: SplitterName = field(
+        default="rule",
+        metadata={"help": "Sub-sentence splitter: deterministic rules, or prompting a local causal LM."},
+    )
+    splitter_model: str | None = field(default=None, metadata={"help": "Local causal LM folder for --splitter lm."})
+
+    def __post_init__(self) -> None:
+        self.check_pass_options()
+        self.check_row_options()
+        if not self.clip:
+            raise DamaError("--clip is required: the local folder of a CLIPModel with its processor")
+        check_at_least("batch_size", self.batch_size, 1)
+        check_choice("splitter", self.splitter, SPLITTERS)
+        if self.splitter == "lm" and not self.splitter_model:
+            raise DamaError("--splitter lm needs --splitter-model PATH (a local causal LM folder)")
+
+
+def _check_files(options: HardnessOptions) -> None:
+    input_path, output_path = Path(options.input), Path(options.output)
     if not input_path.exists():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
-    for flag, folder in (("--clip", clip_path), ("--splitter-model", splitter_model)):
+        raise DamaError(f"--input {input_path} does not exist")
+    for flag, folder in (("--clip", options.clip), ("--splitter-model", options.splitter_model)):
         if folder is not None and not Path(folder).is_dir():
-            raise ValueError(f"{flag} {folder} is not a folder: give the local folder of the model (no downloads)")
+            raise DamaError(f"{flag} {folder} is not a folder: give the local folder of the model (no downloads)")
     check_output_path(input_path, output_path)
 
 
-def compute_hardness(
-    input_path: str | Path,
-    output_path: str | Path,
-    clip_path: str | Path,
-    image_folder: str | Path | None = None,
-    batch_size: int = 16,
-    device: str = "cpu",
-    raw: bool = False,
-    splitter: str = "rule",
-    splitter_model: str | None = None,
-    on_bad_row: str = "error",
-    limit: int | None = None,
-    scorer: ImageTextScorer | None = None,
-    cache_dir: str | Path | None = None,
-    overwrite: bool = False,
-    select: Sequence[str] = (),
-) -> dict[str, Any]:
+def compute_hardness(options: HardnessOptions, scorer: ImageTextScorer | None = None) -> dict[str, Any]:
     """The whole pass: check every row, split, score, write the output and `<output>.meta.json`; returns the metadata.
 
-    `select` keeps the rows meeting its conditions (dama.data.formats): only they are scored and written, and the
-    mean hardness is theirs.
+    `options.select` keeps the rows meeting its conditions (dama.data.formats): only they are scored and written, and
+    the mean hardness is theirs.
 
-    `scorer` replaces the CLIP scorer built from `clip_path` (tests wrap the real one); the splitter still uses
-    the tokenizer at `clip_path` to measure lengths. When the output is already this run's complete output, nothing
-    is computed and its metadata is returned with "already_complete": True.
+    `scorer` replaces the CLIP scorer built from `options.clip` (tests wrap the real one); the splitter still uses
+    the tokenizer there to measure lengths. When the output is already this run's complete output, nothing is
+    computed and its metadata is returned with "already_complete": True.
     """
-    input_path, output_path = Path(input_path), Path(output_path)
-    _check_arguments(input_path, output_path, clip_path, batch_size, on_bad_row, splitter, splitter_model, limit)
-    clip_path = Path(clip_path).resolve()
+    _check_files(options)
+    input_path = Path(options.input)
+    clip_path = Path(options.clip).resolve()
     settings = {
         "clip": str(clip_path),
-        "raw": raw,
-        "splitter": splitter,
-        "splitter_model": str(Path(splitter_model).resolve()) if splitter_model else None,
-        "select": list(select),
+        "raw": options.raw,
+        "splitter": options.splitter,
+        "splitter_model": str(Path(options.splitter_model).resolve()) if options.splitter_model else None,
+        "select": list(options.select),
     }
-    identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row,
-                            image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
-    plan = plan_output(input_path, output_path, settings, identity, overwrite)
+    plan = plan_pass(options, settings, on_bad_row=options.on_bad_row)
     if plan.action == "complete":
-        return {**read_metadata(output_path), "already_complete": True}
-    checked = check_input(input_path, RowChecks(), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
-                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
-    text_splitter = build_splitter(splitter, clip_path, splitter_model, device)
-    scorer = scorer if scorer is not None else ClipScorer(clip_path, device=device)
+        return completed_metadata(plan)
+    checked = check_input(input_path, RowChecks(), on_bad_row=options.on_bad_row, skip_hint=SKIP_HINT,
+                          image_folder=options.image_folder, cache_dir=options.cache_dir, limit=options.limit,
+                          select=options.select)
+    text_splitter = build_splitter(options.splitter, clip_path, options.splitter_model, options.device)
+    scorer = scorer if scorer is not None else ClipScorer(clip_path, device=options.device)
 
     def score(partial: PartialResults) -> PassOutcome:
         pairs = (PairRow.from_record(record, checked.image_folder) for record in checked.rows)
-        outcome = score_pairs(pairs, text_splitter, scorer, partial, batch_size=batch_size, raw=raw,
-                              on_bad_row=on_bad_row, total=checked.rows.num_rows)
+        outcome = score_pairs(pairs, text_splitter, scorer, partial, batch_size=options.batch_size, raw=options.raw,
+                              on_bad_row=options.on_bad_row, total=checked.rows.num_rows)
         outcome.skipped = checked.report.skipped + outcome.skipped
         return outcome
 
@@ -337,69 +330,37 @@ def compute_hardness(
             "lm_fallbacks": text_splitter.fallbacks if isinstance(text_splitter, LMSplitter) else None,
         }
 
-    return run_pass(input_path, plan, step="hardness", settings=settings, columns=HARDNESS_COLUMNS, score=score,
-                    row_values=output_values, metadata=hardness_fields, limit=limit,
-                    keep=checked.selected_row_ids if select else None)
+    output = DatasetOutput(input_path, HARDNESS_COLUMNS, output_values, options.limit,
+                           checked.selected_row_ids if options.select else None)
+    return run_pass(plan, step="hardness", settings=settings, score=score, output=output, metadata=hardness_fields)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dama hardness",
-        description=(
-            "Score each preference pair's hardness with CLIP (DAMA's data-aware strategy; run once per dataset). "
-            "Both responses are split into sub-sentences, each is scored against the image with CLIP, the scores "
-            "are turned into probabilities by one softmax over the pair's sub-sentences, and hardness = sum over "
-            "the chosen response - sum over the rejected one. The output is the input plus the columns "
-            "chosen_logits, rejected_logits and hardness (parquet in, parquet out; json in, json out); the mean "
-            "hardness, the settings and the skipped rows go to OUTPUT.meta.json. An interrupted run resumes where "
-            "it stopped when rerun with the same arguments."
-        ),
-    )
-    add_pass_arguments(parser)
-    parser.add_argument("--clip", required=True, help="local folder of a CLIPModel with its processor")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs (images) per CLIP call (default: 16)")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device for CLIP and the LM splitter (default: cuda when available, else cpu)",
-    )
-    parser.add_argument("--raw", action="store_true", help="store the raw CLIP scores instead of softmax probabilities")
-    parser.add_argument(
-        "--splitter",
-        choices=SPLITTERS,
-        default="rule",
-        help="sub-sentence splitter: deterministic rules, or prompting a local causal LM (default: %(default)s)",
-    )
-    parser.add_argument("--splitter-model", default=None, help="local causal LM folder for --splitter lm")
-    parser.add_argument(
-        "--on-bad-row",
-        choices=BAD_ROW_POLICIES,
-        default="error",
-        help="a bad row (a missing, corrupt or over-large image, an empty or missing response; every row is checked "
-        "before scoring starts): stop with an error naming it, or skip it and list it with its reason in the "
-        "metadata (default: %(default)s)",
-    )
-    return parser
+DESCRIPTION = (
+    "Score each preference pair's hardness with CLIP (DAMA's data-aware strategy; run once per dataset). Both "
+    "responses are split into sub-sentences, each is scored against the image with CLIP, the scores are turned into "
+    "probabilities by one softmax over the pair's sub-sentences, and hardness = sum over the chosen response - sum "
+    "over the rejected one. The output is the input plus the columns chosen_logits, rejected_logits and hardness "
+    "(parquet in, parquet out; json in, json out); the mean hardness, the settings and the skipped rows go to "
+    "OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same arguments."
+)
+
+
+def parse_options(argv: list[str] | None = None) -> HardnessOptions:
+    """`dama hardness`'s options from an optional YAML (--config) and the command line (dama.option_loader)."""
+    return build(HardnessOptions, read_options("dama hardness", [HardnessOptions], argv, DESCRIPTION))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
     def action() -> str:
-        metadata = compute_hardness(
-            args.input, args.output, args.clip, image_folder=args.image_folder, batch_size=args.batch_size,
-            device=args.device, raw=args.raw, splitter=args.splitter, splitter_model=args.splitter_model,
-            on_bad_row=args.on_bad_row, limit=args.limit, cache_dir=args.cache_dir, overwrite=args.overwrite,
-            select=args.select,
-        )
+        options = parse_options(argv)
+        metadata = compute_hardness(options)
         mean = metadata["hardness_mean"]
         if metadata.get("already_complete"):
-            return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "
-                    "nothing to do; pass --overwrite to compute it again")
+            return already_complete_message(options.output, metadata)
         return (
             f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), "
             f"{skipped_summary(metadata)}; mean hardness {'n/a' if mean is None else f'{mean:.6g}'}\n"
-            f"wrote {args.output} and {metadata_path(args.output)}"
+            f"wrote {options.output} and {metadata_path(options.output)}"
         )
 
     return run_command("hardness", action)

@@ -1,22 +1,24 @@
-"""What the offline passes (`dama hardness`, `dama precompute-ref`) share: writing a dataset with added columns,
-resuming from a partial-results file, and running a pass from its CLI.
+"""The protocol every pass over a dataset follows (`dama hardness`, `dama precompute-ref`, `dama generate`): plan
+what to do with the output, score the rows with resumable partial results, write the output and its metadata
+atomically.
 
-A pass's output is its input in the same format with the pass's columns added (`write_dataset`, given the columns as
-`AddedColumn`s), written atomically; a pass run with `--select` writes the selected rows only. Finished rows are
-appended to `<output>.partial.jsonl` as they are scored (`PartialResults`); a rerun with the same settings skips them,
-and the file is removed once the output and its metadata are complete.
+1. `plan_pass` decides, before anything is loaded, what the pass may do with its output path: start (nothing
+   there), resume (a partial file of the same settings), report "already complete" (the output and metadata of this
+   very run: same input files, settings and options; `completed_metadata`), or refuse (anything else there) unless
+   --overwrite, which discards the partial file at the start and replaces the output when the new one is complete.
+2. The pass reads, selects and checks its rows (dama.data.validation for preference rows) and loads its model.
+3. `run_pass` scores the rows not yet in `<output>.partial.jsonl` (`PartialResults`: finished rows are appended as
+   they are scored, flushed and fsynced; a rerun with the same settings skips them), then writes the output through
+   a `PassOutput` and `<output>.meta.json` (both atomically) and removes the partial file.
 
-Before anything is loaded, `plan_output` decides what a pass may do with its output path: start (nothing there),
-resume (a partial file of the same settings), report "already complete" (the output and metadata of this very run:
-same input files, settings and options), or refuse (anything else there) unless --overwrite, which discards the
-partial file at the start and replaces the output when the new one is complete. The metadata's `skipped` list gives
-each left-out row's id in the output too (`output_row_id`), which is how the next step finds them
-(dama.data.validation.upstream_skips).
+Rows are named by `dama.data.formats.file_row_id`. A pass over preference rows writes its input in the same format
+with its columns added (`DatasetOutput`, given the columns as `AddedColumn`s); with a selection, the selected rows
+only. The metadata's `skipped` list gives each left-out row's id in the output too (`output_row_id`), which is how
+the next step finds them (dama.data.validation.upstream_skips).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,20 +26,25 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dama.data.formats import (
     atomic_path,
     detect_format,
+    file_row_id,
     metadata_path,
     parquet_files,
     read_json_list,
+    read_metadata,
     write_json_atomic,
     write_metadata,
 )
+from dama.errors import DamaError
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from dama.options import PassOptions
 
 # Rows per Arrow record batch when streaming parquet: bounds memory, since each row carries its image bytes.
 PARQUET_READ_ROWS = 256
@@ -86,7 +93,7 @@ def write_dataset(
     if detect_format(input_path) == "json":
         records = read_json_list(input_path)
         records = records if limit is None else records[:limit]
-        ids = [f"{input_path.name}:{number}" for number in range(len(records))]
+        ids = [file_row_id(input_path, number) for number in range(len(records))]
         kept = [(row_id, record) for row_id, record in zip(ids, records, strict=True) if keep is None or row_id in keep]
         for row_id, record in kept:
             record.update(values_for_row(row_id))
@@ -121,7 +128,7 @@ def _write_parquet(
                         remaining -= batch.num_rows
                     table = pa.Table.from_batches([batch])
                     table = table.drop_columns([name for name in table.column_names if name in names])
-                    ids = [f"{file.name}:{number + i}" for i in range(table.num_rows)]
+                    ids = [file_row_id(file, number + i) for i in range(table.num_rows)]
                     number += table.num_rows
                     if keep is not None:
                         mask = [row_id in keep for row_id in ids]
@@ -151,20 +158,20 @@ def _cast_like(table: Any, schema: Any, file: Path) -> Any:
     try:
         return table.cast(schema)
     except (ValueError, TypeError, NotImplementedError) as error:
-        raise ValueError(
+        raise DamaError(
             f"{file.name}: its columns do not match the earlier shards and cannot be cast to them ({error}); "
             "score the shards separately"
         ) from error
 
 
 def check_output_path(input_path: Path, output_path: Path) -> None:
-    """ValueError unless the output is in the input's format and is another file (the passes' --input / --output)."""
+    """DamaError unless the output is in the input's format and is another file (the passes' --input / --output)."""
     input_format = detect_format(input_path)
     expected = ".parquet" if input_format == "parquet" else ".json"
     if output_path.suffix != expected:
-        raise ValueError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
+        raise DamaError(f"the input is {input_format}, so the output is too: give an --output ending in {expected}")
     if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must differ from --input: the input is read again while the output is written")
+        raise DamaError("--output must differ from --input: the input is read again while the output is written")
 
 
 def run_identity(input_path: Path, settings: Mapping[str, Any], **options: Any) -> dict[str, Any]:
@@ -224,13 +231,12 @@ def _partial_settings(path: Path) -> Any:
 
 
 def plan_output(
-    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
+    output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
 ) -> OutputPlan:
-    """Decide what the pass does with `output_path` (see the module docstring); ValueError when it must refuse.
+    """Decide what the pass does with `output_path` (see the module docstring); DamaError when it must refuse.
 
     Reads only: nothing is removed or written here.
     """
-    check_output_path(input_path, output_path)
     partial, metadata = partial_path(output_path), metadata_path(output_path)
     if not any(path.exists() for path in (output_path, metadata, partial)):
         return OutputPlan(output_path, "new", identity)
@@ -239,7 +245,7 @@ def plan_output(
     if partial.exists():
         if _partial_settings(partial) == dict(settings):
             return OutputPlan(output_path, "resume", identity)
-        raise ValueError(
+        raise DamaError(
             f"{partial} holds the partial results of a run with other settings ({_partial_settings(partial)}; now "
             f"{dict(settings)}): rerun with those settings to finish it, or pass --overwrite to start over"
         )
@@ -253,7 +259,7 @@ def plan_output(
         return OutputPlan(output_path, "complete", identity)
     why = (f"another run's output ({_differences(recorded, identity)})" if isinstance(recorded, Mapping)
            else "a file this pass cannot tell is its own (no run record in its metadata)")
-    raise ValueError(
+    raise DamaError(
         f"{output_path} already holds {why}: choose another --output, or pass --overwrite to replace it"
     )
 
@@ -302,7 +308,7 @@ class PartialResults:
     def _load(self, lines: list[str]) -> None:
         header = json.loads(lines[0])
         if header.get("settings") != self.settings:
-            raise ValueError(
+            raise DamaError(
                 f"{self.path} holds partial results made with other settings ({header.get('settings')}; now "
                 f"{self.settings}). Delete it to start over, or rerun with the same settings to resume."
             )
@@ -313,11 +319,11 @@ class PartialResults:
     def finished(self, row_id: str, fingerprint: str, description: str) -> dict[str, Any] | None:
         """The record of a row an earlier run finished, or None; `description` names the row in the error.
 
-        ValueError when that row then held another pair (another `fingerprint`): the input changed since.
+        DamaError when that row then held another pair (another `fingerprint`): the input changed since.
         """
         record = self.done.get(row_id)
         if record is not None and record["fingerprint"] != fingerprint:
-            raise ValueError(
+            raise DamaError(
                 f"{description} differs from the one in {self.path}: the input changed since the interrupted run. "
                 "Delete that file to start over."
             )
@@ -354,40 +360,87 @@ class PassOutcome:
         return len(self.results) - self.resumed
 
 
+class PassOutput(Protocol):
+    """How a pass writes its output from its finished records (atomically: the file appears only complete)."""
+
+    def write(self, output_path: Path, outcome: PassOutcome) -> dict[str, str]:
+        """Write the output; returns each written row's id in the output, by its input row id."""
+        ...
+
+    def description(self) -> dict[str, Any]:
+        """What the metadata says about the output beside the counts: at least input, format and limit."""
+        ...
+
+
+@dataclass(frozen=True)
+class DatasetOutput:
+    """The input rows (the first `limit`; of those, the ids in `keep` when given) with `columns` added, in the
+    input's format (`write_dataset`). `row_values(record)` turns a row's finished record (None for a row left out)
+    into its values of `columns`."""
+
+    input_path: Path
+    columns: Sequence[AddedColumn]
+    row_values: Callable[[Mapping[str, Any] | None], Mapping[str, Any]]
+    limit: int | None = None
+    keep: Collection[str] | None = None
+
+    def write(self, output_path: Path, outcome: PassOutcome) -> dict[str, str]:
+        output_row_ids: dict[str, str] = {}
+
+        def values_for_row(row_id: str) -> Mapping[str, Any]:
+            # Called once per output row, in output order: the row's id in the output is its position there.
+            output_row_ids[row_id] = file_row_id(output_path, len(output_row_ids))
+            return self.row_values(outcome.results.get(row_id))
+
+        # `keep` already holds the selection cut to `limit`; the limit then must not cut the input rows again.
+        write_dataset(self.input_path, output_path, self.columns, values_for_row,
+                      self.limit if self.keep is None else None, self.keep)
+        return output_row_ids
+
+    def description(self) -> dict[str, Any]:
+        return {"input": str(self.input_path), "format": detect_format(self.input_path), "limit": self.limit}
+
+
+def plan_pass(options: PassOptions, settings: Mapping[str, Any], **row_options: Any) -> OutputPlan:
+    """Step 1 of the protocol for `options.output`: the run's identity (its settings, the input files, the limit,
+    the image folder and `row_options`, the other options that decide which rows are kept) and what to do."""
+    image_folder = None if options.image_folder is None else str(Path(options.image_folder).resolve())
+    identity = run_identity(Path(options.input), settings, limit=options.limit, image_folder=image_folder,
+                            **row_options)
+    return plan_output(Path(options.output), settings, identity, options.overwrite)
+
+
+def completed_metadata(plan: OutputPlan) -> dict[str, Any]:
+    """The metadata of an output that is already this run's, complete, marked "already_complete"."""
+    return {**read_metadata(plan.output_path), "already_complete": True}
+
+
+def already_complete_message(output_path: str | Path, metadata: Mapping[str, Any]) -> str:
+    """What a pass prints when its output is already complete."""
+    return (f"{output_path} is already complete (same input and settings, written {metadata['created']}): "
+            "nothing to do; pass --overwrite to compute it again")
+
+
 def run_pass(
-    input_path: Path,
     plan: OutputPlan,
     *,
     step: str,
     settings: Mapping[str, Any],
-    columns: Sequence[AddedColumn],
     score: Callable[[PartialResults], PassOutcome],
-    row_values: Callable[[Mapping[str, Any] | None], Mapping[str, Any]],
+    output: PassOutput,
     metadata: Callable[[PassOutcome], Mapping[str, Any]],
-    limit: int | None = None,
-    keep: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Read, resume, score, write: the skeleton every offline pass runs, into `plan.output_path`.
+    """Resume, score, write: step 3 of the protocol, into `plan.output_path`.
 
     `score(partial)` scores the rows not yet in `partial` (appending each finished batch to it) and lists every row
-    left out; `row_values(record)` turns a row's finished record (None for a row left out) into its values of
-    `columns`; `metadata(outcome)` adds the pass's own fields to the metadata written beside the output. `settings`
-    must be equal for a rerun to resume. `keep`: the ids of the rows to write (a selection); None writes every row.
-    Returns the metadata.
+    left out; `output` writes them; `metadata(outcome)` adds the pass's own fields to the metadata written beside
+    the output. `settings` must be equal for a rerun to resume. Returns the metadata.
     """
     output_path = plan.output_path
     plan.start(step)
     with PartialResults(partial_path(output_path), settings) as partial:
         outcome = score(partial)
-        output_row_ids: dict[str, str] = {}
-
-        def values_for_row(row_id: str) -> Mapping[str, Any]:
-            # Called once per output row, in output order: the row's id in the output is its position there.
-            output_row_ids[row_id] = f"{output_path.name}:{len(output_row_ids)}"
-            return row_values(outcome.results.get(row_id))
-
-        # `keep` already holds the selection cut to `limit`; the limit then must not cut the input rows again.
-        write_dataset(input_path, output_path, columns, values_for_row, limit if keep is None else None, keep)
+        output_row_ids = output.write(output_path, outcome)
         skipped = [{**entry, "output_row_id": output_row_ids.get(entry["row_id"])} for entry in outcome.skipped]
         counts: dict[str, int] = {}
         for entry in skipped:
@@ -400,10 +453,8 @@ def run_pass(
             "skipped_count": len(skipped),
             "skipped_by_reason": counts,
             "skipped": skipped,
-            "input": str(input_path),
             "output": output_path.name,
-            "format": detect_format(input_path),
-            "limit": limit,
+            **output.description(),
             **metadata(outcome),
             "run": plan.identity,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -418,37 +469,3 @@ def skipped_summary(metadata: Mapping[str, Any]) -> str:
     counts = metadata.get("skipped_by_reason") or {}
     reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
     return f"skipped {metadata['skipped_count']}" + (f" ({reasons})" if reasons else "")
-
-
-def add_pass_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every offline pass takes: what to read (--input, --image-folder, --select, --limit, --cache-dir)
-    and where to write (--output, --overwrite)."""
-    parser.add_argument("--input", required=True, help="RLAIF-V .parquet file or folder of shards, or a .json list")
-    parser.add_argument(
-        "--image-folder",
-        default=None,
-        help="folder that relative image paths are resolved under (default: the input's folder, or the input "
-        "folder of shards)",
-    )
-    parser.add_argument("--output", required=True, help="output file, .parquet or .json like the input")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an --output that holds another run's results (otherwise refused; rerunning a finished run "
-        "with the same input and settings reports it complete and does nothing)",
-    )
-    parser.add_argument(
-        "--select",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="score and write only the rows meeting this condition (repeatable, all must hold): COLUMN=VALUE, "
-        "COLUMN.FIELD=VALUE for a JSON column such as origin_split, or ~ instead of = for 'contains, ignoring "
-        "case'; e.g. --select origin_split.model~llava. A condition no row meets lists the values found",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows (for a trial run)")
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder for the datasets library's cache of the parquet input (default: the datasets library's own)",
-    )

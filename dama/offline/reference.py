@@ -37,12 +37,11 @@ and device may differ); the output and its metadata appear only complete, then t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import pyarrow as pa
@@ -52,14 +51,8 @@ from tqdm.auto import tqdm
 import dama_kernels
 from dama.command import check_device_argument, run_command
 from dama.data.batch import PreferenceBatch
-from dama.data.collator import LAYOUTS, TokenBudgetBatchSampler, layout_pair_lengths, make_collator
-from dama.data.dataset import (
-    IMAGE_ASPECT_RATIOS,
-    OVERLONG_POLICIES,
-    VICUNA_V1_SYSTEM,
-    ConversationTemplate,
-    PreferenceDataset,
-)
+from dama.data.collator import TokenBudgetBatchSampler, layout_pair_lengths, make_collator
+from dama.data.dataset import PreferenceDataset, dataset_options
 from dama.data.formats import (
     REF_LOGPS_COLUMNS,
     REF_MEAN_COLUMNS,
@@ -69,20 +62,33 @@ from dama.data.formats import (
     read_metadata,
 )
 from dama.data.row_values import AUTHORS_LOGPS_SLOTS
-from dama.data.validation import BAD_ROW_POLICIES, RowChecks, check_input
-from dama.model.loading import DTYPES, load_llava
+from dama.data.validation import RowChecks, check_input
+from dama.errors import DamaError
+from dama.model.loading import load_llava
 from dama.model.policy import DamaPolicy
 from dama.offline.passes import (
     PARQUET_READ_ROWS,
     AddedColumn,
+    DatasetOutput,
     PartialResults,
     PassOutcome,
-    add_pass_arguments,
+    already_complete_message,
     check_output_path,
-    plan_output,
-    run_identity,
+    completed_metadata,
+    plan_pass,
     run_pass,
     skipped_summary,
+)
+from dama.option_loader import build, read_options
+from dama.options import (
+    LAYOUTS,
+    EncodingOptions,
+    LlavaOptions,
+    PassOptions,
+    RowOptions,
+    check_at_least,
+    check_choice,
+    option_field,
 )
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
@@ -96,9 +102,36 @@ OUTPUT_COLUMNS = tuple(column.name for column in REFERENCE_COLUMNS)
 DEFAULT_BATCH_SIZE = 8
 # The layouts DamaPolicy scores with packed attention; the padded one gives the same values and is not offered here.
 REFERENCE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "padded")
-DEFAULT_MAX_LENGTH = 2048
+ReferenceLayout = Literal[REFERENCE_LAYOUTS]
 SKIP_HINT = "Fix the row, or pass --on-bad-row skip to leave such rows out (they are listed in the metadata)."
 
+
+
+@dataclass
+class ReferenceOptions(EncodingOptions, LlavaOptions, RowOptions, PassOptions):
+    """Everything `dama precompute-ref` takes: what to read and write, which rows, the encoding (training's) and the
+    reference model's batching."""
+
+    # Training's layout field, its padded layout left out (the command line then refuses it as a choice).
+    layout: ReferenceLayout = field(default=REFERENCE_LAYOUTS[0],
+                                    metadata=option_field(EncodingOptions, "layout").metadata)
+    batch_size: int = field(
+        default=DEFAULT_BATCH_SIZE,
+        metadata={"help": "Pairs per packed forward; with max_tokens_per_batch, the most pairs per forward."})
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Group pairs, in file order, into forwards of at most this many tokens (each pair's prompt "
+                  "counted once with layout prefix_shared, twice with packed) instead of a fixed number of pairs "
+                  "(default: off)."})
+
+    def __post_init__(self) -> None:
+        self.check_pass_options()
+        self.check_row_options()
+        self.check_encoding_options()
+        self.check_llava_options()
+        check_choice("layout", self.layout, REFERENCE_LAYOUTS)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("max_tokens_per_batch", self.max_tokens_per_batch, 1, optional=True)
 
 @dataclass(frozen=True)
 class PairReference:
@@ -172,18 +205,16 @@ def score_dataset(
     row_ids: Sequence[str],
     fingerprints: Mapping[str, str],
     partial: PartialResults,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_tokens: int | None = None,
-    device: torch.device | str = "cpu",
-    layout: str = REFERENCE_LAYOUTS[0],
+    options: ReferenceOptions,
 ) -> PassOutcome:
     """Score every pair of `dataset` not already in `partial`, appending each finished batch to it.
 
     row_ids[i] is the row id of dataset[i] and `fingerprints` maps a row id to its PairRow fingerprint: a row found
     in `partial` with another fingerprint means the input changed since the interrupted run, which is an error.
-    `layout` is the batch layout, as training's (dama.data.collator.LAYOUTS, but not padded).
+    Batches: `options.layout` (training's, not padded), `options.batch_size` pairs or `options.max_tokens_per_batch`
+    tokens, on `options.device`.
     """
+    layout, device = options.layout, options.device
     outcome = PassOutcome(results={}, skipped=[], resumed=0)
     todo = []
     for index, row_id in enumerate(row_ids):
@@ -193,11 +224,9 @@ def score_dataset(
             continue
         outcome.results[row_id] = finished
     outcome.resumed = len(outcome.results)
-    if layout not in REFERENCE_LAYOUTS:
-        raise ValueError(f"layout must be one of {REFERENCE_LAYOUTS}, got {layout!r}")
     collator = make_collator(layout)
     pair_lengths = layout_pair_lengths(dataset.pair_lengths, dataset.prompt_lengths, layout)
-    batches = plan_batches(todo, pair_lengths, batch_size, max_tokens)
+    batches = plan_batches(todo, pair_lengths, options.batch_size, options.max_tokens_per_batch)
     with tqdm(total=len(row_ids), initial=outcome.resumed, desc="reference", unit="pair", disable=None) as progress:
         for indices in batches:
             batch = collator([dataset[i] for i in indices]).to(device)
@@ -254,237 +283,99 @@ def _fingerprints(rows: datasets.Dataset) -> dict[str, str]:
     return fingerprints
 
 
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """The model dtype: the one given, else bfloat16 on CUDA (the training recipe's) and float32 elsewhere."""
-    if dtype is None:
-        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    return dtype
-
-
-def _check_arguments(
-    input_path: Path,
-    output_path: Path,
-    model_path: Path,
-    batch_size: int,
-    max_tokens_per_batch: int | None,
-    max_length: int,
-    overlong: str,
-    on_bad_row: str,
-    image_aspect_ratio: str,
-    device: str,
-    dtype: str | None,
-    limit: int | None,
-) -> None:
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-        raise ValueError(f"--max-tokens-per-batch must be a positive number of tokens, got {max_tokens_per_batch}")
-    if max_length < 1:
-        raise ValueError(f"--max-length must be a positive number of tokens, got {max_length}")
-    if overlong not in OVERLONG_POLICIES:
-        raise ValueError(f"--overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
-    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-        raise ValueError(f"--image-aspect-ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {limit}")
-    check_device_argument(device)
+def _check_files(options: ReferenceOptions) -> None:
+    check_device_argument(options.device)
+    input_path, model_path = Path(options.input), Path(options.model)
     if not input_path.exists():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+        raise DamaError(f"--input {input_path} does not exist")
     if not (model_path / "config.json").is_file():
-        raise ValueError(
+        raise DamaError(
             f"--model {model_path} holds no config.json: give the local folder of a saved LLaVA (no downloads)"
         )
-    check_output_path(input_path, output_path)
+    check_output_path(input_path, Path(options.output))
 
 
-def precompute_reference(
-    input_path: str | Path,
-    output_path: str | Path,
-    model_path: str | Path,
-    *,
-    image_folder: str | Path | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_tokens_per_batch: int | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    overlong: str = "error",
-    on_bad_row: str = "error",
-    image_aspect_ratio: str = "crop",
-    system_prompt: str = VICUNA_V1_SYSTEM,
-    select: Sequence[str] = (),
-    device: str = "cpu",
-    dtype: str | None = None,
-    limit: int | None = None,
-    cache_dir: str | Path | None = None,
-    overwrite: bool = False,
-    layout: str = REFERENCE_LAYOUTS[0],
-) -> dict[str, Any]:
+def precompute_reference(options: ReferenceOptions) -> dict[str, Any]:
     """The whole pass: check every row, score with the reference model, write the output and `<output>.meta.json`.
 
     Returns the metadata ("already_complete": True and nothing computed when the output is this run's, complete).
-    `dtype` None picks bfloat16 on CUDA and float32 elsewhere; give the dtype training runs in, so that the policy at
-    step 0 reproduces these numbers. Images resolve under `image_folder`, by default the input's folder (the input
-    itself when it is a folder of shards), as in PreferenceDataset.from_path. `system_prompt` is the conversation
-    template's system text (training's `system_prompt`); `select` keeps the rows meeting its conditions
-    (dama.data.formats), and only those are written. `layout`: the batch layout, training's (either gives the same
-    values up to float rounding).
+    Give the dtype training runs in, so that the policy at step 0 reproduces these numbers. Images resolve under
+    `options.image_folder`, by default the input's folder (the input itself when it is a folder of shards), as in
+    PreferenceDataset.from_path. The encoding options are training's (template, max_length, image processing; the
+    layout gives the same values up to float rounding); `options.select` keeps the rows meeting its conditions
+    (dama.data.formats), and only those are written.
     """
-    if layout not in REFERENCE_LAYOUTS:
-        raise ValueError(f"--layout must be one of {REFERENCE_LAYOUTS}, got {layout!r}")
-    input_path, output_path, model_path = Path(input_path), Path(output_path), Path(model_path)
-    _check_arguments(input_path, output_path, model_path, batch_size, max_tokens_per_batch, max_length, overlong,
-                     on_bad_row, image_aspect_ratio, device, dtype, limit)
-    dtype = resolve_dtype(dtype, device)
-    model_path = model_path.resolve()
-    settings = {"model": str(model_path), "dtype": dtype, "max_length": max_length,
-                "image_aspect_ratio": image_aspect_ratio, "system_prompt": system_prompt, "select": list(select)}
-    identity = run_identity(input_path, settings, limit=limit, on_bad_row=on_bad_row, overlong=overlong,
-                            image_folder=None if image_folder is None else str(Path(image_folder).resolve()))
-    plan = plan_output(input_path, output_path, settings, identity, overwrite)
+    _check_files(options)
+    input_path, dtype = Path(options.input), options.resolved_dtype
+    model_path = Path(options.model).resolve()
+    settings = {"model": str(model_path), "dtype": dtype, "max_length": options.max_length,
+                "image_aspect_ratio": options.image_aspect_ratio, "system_prompt": options.system_prompt,
+                "select": list(options.select)}
+    plan = plan_pass(options, settings, on_bad_row=options.on_bad_row, overlong=options.overlong)
     if plan.action == "complete":
-        return {**read_metadata(output_path), "already_complete": True}
+        return completed_metadata(plan)
     # Read before the model loads, so that a broken metadata file or a bad row fails the run at once.
     hardness = input_hardness(input_path)
-    checked = check_input(input_path, RowChecks(hardness=True), on_bad_row=on_bad_row, skip_hint=SKIP_HINT,
-                          image_folder=image_folder, cache_dir=cache_dir, limit=limit, select=select)
+    checked = check_input(input_path, RowChecks(hardness=True), on_bad_row=options.on_bad_row, skip_hint=SKIP_HINT,
+                          image_folder=options.image_folder, cache_dir=options.cache_dir, limit=options.limit,
+                          select=options.select)
     # Reference values already in the input are about to be replaced; dama.data would refuse per-token lists made
     # with another tokenizer, so they are not read at all.
     rows = checked.rows.remove_columns([name for name in OUTPUT_COLUMNS if name in checked.rows.column_names])
     llava, processor = load_llava(model_path, dtype)
-    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder, max_length=max_length,
-                                overlong=overlong, image_aspect_ratio=image_aspect_ratio,
-                                template=ConversationTemplate(system=system_prompt))
+    dataset = PreferenceDataset(rows, processor, image_folder=checked.image_folder,
+                                **dataset_options(options.encoding))
     checked.report.add_overlong(dataset)
     left_out = checked.report.row_ids
     row_ids = [row_id for row_id in rows["row_id"] if row_id not in left_out]
-    policy = DamaPolicy(llava.to(device).eval().requires_grad_(False), head="fused")
+    policy = DamaPolicy(llava.to(options.device).eval().requires_grad_(False), head="fused")
 
     def score(partial: PartialResults) -> PassOutcome:
-        outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, batch_size=batch_size,
-                                max_tokens=max_tokens_per_batch, device=device, layout=layout)
+        outcome = score_dataset(policy, dataset, row_ids, _fingerprints(rows), partial, options)
         outcome.skipped = checked.report.skipped
         return outcome
 
     def reference_fields(outcome: PassOutcome) -> dict[str, Any]:
         # `encoding` and `image_aspect_ratio` let training refuse these values if it tokenizes or sees images otherwise.
-        return {"overlong": overlong, "on_bad_row": on_bad_row, "rows": checked.report.total, "device": str(device),
-                "batch_size": batch_size, "max_tokens_per_batch": max_tokens_per_batch, "layout": layout,
+        return {"overlong": options.overlong, "on_bad_row": options.on_bad_row, "rows": checked.report.total,
+                "device": str(options.device), "batch_size": options.batch_size,
+                "max_tokens_per_batch": options.max_tokens_per_batch, "layout": options.layout,
                 "encoding": dataset.encoder.signature, **hardness}
 
-    return run_pass(input_path, plan, step="precompute-ref", settings=settings, columns=REFERENCE_COLUMNS,
-                    score=score, row_values=output_values, metadata=reference_fields, limit=limit,
-                    keep=checked.selected_row_ids if select else None)
+    output = DatasetOutput(input_path, REFERENCE_COLUMNS, output_values, options.limit,
+                           checked.selected_row_ids if options.select else None)
+    return run_pass(plan, step="precompute-ref", settings=settings, score=score, output=output,
+                    metadata=reference_fields)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dama precompute-ref",
-        description=(
-            "Run the reference model once over a preference dataset and store its log-probs, so that training holds "
-            "no reference model. Pairs are tokenized, their images processed and over-long pairs handled exactly as "
-            "in training, and scored by the fused head (no logits, no gradients). Per pair: sums, means and "
-            "per-token log-probs of both responses, as the columns ref_chosen_logps, ref_rejected_logps, "
-            "ref_chosen_mean_logps, ref_rejected_mean_logps, ref_chosen_token_logps, ref_rejected_token_logps and "
-            "as the authors' `logps` list. The output is the input plus these columns (parquet in, parquet out; json "
-            "in, json out); settings, counts and the input's mean hardness (from INPUT.meta.json, if any) go to "
-            "OUTPUT.meta.json. An interrupted run resumes where it stopped when rerun with the same arguments."
-        ),
-    )
-    add_pass_arguments(parser)
-    parser.add_argument("--model", required=True, help="local folder of the reference LLaVA (model and processor)")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="pairs per packed forward; with --max-tokens-per-batch, the most pairs per forward (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-tokens-per-batch",
-        type=int,
-        default=None,
-        help="group pairs, in file order, into forwards of at most this many tokens (each pair's prompt counted "
-        "once with --layout prefix_shared, twice with packed) instead of a fixed number of pairs (default: off)",
-    )
-    parser.add_argument(
-        "--layout",
-        choices=REFERENCE_LAYOUTS,
-        default=REFERENCE_LAYOUTS[0],
-        help="batch layout, as in training: prefix_shared runs each pair's image and prompt through the model once "
-        "for both responses, packed once per response; the log-probs agree up to float rounding "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=DEFAULT_MAX_LENGTH,
-        help="the training max_length: a pair whose prompt (image tokens included) plus longer response exceeds it "
-        "is never truncated, see --overlong (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--overlong",
-        choices=OVERLONG_POLICIES,
-        default="error",
-        help="a pair longer than --max-length: stop with an error naming it, or skip it (null log-probs, listed in "
-        "the metadata), as training does with the same setting (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--on-bad-row",
-        choices=BAD_ROW_POLICIES,
-        default="error",
-        help="a bad row (a missing, corrupt or over-large image, an empty or missing response, a non-finite "
-        "hardness; every row is checked before the model loads): stop with an error naming it, or skip it (null "
-        "log-probs, listed with its reason in the metadata). Rows the input's metadata lists as skipped by an "
-        "earlier step are always skipped (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--image-aspect-ratio",
-        choices=IMAGE_ASPECT_RATIOS,
-        default="crop",
-        help="image preprocessing, as training's image_aspect_ratio: 'crop' (CLIP's resize and centre crop) or "
-        "'pad' (expand to a square of the mean colour first, LLaVA-1.5's instruction tuning) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--system-prompt",
-        default=VICUNA_V1_SYSTEM,
-        help="system text of the conversation template, as training's system_prompt (default: LLaVA-1.5's vicuna v1 "
-        "wording, \"A chat between a curious user and an artificial intelligence assistant. ...\")",
-    )
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device for the model (default: cuda when available, else cpu)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default=None,
-        help="model dtype; use the dtype training runs in, so the policy reproduces these log-probs at step 0 "
-        "(default: bfloat16 on CUDA, float32 on the CPU)",
-    )
-    return parser
+DESCRIPTION = (
+    "Run the reference model once over a preference dataset and store its log-probs, so that training holds no "
+    "reference model. Pairs are tokenized, their images processed and over-long pairs handled exactly as in "
+    "training, and scored by the fused head (no logits, no gradients). Per pair: sums, means and per-token log-probs "
+    "of both responses, as the columns ref_chosen_logps, ref_rejected_logps, ref_chosen_mean_logps, "
+    "ref_rejected_mean_logps, ref_chosen_token_logps, ref_rejected_token_logps and as the authors' `logps` list. The "
+    "output is the input plus these columns (parquet in, parquet out; json in, json out); settings, counts and the "
+    "input's mean hardness (from INPUT.meta.json, if any) go to OUTPUT.meta.json. An interrupted run resumes where it "
+    "stopped when rerun with the same arguments. The encoding options (max_length, overlong, image_aspect_ratio, "
+    "system_prompt, layout) must be training's."
+)
+
+
+def parse_options(argv: list[str] | None = None) -> ReferenceOptions:
+    """`dama precompute-ref`'s options from an optional YAML (--config) and the command line (dama.option_loader)."""
+    return build(ReferenceOptions, read_options("dama precompute-ref", [ReferenceOptions], argv, DESCRIPTION))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
     def action() -> str:
-        metadata = precompute_reference(
-            args.input, args.output, args.model, image_folder=args.image_folder, batch_size=args.batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch, max_length=args.max_length, overlong=args.overlong,
-            on_bad_row=args.on_bad_row, image_aspect_ratio=args.image_aspect_ratio, system_prompt=args.system_prompt,
-            select=args.select, device=args.device, dtype=args.dtype, limit=args.limit, cache_dir=args.cache_dir,
-            overwrite=args.overwrite, layout=args.layout,
-        )
+        options = parse_options(argv)
+        metadata = precompute_reference(options)
         if metadata.get("already_complete"):
-            return (f"{args.output} is already complete (same input and settings, written {metadata['created']}): "
-                    "nothing to do; pass --overwrite to compute it again")
+            return already_complete_message(options.output, metadata)
         return (
             f"scored {metadata['count']} pairs ({metadata['resumed']} from an earlier run), "
             f"{skipped_summary(metadata)}; {metadata['dtype']} on {metadata['device']}\n"
-            f"wrote {args.output} and {metadata_path(args.output)}"
+            f"wrote {options.output} and {metadata_path(options.output)}"
         )
 
     return run_command("precompute-ref", action)

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from dama.errors import DamaError
+
 # CLIP's text tower has 77 positions; the tokenizer's bos and eos take two of them.
 CLIP_TEXT_LIMIT = 77
 
@@ -121,7 +123,7 @@ class RuleSplitter:
 
     def __init__(self, count_tokens: Callable[[str], int] | None = None, max_tokens: int = CLIP_TEXT_LIMIT):
         if max_tokens < 3:
-            raise ValueError(f"max_tokens must leave room for bos, eos and one word (>= 3), got {max_tokens}")
+            raise DamaError(f"max_tokens must leave room for bos, eos and one word (>= 3), got {max_tokens}")
         self.count_tokens = count_tokens or approximate_clip_tokens
         self.max_tokens = max_tokens
 

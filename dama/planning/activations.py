@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dama.errors import DamaError
+
 from .model_shape import ModelShape
 
 FP32 = 4
@@ -78,7 +80,7 @@ def _linear_inputs_saved(width: int, consumers: int, precision: Precision, grads
 def layer_saved_per_token(shape: ModelShape, precision: Precision, grads: Grads, attention: str) -> int:
     """Bytes per token one decoder layer keeps for the backward (without activation checkpointing)."""
     if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        raise DamaError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     h, i, c = shape.hidden_size, shape.intermediate_size, precision.compute_bytes
     q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     saved = _norm_saved(shape, precision, grads, grads.input)

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from dama.errors import DamaError
+from dama.options import LAYOUTS
+
 from . import activations as act
 from .model_shape import ModelShape
 
@@ -25,7 +28,6 @@ from .model_shape import ModelShape
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit",
               "paged_adamw_8bit", "adamw_torch_8bit", "sgd")
 EIGHT_BIT_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit")
-LAYOUTS = ("padded", "packed", "prefix_shared")
 PARTS = ("weights", "reference model", "optimizer state", "gradients", "activations", "head", "vision + projector",
          "reference forward", "optimizer step", "batch")
 
@@ -58,9 +60,9 @@ class TrainingSetup:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise DamaError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"the plan knows the optimizers {sorted(OPTIMIZERS)}, not {self.optimizer!r}")
+            raise DamaError(f"the plan knows the optimizers {sorted(OPTIMIZERS)}, not {self.optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def batch_shape(shape: ModelShape, layout: str, pairs: int, prompt_text: int, re
         return BatchShape(pairs, 2 * pairs * (prompt + response), scored, 2 * pairs)
     if layout == "padded":
         return BatchShape(pairs, 2 * pairs * (prompt + response), scored, 2 * pairs, longest=prompt + response)
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise DamaError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 @dataclass

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import LlavaConfig
 
+from dama.errors import DamaError
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -44,7 +46,7 @@ class ModelShape:
     def from_config(cls, config: LlavaConfig) -> ModelShape:
         text, vision = config.text_config, config.vision_config
         if not isinstance(config.vision_feature_layer, int):
-            raise ValueError("the plan knows one vision feature layer (LLaVA-1.5's); this config concatenates several")
+            raise DamaError("the plan knows one vision feature layer (LLaVA-1.5's); this config concatenates several")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(
             vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
@@ -126,8 +128,8 @@ def read_model_shape(model_path: str | Path) -> ModelShape:
     """The ModelShape of the LLaVA saved in `model_path` (its config.json only)."""
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{model_path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
+        raise DamaError(f"{model_path} holds no config.json: give the folder of a saved LlavaForConditionalGeneration")
     config = LlavaConfig.from_json_file(str(config_file))
     if config.text_config.model_type != "llama":
-        raise ValueError(f"the plan knows Llama language models, {config_file} has {config.text_config.model_type!r}")
+        raise DamaError(f"the plan knows Llama language models, {config_file} has {config.text_config.model_type!r}")
     return ModelShape.from_config(config)

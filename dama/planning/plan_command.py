@@ -17,13 +17,15 @@ sequences all reach max_length. The activation sizes are validated against alloc
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dama.command import run_command
-from dama.training.arguments import DamaTrainingArguments, parse_training_arguments
+from dama.errors import DamaError
+from dama.option_loader import build, read_options
+from dama.options import check_at_least
+from dama.training.arguments import DamaTrainingArguments, training_arguments
 
 from .advice import evaluate_switches, largest_fitting
 from .memory_plan import PARTS, BatchShape, MemoryPlan, TrainingSetup, plan_memory
@@ -45,40 +47,47 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     unit = {"k": "kib", "m": "mib", "g": "gib", "t": "tib"}.get(unit, unit)
     if not match or unit not in UNITS:
-        raise ValueError(f"not a memory size: {text!r}; write e.g. 24GiB, 80GB or 16g")
+        raise DamaError(f"not a memory size: {text!r}; write e.g. 24GiB, 80GB or 16g")
     return int(float(match.group(1)) * UNITS[unit])
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="dama plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Every other option is a `dama train` field (dama train --help), "
-                                     "e.g. --max_tokens_per_batch 4096 --lora_rank 64.")
-    parser.add_argument("--config", default=None, help="the training YAML, as for `dama train`")
-    parser.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 24GiB, 16GiB, 80GiB")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs the run spreads over (ZeRO partitions over "
-                        "them; each holds its own micro-batch); default 1")
-    parser.add_argument("--model-config", default=None,
-                        help="the model's config.json (default: <model_name_or_path>/config.json, else the "
-                        "architecture shipped in configs/models/<folder name>/)")
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
-                        help=f"text tokens of a prompt, image tokens apart (default {PROMPT_TOKENS})")
-    parser.add_argument("--response-tokens", type=int, default=RESPONSE_TOKENS,
-                        help=f"tokens of a typical response (default {RESPONSE_TOKENS}); with a token budget it "
-                        "sets how many pairs fill it")
-    parser.add_argument("--fragmentation", type=float, default=0.10,
-                        help="allocator slack as a fraction of the tensors' peak (default 0.10, an assumption)")
-    parser.add_argument("--context-memory", default="1GiB",
-                        help="CUDA context, cuBLAS workspaces and NCCL buffers outside the allocator (default "
-                        "1GiB, an assumption)")
-    plan_args, rest = parser.parse_known_args(argv)
-    if plan_args.num_gpus < 1 or plan_args.prompt_tokens < 0 or plan_args.response_tokens < 1:
-        parser.error("--num-gpus and --response-tokens must be >= 1, --prompt-tokens >= 0")
-    if not 0 <= plan_args.fragmentation < 10:
-        parser.error("--fragmentation is a fraction of the peak, e.g. 0.1")
-    if plan_args.config is not None:
-        rest = ["--config", plan_args.config, *rest]
-    return plan_args, rest
+@dataclass
+class PlanOptions:
+    """What `dama plan` plans for, beside the training config."""
+
+    gpu_memory: str | None = field(default=None, metadata={"help": "Memory of one GPU, e.g. 24GiB, 16GiB, 80GiB."})
+    num_gpus: int = field(
+        default=1, metadata={"help": "GPUs the run spreads over (ZeRO partitions over them; each holds its own "
+                             "micro-batch)."})
+    model_config: str | None = field(
+        default=None, metadata={"help": "The model's config.json (default: <model_name_or_path>/config.json, else "
+                                "the architecture shipped in configs/models/<folder name>/)."})
+    prompt_tokens: int = field(default=PROMPT_TOKENS, metadata={"help": "Text tokens of a prompt, image tokens apart."})
+    response_tokens: int = field(
+        default=RESPONSE_TOKENS, metadata={"help": "Tokens of a typical response; with a token budget it sets how "
+                                           "many pairs fill it."})
+    fragmentation: float = field(
+        default=0.10, metadata={"help": "Allocator slack as a fraction of the tensors' peak (an assumption)."})
+    context_memory: str = field(
+        default="1GiB", metadata={"help": "CUDA context, cuBLAS workspaces and NCCL buffers outside the allocator "
+                                  "(an assumption)."})
+
+    def __post_init__(self) -> None:
+        if not self.gpu_memory:
+            raise DamaError("--gpu-memory is required: the memory of one GPU, e.g. 24GiB")
+        check_at_least("num_gpus", self.num_gpus, 1)
+        check_at_least("response_tokens", self.response_tokens, 1)
+        check_at_least("prompt_tokens", self.prompt_tokens, 0)
+        if not 0 <= self.fragmentation < 10:
+            raise DamaError(f"fragmentation is a fraction of the peak, e.g. 0.1; got {self.fragmentation}")
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[PlanOptions, DamaTrainingArguments]:
+    """The plan's options and the training config, read as `dama train` reads it but for another machine."""
+    values = read_options("dama plan", [PlanOptions, DamaTrainingArguments], argv, __doc__,
+                          epilog="Every other option is a `dama train` field (dama train --help), e.g. "
+                          "--max_tokens_per_batch 4096 --lora_rank 64.")
+    return build(PlanOptions, values), training_arguments(values, check_devices=False)
 
 
 def model_shape_for(args: DamaTrainingArguments, model_config: str | None) -> tuple[ModelShape, str]:
@@ -88,14 +97,14 @@ def model_shape_for(args: DamaTrainingArguments, model_config: str | None) -> tu
         folder = path.parent if path.name == "config.json" else path
         return read_model_shape(folder), str(folder / "config.json")
     if not args.model_name_or_path:
-        raise ValueError("the config names no model_name_or_path: set it or pass --model-config")
+        raise DamaError("the config names no model_name_or_path: set it or pass --model-config")
     folder = Path(args.model_name_or_path)
     if (folder / "config.json").is_file():
         return read_model_shape(folder), str(folder / "config.json")
     shipped = SHIPPED_MODELS / folder.name
     if (shipped / "config.json").is_file():
         return read_model_shape(shipped), f"{_shown(shipped / 'config.json')} (no {folder / 'config.json'} yet)"
-    raise ValueError(f"no {folder / 'config.json'}: download the model first or pass --model-config")
+    raise DamaError(f"no {folder / 'config.json'}: download the model first or pass --model-config")
 
 
 def _shown(path: Path) -> str:
@@ -160,9 +169,8 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int, budget: int, fragmentation: fl
     return "\n".join(rows)
 
 
-def run_plan(argv: list[str]) -> str:
-    plan_args, rest = parse_args(argv)
-    args = parse_training_arguments(rest, check_devices=False)
+def run_plan(argv: list[str] | None = None) -> str:
+    plan_args, args = parse_options(argv)
     shape, source = model_shape_for(args, plan_args.model_config)
     budget = parse_bytes(plan_args.gpu_memory)
     context = parse_bytes(plan_args.context_memory)
@@ -205,4 +213,4 @@ def run_plan(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("plan", lambda: run_plan(list(sys.argv[1:] if argv is None else argv)))
+    return run_command("plan", lambda: run_plan(argv))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dama.errors import DamaError
 from dama.training.arguments import DamaTrainingArguments
 from dama_kernels.functional import CHUNK_ELEMENTS
 from dama_kernels.linear_logprob_backward import backward_chunk_rows
@@ -30,7 +31,7 @@ def deepspeed_config(value: str | dict | None) -> dict | None:
         return value
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"deepspeed config {value} not found")
+        raise DamaError(f"deepspeed config {value} not found")
     return json.loads(path.read_text())
 
 
@@ -54,7 +55,7 @@ def training_setup(args: DamaTrainingArguments, shape: ModelShape, *, num_gpus: 
                    device: str = "cuda") -> TrainingSetup:
     """What `dama train` with `args` holds in memory on each of `num_gpus` GPUs (device "cpu": as on the CPU)."""
     if num_gpus < 1:
-        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+        raise DamaError(f"num_gpus must be >= 1, got {num_gpus}")
     ds = deepspeed_config(args.deepspeed)
     h = shape.hidden_size
     zero: dict = {}
@@ -112,8 +113,8 @@ def largest_batch(args: DamaTrainingArguments, shape: ModelShape, *, prompt_text
     layout = layout or args.layout
     prompt = shape.image_tokens + prompt_text
     if prompt + 1 > args.max_length:
-        raise ValueError(f"max_length={args.max_length} leaves no room for a response after the {prompt} prompt "
-                         "tokens (image tokens included)")
+        raise DamaError(f"max_length={args.max_length} leaves no room for a response after the {prompt} prompt "
+                        "tokens (image tokens included)")
     if not budget:
         return batch_shape(shape, layout, args.per_device_train_batch_size, prompt_text,
                            args.max_length - prompt)

@@ -1,39 +1,48 @@
-"""The project's single training config: transformers.TrainingArguments + the DAMA method + model and data options.
+"""The project's single training config: transformers.TrainingArguments + the DAMA method + the encoding + model and
+data options.
 
-`dama train --config configs/<name>.yaml [--field value ...]` parses it: YAML first, the command line wins, unknown
-keys are errors. Each field is documented once, in its `help`, which is also what `dama train --help` prints.
+`dama train --config configs/<name>.yaml [--field value ...]` parses it through dama.option_loader: YAML first, the
+command line wins (`--key value` or `--key=value`, dashes or underscores), unknown keys are errors. Each field is
+documented once, in its `help`, which is also what `dama train --help` prints and README's config table shows.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
-from dama.data.collator import LAYOUTS
-from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
-from dama.data.validation import BAD_ROW_POLICIES
-from dama.method.config import DamaMethodConfig, _check_choice
-from dama.model.loading import DTYPES
-from dama.model.policy import HEADS
+from dama.errors import DamaError
+from dama.method.config import DamaMethodConfig
+from dama.option_loader import build, read_options
+from dama.options import (
+    ATTENTIONS,
+    BAD_ROW_POLICIES,
+    DTYPE_NAMES,
+    HEADS,
+    REFERENCES,
+    Attention,
+    BadRowPolicy,
+    DtypeName,
+    EncodingOptions,
+    Head,
+    Reference,
+    check_at_least,
+    check_choice,
+)
 
-ATTENTIONS = ("packed", "sdpa", "eager")
-REFERENCES = ("precomputed", "online")
+COMMAND = "dama train"
 
 
 @dataclass
-class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
+class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions):
     # Model
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Local folder of a saved LlavaForConditionalGeneration and its processor (no hub access)."},
     )
-    model_dtype: Literal["float32", "bfloat16", "float16"] = field(
+    model_dtype: DtypeName = field(
         default="float32",
         metadata={"help": "Dtype the weights are loaded in. With --bf16 on a GPU keep float32 masters (mixed "
                   "precision) or load bfloat16 to halve weight memory."},
@@ -57,13 +66,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         default=False,
         metadata={"help": "Apply liger-kernel's Llama kernels (RMSNorm, SwiGLU, RoPE) to the language model (GPU)."},
     )
-    attention: Literal["packed", "sdpa", "eager"] = field(
+    attention: Attention = field(
         default="packed",
         metadata={"help": "Attention: 'packed' (flash-attn varlen on a GPU when installed, exact per-segment SDPA "
                   "otherwise; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' (padded "
                   "layout)."},
     )
-    head: Literal["fused", "full_logits"] = field(
+    head: Head = field(
         default="fused",
         metadata={"help": "Log-prob head: 'fused' scores supervised tokens from hidden states without logits; "
                   "'full_logits' builds logits for every position (the usual DPO trainer, kept as a baseline)."},
@@ -78,40 +87,12 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder that image_path entries are relative to (JSON format)."}
     )
-    max_length: int = field(
-        default=2048, metadata={"help": "Most tokens of one sequence (prompt + image tokens + response)."}
-    )
-    overlong: Literal["error", "skip"] = field(
-        default="error",
-        metadata={"help": "A pair longer than max_length: stop with an error naming it, or skip it (counted, logged "
-                  "and listed in output_dir/skipped_rows.json)."},
-    )
-    on_bad_row: Literal["error", "skip"] = field(
+    on_bad_row: BadRowPolicy = field(
         default="error",
         metadata={"help": "A bad row (missing, corrupt or over-large image, empty or missing response, non-finite "
                   "hardness or reference log-probs), found by checking every row before training starts: stop with "
                   "an error naming it, or skip it (counted by reason, logged and listed in "
                   "output_dir/skipped_rows.json). Rows an earlier step skipped are always skipped."},
-    )
-    image_aspect_ratio: Literal["crop", "pad"] = field(
-        default="crop",
-        metadata={"help": "Image preprocessing: 'crop' resizes the shortest side and centre-crops (CLIP's, the DAMA "
-                  "authors' trainer); 'pad' first expands the image to a square of the processor's mean colour "
-                  "(LLaVA-1.5's instruction tuning). precompute-ref must use the same setting."},
-    )
-    system_prompt: str = field(
-        default=VICUNA_V1_SYSTEM,
-        metadata={"help": "System text of the conversation template \"{system} USER: <image>\\n{question} "
-                  "ASSISTANT: {answer}</s>\". Default: LLaVA-1.5's vicuna v1 wording (its instruction tuning and the "
-                  "DAMA authors' trainer); set it for checkpoints tuned with another. precompute-ref must use the "
-                  "same (--system-prompt)."},
-    )
-    layout: Literal["prefix_shared", "packed", "padded"] = field(
-        default="prefix_shared",
-        metadata={"help": "Micro-batch layout: 'prefix_shared' puts each pair in one row as [prompt | chosen | "
-                  "rejected], so the image and prompt tokens go through the language model once per pair (exact: "
-                  "each response attends to the prompt and itself only); 'packed' puts the 2P sequences in one row "
-                  "without padding; 'padded' pads chosen and rejected to one length (the usual layout, a baseline)."},
     )
     max_tokens_per_batch: int = field(
         default=0,
@@ -123,7 +104,7 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         default=True,
         metadata={"help": "Shuffle the training pairs each epoch; false keeps file order (the authors' setting)."},
     )
-    reference: Literal["precomputed", "online"] = field(
+    reference: Reference = field(
         default="precomputed",
         metadata={"help": "Reference log-probs from the data's columns (precomputed once, no reference model in "
                   "memory) or from a frozen copy of the starting model run online (with LoRA: the policy with its "
@@ -147,102 +128,57 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except DamaError:
+            raise
+        except ValueError as error:
+            # TrainingArguments' own checks of these values (bf16 on a machine without it, ...): the user's to fix.
+            raise DamaError(f"the training config is not valid: {error}") from error
         self.validate_method_options()
-        _check_choice("head", self.head, HEADS)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("attention", self.attention, ATTENTIONS)
-        _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
-        _check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
-        _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
-        _check_choice("reference", self.reference, REFERENCES)
-        _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
+        self.check_encoding_options()
+        check_choice("head", self.head, HEADS)
+        check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        check_choice("reference", self.reference, REFERENCES)
+        check_choice("model_dtype", self.model_dtype, DTYPE_NAMES)
         if (self.attention == "packed") != (self.layout != "padded"):
-            raise ValueError(f"attention={self.attention!r} does not fit layout={self.layout!r}: layouts "
-                             "'prefix_shared' and 'packed' need attention='packed', layout='padded' needs "
-                             "attention='sdpa' or 'eager'")
+            raise DamaError(f"attention={self.attention!r} does not fit layout={self.layout!r}: layouts "
+                            "'prefix_shared' and 'packed' need attention='packed', layout='padded' needs "
+                            "attention='sdpa' or 'eager'")
         if not self.learning_rate >= 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+            raise DamaError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.resume and self.overwrite_output_dir:
-            raise ValueError("resume and overwrite_output_dir contradict each other: continue the run, or start over")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.max_tokens_per_batch < 0 or self.max_nonfinite_steps < 1 or self.lora_rank < 0:
-            raise ValueError("max_tokens_per_batch and lora_rank must be >= 0, max_nonfinite_steps >= 1")
+            raise DamaError("resume and overwrite_output_dir contradict each other: continue the run, or start over")
+        check_at_least("max_tokens_per_batch", self.max_tokens_per_batch, 0)
+        check_at_least("lora_rank", self.lora_rank, 0)
+        check_at_least("max_nonfinite_steps", self.max_nonfinite_steps, 1)
         # The trainer computes its own loss from packed batches; these keep the Trainer from dropping our columns.
         self.remove_unused_columns = False
 
 
-def _yaml_to_argv(values: dict[str, Any], known: set[str], source: str) -> list[str]:
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown}; `dama train --help` lists every field")
-    argv = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, list | tuple):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}={json.dumps(value)}"]
-        else:
-            # One token: argparse would read a value such as -1e-05 as an option of its own.
-            argv += [f"--{key}={value}"]
-    return argv
+def training_arguments(values: dict[str, Any], check_devices: bool = True) -> DamaTrainingArguments:
+    """DamaTrainingArguments from option values (`dama.option_loader.read_options`).
 
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The field: value mapping of a YAML config; ValueError for a missing file, another shape or unknown keys."""
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise ValueError(f"--config {config_path}: no such file")
-    try:
-        values = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(error, "problem", None) or " ".join(str(error).split())
-        raise ValueError(f"{config_path} is not valid YAML ({where}{problem})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{config_path}: expected a mapping of field: value")
-    unknown = sorted(set(values) - {f.name for f in fields(DamaTrainingArguments)})
-    if unknown:
-        raise ValueError(f"{config_path}: unknown keys {unknown}; `dama train --help` lists every field")
-    return values
-
-
-def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bool = True) -> DamaTrainingArguments:
-    """`--config file.yaml` (optional) then the command line; the command line wins and unknown keys are errors.
-
-    check_devices=False reads a config on a machine that is not the one to run it (`dama plan`): bf16/fp16 are not
-    checked against this machine's hardware, and the DeepSpeed config is kept as given, not initialised.
+    check_devices=False reads a config on a machine that is not the one to run it (`dama plan`, `dama show-example`):
+    bf16/fp16 are not checked against this machine's hardware, and the DeepSpeed config is kept as given, not
+    initialised (DeepSpeed need not be installed).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(DamaTrainingArguments, prog="dama train")
-    # One line, not the usage of every TrainingArguments field, then argparse's exit status 2.
-    parser.error = lambda message: parser.exit(2, f"dama train: error: {message} (`dama train --help` lists every "
-                                                  "field)\n")
-    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; command-line flags win.")
-    yaml_argv: list[str] = []
-    if "--config" in argv:
-        position = argv.index("--config")
-        if position + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        config_path = argv[position + 1]
-        yaml_argv = _yaml_to_argv(read_config(config_path), {f.name for f in fields(DamaTrainingArguments)},
-                                  config_path)
-    combined = yaml_argv + argv
+    values = dict(values)
     deepspeed = None
     if not check_devices:
-        while "--deepspeed" in combined:
-            position = combined.index("--deepspeed")
-            deepspeed = combined[position + 1] if position + 1 < len(combined) else None
-            del combined[position:position + 2]
-        combined += ["--use_cpu", "true"]
-    (arguments, _config) = parser.parse_args_into_dataclasses(args=combined, return_remaining_strings=False)
+        deepspeed = values.pop("deepspeed", None)
+        values["use_cpu"] = True
+    arguments = build(DamaTrainingArguments, values)
     if deepspeed is not None:
         arguments.deepspeed = deepspeed
     return arguments
+
+
+def parse_training_arguments(argv: list[str] | None = None, *, check_devices: bool = True) -> DamaTrainingArguments:
+    """`dama train`'s config: `--config file.yaml` (optional) then the command line, which wins; see
+    `training_arguments` for check_devices."""
+    return training_arguments(read_options(COMMAND, [DamaTrainingArguments], argv), check_devices)
 
 
 def resolved_config(arguments: DamaTrainingArguments) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 
 from dama.command import run_command
+from dama.errors import DamaError
 from dama.model.lora import merge_adapters
+from dama.options import DTYPE_NAMES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", default=None,
                         help="base checkpoint folder; default: the one named in adapter_config.json (the run's "
                         "model_name_or_path)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
                         help="dtype of the written weights; auto = the base checkpoint's (default)")
     return parser.parse_args(argv)
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def export() -> str:
         if not args.merge:
-            raise ValueError("nothing to do: pass --merge to fold the adapters into the base weights")
+            raise DamaError("nothing to do: pass --merge to fold the adapters into the base weights")
         output = merge_adapters(args.adapters, args.output, base_model_path=args.base, dtype=args.dtype)
         return f"merged LLaVA written to {output}"
 

@@ -30,6 +30,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dama.data.formats import atomic_path, write_json_atomic
+from dama.errors import DamaError
 
 from .checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, STAGING_DIR, newest_checkpoint
 
@@ -125,11 +126,11 @@ def plan_run_folder(
 ) -> RunFolderPlan:
     """Decide what the run with resolved `config` does with `output_dir` (module docstring); reads only.
 
-    ValueError, saying what to do, when the folder must be refused.
+    DamaError, saying what to do, when the folder must be refused.
     """
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"output_dir {folder} is a file, not a folder")
+        raise DamaError(f"output_dir {folder} is a file, not a folder")
     entries = _run_entries(folder) if folder.is_dir() else []
     if not entries:
         return RunFolderPlan(folder, "resume" if resume else "new")
@@ -137,23 +138,23 @@ def plan_run_folder(
         return RunFolderPlan(folder, "overwrite", remove=tuple(entries))
     held = _describe(entries)
     if not resume:
-        raise ValueError(
+        raise DamaError(
             f"output_dir {folder} already holds a run ({held}). Pass --resume true to continue that run, "
             "--overwrite_output_dir true to delete it and start over, or choose another output_dir"
         )
     record = folder / RUN_RECORD
     if not record.is_file():
-        raise ValueError(
+        raise DamaError(
             f"output_dir {folder} holds a run ({held}) without its {RUN_RECORD}, so it cannot be checked to be this "
             "run: choose another output_dir, or pass --overwrite_output_dir true instead of --resume"
         )
     try:
         recorded = json.loads(record.read_text())
     except ValueError as error:
-        raise ValueError(f"{record} is not valid JSON ({error}); the run cannot be resumed") from error
+        raise DamaError(f"{record} is not valid JSON ({error}); the run cannot be resumed") from error
     differences = config_differences(recorded, config)
     if differences:
-        raise ValueError(
+        raise DamaError(
             f"output_dir {folder} holds another run: its config differs in {'; '.join(differences)}. Resume with "
             "the same config, choose another output_dir, or pass --overwrite_output_dir true instead of --resume"
         )

@@ -10,16 +10,19 @@ when it starts. Only the processor is loaded, not the weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from dama.command import run_command
 from dama.data.batch import IGNORE_INDEX
-from dama.data.dataset import VICUNA_V1_SYSTEM, ConversationTemplate, PreferenceDataset
+from dama.data.dataset import PreferenceDataset, dataset_options
+from dama.errors import DamaError
 from dama.model.loading import load_processor
-from dama.training.arguments import read_config
+from dama.option_loader import build, read_options
+from dama.options import check_at_least
+from dama.training.arguments import DamaTrainingArguments, training_arguments
 
 # Ids shown at each end of a run of text tokens; the middle is elided.
 SHOWN_IDS = 6
@@ -91,58 +94,61 @@ def format_example(dataset: PreferenceDataset, index: int) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dama show-example",
-        description="Show one preference pair exactly as training will see it: the decoded prompt and responses "
-        "with the supervised tokens marked, token and image-token counts, and the ids at the image and at the "
-        "prompt/response boundary. Reads a training config (its model_name_or_path, train_file, image_folder, "
-        "max_length, overlong, image_aspect_ratio, system_prompt) or --model and --input; flags win over the "
-        "config. Loads only the processor, not the weights.",
-    )
-    parser.add_argument("--config", default=None, help="training YAML to take the model, data and template from")
-    parser.add_argument("--model", default=None, help="local folder of the LLaVA (its processor is read)")
-    parser.add_argument("--input", default=None, help="RLAIF-V .parquet file or folder of shards, or a .json list")
-    parser.add_argument("--image-folder", default=None, help="folder that relative image paths are resolved under")
-    parser.add_argument("--system-prompt", default=None, help="system text of the conversation template "
-                        "(default: the config's system_prompt, else LLaVA-1.5's vicuna v1 wording)")
-    parser.add_argument("--max-length", type=int, default=None, help="training max_length (default: the "
-                        "config's, else 2048)")
-    parser.add_argument("--index", type=int, default=0, help="which pair, counted from 0 (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the ids as JSON instead of the readable view")
-    return parser
+@dataclass
+class ExampleOptions:
+    """What `dama show-example` shows; the model, data and encoding are training's fields (a config, or flags)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Local folder of the LLaVA (its processor is read); wins over the config's "
+                                "model_name_or_path."})
+    input: str | None = field(
+        default=None, metadata={"help": "RLAIF-V .parquet file or folder of shards, or a .json list; wins over the "
+                                "config's train_file."})
+    index: int = field(default=0, metadata={"help": "Which pair, counted from 0."})
+    json: bool = field(default=False, metadata={"help": "Print the ids as JSON instead of the readable view."})
+
+    def __post_init__(self) -> None:
+        check_at_least("index", self.index, 0)
 
 
-def load_example_dataset(args: argparse.Namespace) -> PreferenceDataset:
-    """The pairs up to --index, read as training reads them with the config's and the flags' settings."""
-    values = read_config(args.config) if args.config else {}
-    model = args.model or values.get("model_name_or_path")
-    data = args.input or values.get("train_file")
+DESCRIPTION = (
+    "Show one preference pair exactly as training will see it: the decoded prompt and responses with the supervised "
+    "tokens marked, token and image-token counts, and the ids at the image and at the prompt/response boundary. "
+    "Reads a training config (its model_name_or_path, train_file, image_folder, max_length, overlong, "
+    "image_aspect_ratio, system_prompt) or --model and --input; any training field can be given as a flag, and "
+    "flags win over the config. Loads only the processor, not the weights."
+)
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[ExampleOptions, DamaTrainingArguments]:
+    """The command's own options and the training config they read the pair with."""
+    values = read_options("dama show-example", [ExampleOptions, DamaTrainingArguments], argv, DESCRIPTION)
+    return build(ExampleOptions, values), training_arguments(values, check_devices=False)
+
+
+def load_example_dataset(options: ExampleOptions, config: DamaTrainingArguments) -> PreferenceDataset:
+    """The pairs up to options.index, read as training reads them with the config's encoding."""
+    model = options.model or config.model_name_or_path
+    data = options.input or config.train_file
     if not model or not data:
-        raise ValueError("give --config with model_name_or_path and train_file, or --model and --input")
-    if args.index < 0:
-        raise ValueError(f"--index must be >= 0, got {args.index}")
-    system = args.system_prompt if args.system_prompt is not None else values.get("system_prompt", VICUNA_V1_SYSTEM)
+        raise DamaError("give --config with model_name_or_path and train_file, or --model and --input")
     dataset = PreferenceDataset.from_path(
-        data, load_processor(model), image_folder=args.image_folder or values.get("image_folder"),
-        limit=args.index + 1, max_length=args.max_length or values.get("max_length", 2048),
-        overlong=values.get("overlong", "error"), image_aspect_ratio=values.get("image_aspect_ratio", "crop"),
-        template=ConversationTemplate(system=system),
+        data, load_processor(model), image_folder=config.image_folder, limit=options.index + 1,
+        **dataset_options(config.encoding),
     )
-    if args.index >= len(dataset):
-        raise ValueError(f"{data} has no pair {args.index}: {len(dataset)} pairs read up to it "
-                         f"({dataset.num_skipped} over-long pairs skipped)")
+    if options.index >= len(dataset):
+        raise DamaError(f"{data} has no pair {options.index}: {len(dataset)} pairs read up to it "
+                        f"({dataset.num_skipped} over-long pairs skipped)")
     return dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
     def action() -> str:
-        dataset = load_example_dataset(args)
-        if args.json:
-            return json.dumps(example_record(dataset, args.index))
-        return format_example(dataset, args.index)
+        options, config = parse_options(argv)
+        dataset = load_example_dataset(options, config)
+        if options.json:
+            return json.dumps(example_record(dataset, options.index))
+        return format_example(dataset, options.index)
 
     return run_command("show-example", action)
 

@@ -4,8 +4,8 @@ Start-up, in order, before a step runs: parse the config; decide what to do with
 (dama.training.run_folder: a folder holding another run is refused, a complete run is reported and left alone);
 check every row of train_file and eval_file (dama.data.validation; on_bad_row decides whether a bad row stops the
 run or is left out); load the model. Only then is output_dir written: the old run removed under
---overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Every failure up to there
-is one line, `dama train: error: ...`, and exit status 1.
+--overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Bad input found up to there
+(dama.errors.DamaError) is one line, `dama train: error: ...`, and exit status 1; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from dama.command import run_command
 from dama.data.collator import make_collator
-from dama.data.dataset import ConversationTemplate, PreferenceDataset
+from dama.data.dataset import PreferenceDataset, dataset_options
 from dama.data.formats import metadata_path, read_hardness_mean, read_metadata
 from dama.data.validation import CheckedInput, RowChecks, check_input
+from dama.errors import DamaError
 from dama.method.loss import DamaLoss
 from dama.model.loading import apply_liger_patches, configure_trainable, load_llava
 from dama.model.lora import apply_lora, trainable_parameter_counts
@@ -66,7 +67,7 @@ def dataset_hardness_mean(args: DamaTrainingArguments, dataset: PreferenceDatase
     if not args.data_aware:
         return None, "data_aware off"
     if dataset.num_with_hardness == 0:
-        raise ValueError(
+        raise DamaError(
             f"data_aware=True, but no pair of {args.train_file} has a hardness (no `hardness` column, nor "
             "`chosen_logits` / `rejected_logits`): score the data with `dama hardness` first, or pass "
             "--data_aware false"
@@ -82,7 +83,7 @@ def check_data_file(args: DamaTrainingArguments, name: str) -> CheckedInput:
     """Every row of the file in field `name` (train_file or eval_file) checked and the bad ones left out or raised."""
     path = getattr(args, name)
     if not Path(path).exists():
-        raise ValueError(f"{name} {path} does not exist")
+        raise DamaError(f"{name} {path} does not exist")
     checks = RowChecks(hardness=True, reference=args.reference == "precomputed")
     return check_input(path, checks, on_bad_row=args.on_bad_row, skip_hint=SKIP_HINT, image_folder=args.image_folder)
 
@@ -124,26 +125,23 @@ def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGenera
 def build_trainer(args: DamaTrainingArguments) -> DamaTrainer:
     """The trainer, its data checked row by row (the rows left out are in `trainer.skip_reports`)."""
     if not args.model_name_or_path or not args.train_file:
-        raise ValueError("model_name_or_path and train_file are required (in the YAML or on the command line)")
+        raise DamaError("model_name_or_path and train_file are required (in the YAML or on the command line)")
     if args.reference == "online" and is_deepspeed_zero3_enabled():
-        raise ValueError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
-                         "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
+        raise DamaError("reference='online' is not supported under ZeRO-3 (the copy would hold partitioned weights "
+                        "outside the engine): precompute the reference log-probs with `dama precompute-ref`")
     if args.lora_rank and args.model_dtype != "float32" and not (args.bf16 or args.fp16 or args.deepspeed):
-        raise ValueError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
-                         "fp32 adapters then run under autocast beside the 16-bit frozen weights")
+        raise DamaError(f"lora_rank > 0 with model_dtype={args.model_dtype} needs --bf16 true (or --fp16 true): the "
+                        "fp32 adapters then run under autocast beside the 16-bit frozen weights")
     # The rows are checked before the model loads: a bad row costs seconds, not a model load.
     checked = {name: check_data_file(args, name) for name in ("train_file", "eval_file") if getattr(args, name)}
     llava, processor = load_llava(args.model_name_or_path, args.model_dtype)
     policy, ref_policy, adapters = prepare_models(args, llava)
-    template = ConversationTemplate(system=args.system_prompt)
     pairs = {}
     for name, data in checked.items():
         path = getattr(args, name)
         record = read_metadata(path) if metadata_path(path).is_file() else None
         pairs[name] = PreferenceDataset(data.rows, processor, image_folder=data.image_folder,
-                                        max_length=args.max_length, overlong=args.overlong,
-                                        image_aspect_ratio=args.image_aspect_ratio, template=template,
-                                        reference_record=record)
+                                        reference_record=record, **dataset_options(args.encoding))
         data.report.add_overlong(pairs[name])
         if data.report.skipped:
             logger.warning("%s %s: %s; listed in %s", name, path, data.report.summary(),
@@ -188,7 +186,7 @@ def start_summary(trainer: DamaTrainer) -> str:
 
 def prepare_training(args: DamaTrainingArguments) -> tuple[RunFolderPlan, DamaTrainer | None]:
     """Start-up: what to do with output_dir, then the trainer and the run record. No trainer when there is nothing to
-    train: the run is complete, or it had reached its last step and its final model is now written. ValueError for bad
+    train: the run is complete, or it had reached its last step and its final model is now written. DamaError for bad
     input (config, data, model folder, output_dir), raised before anything is written."""
     plan = plan_run_folder(args.output_dir, resolved_config(args), resume=args.resume,
                            overwrite=args.overwrite_output_dir)
