@@ -15,7 +15,6 @@ sm_89 and sm_90 and hold it to the target's limits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -161,13 +160,7 @@ def device_blocks(kind: str, device: torch.device, dtype: torch.dtype) -> Linear
     """Blocks for a launch on `device`: the interpreter's, or those of the CUDA device's compute capability."""
     if running_in_interpreter() or device.type != "cuda":
         return INTERPRETER_BLOCKS
-    return _cuda_device_blocks(kind, device.index if device.index is not None else torch.cuda.current_device(), dtype)
-
-
-@functools.cache
-def _cuda_device_blocks(kind: str, device_index: int, dtype: torch.dtype) -> LinearLogprobBlocks:
-    """linear_logprob_blocks for a CUDA device, looked up once per (kind, device, dtype) rather than per call."""
-    return linear_logprob_blocks(kind, torch.cuda.get_device_capability(device_index), dtype)
+    return linear_logprob_blocks(kind, torch.cuda.get_device_capability(device), dtype)
 
 
 def vocab_split_count(blocks: LinearLogprobBlocks, num_tokens: int, vocab_size: int, device: torch.device) -> int:

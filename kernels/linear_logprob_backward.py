@@ -39,7 +39,9 @@ see `_add_product_fp32`). Offsets are int64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -228,6 +230,22 @@ def linear_logprob_d_logits_triton(
     ).run()
 
 
+@contextlib.contextmanager
+def fp32_partial_sums() -> Iterator[None]:
+    """Within the block, 16-bit cuBLAS products keep every partial sum in fp32.
+
+    By default torch lets cuBLAS reduce split-K partial sums in the 16-bit output dtype; the products here that write
+    d_hidden and d_weight in that dtype would then round more than once.
+    """
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = previous
+
+
 def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32, accumulated in fp32; 16-bit operands (CUDA only) are multiplied as they are."""
     if a.dtype == torch.float32:
@@ -266,7 +284,7 @@ def _add_product_rounded(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Te
 
     On a GPU that is cuBLAS's epilogue (beta = 1, fp32 compute); on the CPU the 16-bit operands arrive upcast.
     """
-    if a.dtype == accumulator.dtype:
+    if a.dtype == accumulator.dtype:  # beta = 1: cuBLAS reads the 16-bit accumulator into its fp32 epilogue
         return accumulator.addmm_(a, b)
     return accumulator.copy_(torch.addmm(accumulator.float(), a, b))
 
@@ -318,32 +336,36 @@ def linear_logprob_bwd_triton(
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_weight = None  # created by the first chunk's product
     d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_bias else None
-    for start in range(0, num_tokens, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, num_tokens))
-        d_logits = buffer[: rows.stop - start]  # (C, V)
-        grid = d_logits_grid(rows.stop - start, vocab_size, blocks)
-        chunk_skipped = tile_skipped[: grid[0]] if filtering else None
-        linear_logprob_d_logits_triton(
-            d_logits, hidden[rows], weight, labels[rows], bias, max_logit[rows], log_norm[rows],
-            grad_token_logps[rows], ignore_index, blocks, filter_eps, chunk_skipped,
-        )
-        record_tiles(chunk_skipped if filtering else 0, grid[0] * grid[1])
-        d_logits_operand = d_logits if native else d_logits.float()
-        if need_hidden:
-            d_hidden[rows] = _product_fp32(d_logits_operand, weight_operand)
-        if need_weight:
-            hidden_operand = hidden[rows] if native else hidden[rows].float()  # (C, H)
-            if d_weight is None:
-                if accumulate_fp32:
-                    d_weight = _product_fp32(d_logits_operand.T, hidden_operand)
-                else:  # in the weight's dtype, accumulated in fp32 (cuBLAS on a GPU, an upcast product on the CPU)
-                    d_weight = (d_logits_operand.T @ hidden_operand).to(weight.dtype)
-            elif accumulate_fp32:
-                _add_product_fp32(d_weight, d_logits_operand.T, hidden_operand)
-            else:
-                _add_product_rounded(d_weight, d_logits_operand.T, hidden_operand)
-        if need_bias:
-            d_bias += d_logits.sum(dim=0, dtype=torch.float32)
+    with fp32_partial_sums():
+        for start in range(0, num_tokens, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_tokens))
+            d_logits = buffer[: rows.stop - start]  # (C, V)
+            grid = d_logits_grid(rows.stop - start, vocab_size, blocks)
+            chunk_skipped = tile_skipped[: grid[0]] if filtering else None
+            linear_logprob_d_logits_triton(
+                d_logits, hidden[rows], weight, labels[rows], bias, max_logit[rows], log_norm[rows],
+                grad_token_logps[rows], ignore_index, blocks, filter_eps, chunk_skipped,
+            )
+            record_tiles(chunk_skipped if filtering else 0, grid[0] * grid[1])
+            d_logits_operand = d_logits if native else d_logits.float()
+            if need_hidden:
+                if native:  # written in hidden's dtype by the product itself: one rounding of an fp32 accumulation
+                    torch.mm(d_logits_operand, weight_operand, out=d_hidden[rows])
+                else:
+                    d_hidden[rows] = d_logits_operand @ weight_operand
+            if need_weight:
+                hidden_operand = hidden[rows] if native else hidden[rows].float()  # (C, H)
+                if d_weight is None:
+                    if accumulate_fp32:
+                        d_weight = _product_fp32(d_logits_operand.T, hidden_operand)
+                    else:  # in the weight's dtype, accumulated in fp32 (cuBLAS on a GPU, an upcast product on the CPU)
+                        d_weight = (d_logits_operand.T @ hidden_operand).to(weight.dtype)
+                elif accumulate_fp32:
+                    _add_product_fp32(d_weight, d_logits_operand.T, hidden_operand)
+                else:
+                    _add_product_rounded(d_weight, d_logits_operand.T, hidden_operand)
+            if need_bias:
+                d_bias += d_logits.sum(dim=0, dtype=torch.float32)
     # Free the d_logits buffer before a 16-bit copy of an fp32 d_weight is allocated: the two need not coexist.
     del buffer, d_logits, d_logits_operand
     return (

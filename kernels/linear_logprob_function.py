@@ -60,7 +60,7 @@ class LinearLogprobFunction(torch.autograd.Function):
             if params.impl == "triton":
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
                     grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
-                    device_blocks("backward", hidden.device, hidden.dtype), needs_grad, filter_eps=params.filter_eps,
+                    device_blocks("backward", hidden.device, hidden.dtype), needs_grad, None, params.filter_eps,
                 )
             else:
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
