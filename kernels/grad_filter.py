@@ -1,11 +1,11 @@
 """Gradient filtering of the fused head's backward: which d_logits tiles are dropped, and how many were.
 
 A tile of d_logits = g * (onehot - softmax) is filtered (written as zeros) when every |onehot - softmax| entry of its
-supervised rows is below a threshold eps. The default eps follows the input dtype: finfo(dtype).eps / 32, which is
-2^-12 for bf16 (the value of Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009) and 2^-15 for fp16 by the same
-ratio to the dtype's resolution; fp32 and fp64 default to 0, which filters nothing (the comparison is strict), so the
-gradient is exact. A filtered entry is a probability below eps that the 16-bit d_logits would carry with 8 (bf16) or
-11 (fp16) significant bits at most, a few units of the last place of a gradient whose largest entries are near 1.
+rows that receive a gradient is below a threshold eps. The default eps follows the input dtype: finfo(dtype).eps / 32,
+which is 2^-12 for bf16 (the value of Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009) and 2^-15 for fp16 by
+the same ratio to the dtype's resolution; fp32 and fp64 default to 0, which filters nothing (the comparison is strict),
+so their gradient is exact. A dropped entry is 32 times below the step between 16-bit values near 1, where the
+gradient's largest entries (the label's 1 - p) lie.
 
 Counting is off the hot path: the backward adds its tiles to a counter only inside `count_filtered_tiles()`, and the
 counts stay on the device until read.
