@@ -23,6 +23,11 @@ of tensor bytes allocated during forward + backward, not counting the inputs and
 Useful TFLOP/s counts 6 x supervised tokens x H x V per step, whatever a provider computes beyond that; on a GPU,
 % peak compares it with a large matmul in the same dtype timed in the same run.
 
+Gradient filtering: dama's backward filters d_logits tiles at the default threshold of the dtype
+(dama_kernels.grad_filter: 2^-12 in bf16, none in fp32); "filtered" is the share of tiles it filtered in the untimed
+step. The inputs are random, logits of unit spread over 32000 words: their softmax is flat, unlike a trained head's, so
+few tiles are filtered.
+
 Output: a table (ratios are a row over naive's and liger's; RSS+ is peak RSS over the RSS with the inputs built),
 dama's working memory at N and 2N tokens (regime a, H 256; it should not grow), the targets met or missed, and the
 records as JSON in --output.
@@ -50,6 +55,7 @@ import triton
 
 from dama_kernels import dama_sigmoid_loss, sequence_logps
 from dama_kernels.functional import CHUNK_ELEMENTS
+from dama_kernels.grad_filter import count_filtered_tiles, default_filter_eps
 
 from .environment import REPO_ROOT, git_state
 from .memory import PeakReading, current_rss_bytes, peak_rss_bytes, track_peak
@@ -231,9 +237,11 @@ def _provider_notes(case: Case, device: torch.device) -> str:
     if case.provider == "liger":
         return f"eager, {LIGER_CHUNK_PAIRS} pair per chunk"
     if case.provider == "dama":
+        eps = default_filter_eps(DTYPES[case.dtype])
+        filtering = f"gradient filter eps 2^{math.log2(eps):.0f}" if eps else "no gradient filter"
         if device.type == "cuda":
-            return "impl=triton"
-        return f"impl=torch, {max(16, CHUNK_ELEMENTS // case.vocab_size)} rows per chunk"
+            return f"impl=triton, {filtering}"
+        return f"impl=torch, {max(16, CHUNK_ELEMENTS // case.vocab_size)} rows per chunk, {filtering}"
     return "full logits"
 
 
@@ -288,15 +296,17 @@ def run_case(case: Case, repeats: int, device: torch.device) -> dict:
         }
 
     rss_inputs = current_rss_bytes()
+    # The backward's filtered d_logits tiles are counted in the untimed step only: counting reads the tile maps.
     if device.type == "cuda":
         # Triton compiles and autotunes on the first call, so the peak is read over the timed steps.
-        loss = step()
+        with count_filtered_tiles() as tiles:
+            loss = step()
         clear_grads()  # else the warm-up's gradients sit in the baseline and their reallocation is not counted
         with track_peak(device) as reading:
             times = timed_steps(max(repeats, 1))
         memory = memory_fields(reading)
     else:
-        with track_peak(device) as reading:
+        with track_peak(device) as reading, count_filtered_tiles() as tiles:
             loss = step()  # also the warm-up: the profiler slows it, and its time is not used
         # Read now: the outputs left out must be this step's gradients.
         memory = memory_fields(reading)
@@ -314,6 +324,10 @@ def run_case(case: Case, repeats: int, device: torch.device) -> dict:
         "rss_peak_bytes": rss_peak,
         "rss_extra_bytes": rss_peak - rss_inputs,
         "loss": loss.item(),
+        # dama's backward only (the others filter nothing): d_logits tiles filtered of those computed in one step.
+        "filtered_tiles": tiles.skipped if tiles.total else None,
+        "tiles": tiles.total or None,
+        "filtered_tile_share": tiles.skipped_share,
         "notes": _provider_notes(case, device),
         "device": device.type,
         "device_name": _device_name(device),
@@ -412,7 +426,7 @@ def format_table(records: list[dict]) -> str:
     """One row per provider, grouped by regime and shape; ratios are this row over naive's and liger's."""
     gpu = any(r.get("device") == "cuda" for r in records)
     header = ["regime", "H", "tokens", "superv", "provider", "time s", "/naive", "/liger", "work MiB", "/naive",
-              "/liger", "RSS+ MiB", "TFLOP/s"] + (["% peak"] if gpu else [])
+              "/liger", "RSS+ MiB", "TFLOP/s"] + (["% peak"] if gpu else []) + ["filtered"]
     rows = [header]
     for r in records:
         if r["purpose"] != "comparison":
@@ -429,6 +443,8 @@ def format_table(records: list[dict]) -> str:
                f"{r['rss_extra_bytes'] / MIB:.0f}", _fmt(r["tflops"], ".3f")]
         if gpu:
             row.append(_fmt(r.get("peak_fraction") and 100 * r["peak_fraction"], ".0f"))
+        share = r.get("filtered_tile_share")
+        row.append("-" if share is None else f"{100 * share:.1f}%")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows if i < len(row) and len(row) == len(header)) for i in range(len(header))]
     # A skipped row is shorter: its reason fills the cells from the time onwards.

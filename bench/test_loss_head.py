@@ -125,6 +125,16 @@ def test_run_case_measures_the_fused_head_below_the_naive_one() -> None:
         assert record["time_s"] > 0 and record["peak_bytes"] > 0 and record["grad_bytes"] > 0
     # naive holds (S, T, V) logits; dama one chunk of the 32 supervised rows: far less.
     assert records["dama"]["peak_bytes"] < records["naive"]["peak_bytes"] / 4
+    # dama's backward counts its d_logits tiles (none filtered in fp32); naive has none.
+    assert records["dama"]["tiles"] > 0 and records["dama"]["filtered_tile_share"] == 0.0
+    assert records["naive"]["tiles"] is None and records["naive"]["filtered_tile_share"] is None
+
+
+def test_run_case_reports_the_filtered_tiles_in_bf16() -> None:
+    record = run_case(Case(provider="dama", regime="b", hidden_size=64, vocab_size=2003, num_pairs=2, dtype="bf16",
+                           **SMALL_LAYOUTS["b"]), repeats=0, device=DEVICE)
+    assert record["tiles"] > 0 and 0.0 <= record["filtered_tile_share"] <= 1.0
+    assert "gradient filter eps 2^-12" in record["notes"]
 
 
 def test_targets_follow_the_ratios() -> None:
@@ -154,7 +164,8 @@ def test_cli_writes_the_records(tmp_path) -> None:
     main(["--providers", "dama", "--regimes", "b", "--shapes", "64", "--repeats", "1", "--output", str(output)])
     (record,) = json.loads(output.read_text())
     for key in ("provider", "regime", "H", "V", "tokens", "supervised_tokens", "time_s", "peak_bytes",
-                "rss_peak_bytes", "ratios", "device", "dtype", "torch", "triton", "liger_kernel", "git_commit"):
+                "rss_peak_bytes", "ratios", "filtered_tile_share", "device", "dtype", "torch", "triton", "liger_kernel",
+                "git_commit"):
         assert key in record, key
     assert (record["provider"], record["regime"], record["tokens"], record["supervised_tokens"]) == ("dama", "b", 6288,
                                                                                                      1200)

@@ -18,8 +18,9 @@ Spilled registers (the cubin's stack frame) are reported, not judged: they cost 
 Precisions: fp16 / bf16 (16-bit tiles), fp32 (IEEE products, torch.get_float32_matmul_precision() "highest") and
 tf32x3 (fp32 tiles, precision "high" or "medium": three TF32 tensor-core products per fp32 product). The DAMA loss
 kernels receive fp32 log-probs whatever their dtype (dama_sigmoid_loss casts them), so their rows for every precision
-are the same compile. Variants: the log-prob kernels with and without a bias (the backward computing every gradient);
-the loss backward with and without a gradient for the per-pair losses.
+are the same compile. Variants: the log-prob kernels with and without a bias (the backward computing every gradient),
+and the d_logits kernel with gradient filtering (no bias, as LLaVA's head); the loss backward with and without a
+gradient for the per-pair losses.
 
 Compiling needs the real triton.jit functions: import this module with TRITON_INTERPRET unset (the interpreter swaps
 them for Python stand-ins). `dama selftest --compile-only` takes care of that.
@@ -50,7 +51,7 @@ from .launch_config import (
     linear_logprob_blocks,
     target_limits,
 )
-from .linear_logprob_backward import backward_chunk_rows, linear_logprob_d_logits_launch
+from .linear_logprob_backward import backward_chunk_rows, d_logits_grid, linear_logprob_d_logits_launch
 from .linear_logprob_forward import _linear_logprob_fwd_kernel, linear_logprob_fwd_launch
 
 TARGETS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
@@ -63,7 +64,7 @@ PRECISIONS = {
 }
 VARIANTS = {
     "linear_logprob_fwd": ("bias", "no bias"),
-    "linear_logprob_d_logits": ("bias", "no bias"),
+    "linear_logprob_d_logits": ("bias", "no bias", "no bias, filtered"),
     "dama_loss_fwd": ("-",),
     "dama_loss_bwd": ("grad losses", "no grad losses"),
 }
@@ -71,7 +72,10 @@ KERNELS = tuple(VARIANTS)
 # LLaVA-1.5-7B's head: 4 pairs of 150-token responses, H 4096, V 32064.
 NUM_TOKENS, HIDDEN_SIZE, VOCAB_SIZE, NUM_PAIRS = 1200, 4096, 32064, 4
 IGNORE_INDEX = -100
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                torch.int64: "i64"}
+# The threshold a filtered variant is built with: a runtime argument, so any value > 0 gives the same kernel.
+FILTER_EPS = 2.0**-12
 
 
 @dataclass(frozen=True)
@@ -137,9 +141,11 @@ def build_launch(spec: CompileSpec) -> KernelLaunch:
                 return linear_logprob_fwd_launch(hidden, weight, labels, bias, blocks)[0]
             # The backward launches the d_logits kernel on one chunk of rows at a time (here one chunk of them all).
             rows = min(NUM_TOKENS, backward_chunk_rows(VOCAB_SIZE, dtype))
+            filtering = spec.variant.endswith("filtered")
+            tile_skipped = empty(*d_logits_grid(rows, VOCAB_SIZE, blocks), dtype=torch.int32) if filtering else None
             return linear_logprob_d_logits_launch(
                 empty(rows, VOCAB_SIZE, dtype=dtype), hidden[:rows], weight, labels[:rows], bias, empty(rows),
-                empty(rows), empty(rows), IGNORE_INDEX, blocks,
+                empty(rows), empty(rows), IGNORE_INDEX, blocks, FILTER_EPS if filtering else 0.0, tile_skipped,
             )
         # dama_sigmoid_loss hands the loss kernels fp32 tensors whatever the log-probs' dtype.
         pairs = [empty(NUM_PAIRS, dtype=dtype).to(torch.float32) for _ in range(7)]
@@ -166,6 +172,8 @@ def specialise(launch: KernelLaunch, backend) -> tuple[dict, dict, dict]:
             attrs[(index,)] = divisible
         elif isinstance(value, bool):
             signature[name] = "i1"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif isinstance(value, int):
             if value == 1 and not param.do_not_specialize:
                 signature[name], constexprs[name] = "constexpr", 1

@@ -125,7 +125,9 @@ def poisoned_allocations():
 @dataclass(frozen=True)
 class LogprobCase:
     """Inputs of token_logps / sequence_logps: N x H hidden states, a V x H head with logits of spread
-    `logit_scale`, a fraction of the labels set to ignore_index."""
+    `logit_scale`, a fraction of the labels set to ignore_index. favoured_words > 0 concentrates the softmax and
+    every label on the first favoured_words words (a bias of FAVOURED_BIAS on them), as a trained head's softmax is
+    concentrated: most tiles of the backward's d_logits are then filtered in 16-bit."""
 
     name: str
     num_tokens: int
@@ -135,6 +137,7 @@ class LogprobCase:
     ignored_fraction: float = 0.25
     ignore_index: int = -100
     with_bias: bool = True
+    favoured_words: int = 0
 
     @property
     def well_conditioned(self) -> bool:
@@ -158,8 +161,11 @@ LOGPROB_CASES = (
     LogprobCase("ignored_tokens", 70, 40, 150, ignored_fraction=0.5, ignore_index=3, with_bias=False),
     LogprobCase("peaked", 90, 32, 300, logit_scale=30.0),
     LogprobCase("large_logits", 90, 32, 300, logit_scale=300.0),
+    LogprobCase("concentrated", 150, 40, 1000, favoured_words=100),
     LogprobCase("llava_7b_head", 37, 4096, 32064),
 )
+# Extra logit of the favoured words: the others' probabilities fall to about 1e-8, below the bf16 and fp16 thresholds.
+FAVOURED_BIAS = 12.0
 
 
 @dataclass(frozen=True)
@@ -173,8 +179,10 @@ class LogprobInputs:
 def make_logprob_inputs(case: LogprobCase, dtype: torch.dtype, device: torch.device | str) -> LogprobInputs:
     hidden = torch.randn(case.num_tokens, case.hidden_size, device=device)
     weight = torch.randn(case.vocab_size, case.hidden_size, device=device) * (case.logit_scale / case.hidden_size**0.5)
-    bias = torch.randn(case.vocab_size, device=device) if case.with_bias else None
-    labels = torch.randint(0, case.vocab_size, (case.num_tokens,), device=device)
+    bias = torch.randn(case.vocab_size, device=device) if case.with_bias or case.favoured_words else None
+    labels = torch.randint(0, case.favoured_words or case.vocab_size, (case.num_tokens,), device=device)
+    if case.favoured_words:
+        bias[: case.favoured_words] += FAVOURED_BIAS
     labels[torch.rand(case.num_tokens, device=device) < case.ignored_fraction] = case.ignore_index
     return LogprobInputs(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels)
 

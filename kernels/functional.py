@@ -7,15 +7,22 @@ Dtypes follow what F.linear does in the same place: under torch.autocast the hid
 head in the autocast dtype (a custom autograd Function is not autocast-aware by itself, so an fp32 model trained with
 --bf16 would otherwise reach the kernels in fp32); outside autocast, fp32 inputs multiply as
 torch.get_float32_matmul_precision() allows (see linear_logprob_forward.dot_settings). Softmax arithmetic is fp32.
+
+Value checks (label and sequence ids in range, finite temperatures, a positive normaliser) read tensor values: on a GPU
+each is a host sync that stalls the launch queue, so they run on CPU tensors always and on CUDA tensors only with
+DAMA_KERNELS_CHECK_VALUES=1 (a debugging switch; the shape, dtype and device checks always run).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import NamedTuple
 
 import torch
 
 from .dama_loss_function import DamaLossParams, DamaSigmoidLossFunction
+from .grad_filter import resolve_filter_eps
 from .launch_config import running_in_interpreter
 from .linear_logprob_function import LinearLogprobFunction, LinearLogprobParams
 from .linear_logprob_torch import compute_dtype_for
@@ -26,6 +33,7 @@ TORCH_DTYPES = (*TRITON_DTYPES, torch.float64)
 # Rows per chunk of the torch path when none is given: one chunk of logits then holds about 4M floats (16 MiB fp32).
 # Measured on 2 CPU cores at V 32000 (bench/loss_head.py): 16 MiB chunks run as fast as 32 MiB ones; 8 MiB ~20% slower.
 CHUNK_ELEMENTS = 1 << 22
+CHECK_VALUES_VARIABLE = "DAMA_KERNELS_CHECK_VALUES"
 
 
 class DamaLossOutput(NamedTuple):
@@ -64,11 +72,18 @@ def _check_device(reference: torch.Tensor, **tensors: torch.Tensor | None) -> No
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {reference.device}; move them together.")
 
 
+def checks_values(device: torch.device) -> bool:
+    """Whether the value checks run for tensors on `device`: always on the CPU, on a GPU only when asked."""
+    return device.type == "cpu" or os.environ.get(CHECK_VALUES_VARIABLE, "0") == "1"
+
+
 def _check_ids(name: str, ids: torch.Tensor, length: int, upper: int, what: str, allowed: int | None = None) -> None:
     if ids.dim() != 1 or ids.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},) to match hidden, got {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if not checks_values(ids.device):
+        return
     out_of_range = (ids < 0) | (ids >= upper)
     if allowed is not None:
         out_of_range &= ids != allowed
@@ -106,11 +121,13 @@ def _supervised_token_logps(
     ignore_index: int,
     impl: str,
     chunk_size: int | None,
+    grad_filter_eps: float | None,
+    gather_supervised: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validates, then scores only the supervised rows.
+    """Validates, then scores only the supervised rows (every row when gather_supervised is False).
 
     Returns (logps, rows): logps (M,) for the M supervised tokens and rows (M,) their positions in hidden, or
-    rows = None when every token is supervised (then logps is (N,)).
+    rows = None when every row was scored (then logps is (N,)).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (tokens, hidden_size), got shape {tuple(hidden.shape)}")
@@ -135,13 +152,18 @@ def _supervised_token_logps(
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
 
+    filter_eps = resolve_filter_eps(grad_filter_eps, hidden.dtype)
+
     labels = labels.contiguous()
-    supervised = labels != ignore_index
     rows = None
-    if not bool(supervised.all()):
-        rows = supervised.nonzero().squeeze(1)  # (M,)
-        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
-    params = LinearLogprobParams(ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
+    if gather_supervised:
+        # One host sync on a GPU: nonzero must learn M before it can allocate.
+        rows = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
+        if rows.shape[0] == labels.shape[0]:
+            rows = None
+        else:
+            hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    params = LinearLogprobParams(ignore_index=ignore_index, impl=impl, chunk_size=chunk_size, filter_eps=filter_eps)
     if hidden.shape[0] == 0:
         # Empty views keep the graph, so a backward still reaches hidden, weight and bias, with zero gradients.
         anchor = sum(t[:0].sum() for t in (hidden, weight, bias) if t is not None)
@@ -158,6 +180,8 @@ def token_logps(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
+    grad_filter_eps: float | None = None,
+    gather_supervised: bool = True,
 ) -> torch.Tensor:
     """Log-probability of each token's label under the linear head, without building the (N, V) logits.
 
@@ -168,9 +192,16 @@ def token_logps(
     Shapes:
         hidden (N, H) fp16/bf16/fp32 (fp64 too with impl="torch"); weight (V, H) same dtype; labels (N,) integer in
         [0, V) or ignore_index; bias (V,) or None -> (N,) fp32 (fp64 for fp64 inputs).
-    chunk_size: rows per chunk of the torch path (working memory chunk_size x V); None picks about 8M logits.
+    chunk_size: rows per chunk of the torch path (working memory chunk_size x V); None picks about 4M logits.
+    grad_filter_eps: the backward drops each tile of d_logits whose |onehot - softmax| entries are all below it
+        (dama_kernels.grad_filter); None picks it from the dtype: 2^-12 for bf16, 2^-15 for fp16, 0 (exact) for
+        fp32 and fp64. 0 turns filtering off.
+    gather_supervised: True scores only the rows whose label is not ignore_index, which costs a host sync on a GPU to
+        find them; False scores every row (ignored ones give 0 and no gradient) without reading the labels, the
+        cheaper call when the caller has gathered the supervised rows already.
     """
-    logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size)
+    logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size,
+                                          grad_filter_eps, gather_supervised)
     if rows is None:
         return logps
     return logps.new_zeros(hidden.shape[0]).index_copy(0, rows, logps)
@@ -187,6 +218,8 @@ def sequence_logps(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
+    grad_filter_eps: float | None = None,
+    gather_supervised: bool = True,
 ) -> torch.Tensor:
     """Sum of token log-probs per sequence, for tokens of several sequences packed in any order.
 
@@ -197,7 +230,8 @@ def sequence_logps(
     """
     if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
         raise ValueError(f"num_seqs must be a non-negative int, got {num_seqs!r}")
-    logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size)
+    logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size,
+                                          grad_filter_eps, gather_supervised)
     _check_device(hidden, seq_ids=seq_ids)
     _check_ids("seq_ids", seq_ids, hidden.shape[0], num_seqs, f"(num_seqs={num_seqs})")
     if rows is not None:
@@ -216,6 +250,10 @@ def sum_per_sequence(token_values: torch.Tensor, seq_ids: torch.Tensor, num_seqs
 
 def _as_pair_tensor(name: str, value, num_pairs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A float or a (P,) / 0-dim tensor as a detached contiguous (P,) tensor of `dtype`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} has non-finite values")
+        return torch.full((num_pairs,), value, dtype=dtype, device=device)  # a fill, no host-to-device copy
     tensor = torch.as_tensor(value, device=device).detach()
     if tensor.dim() == 0:
         tensor = tensor.expand(num_pairs)
@@ -224,7 +262,7 @@ def _as_pair_tensor(name: str, value, num_pairs: int, dtype: torch.dtype, device
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device} but the log-probs are on {device}; move them together.")
     tensor = tensor.to(dtype).contiguous()
-    if not bool(torch.isfinite(tensor).all()):
+    if checks_values(device) and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} has non-finite values")
     return tensor
 
@@ -281,8 +319,12 @@ def dama_sigmoid_loss(
     )
     if num_selected is None:
         num_selected = mask.sum().clamp(min=1)
+    elif isinstance(num_selected, int | float) and not isinstance(num_selected, bool):
+        if not num_selected > 0:
+            raise ValueError(f"num_selected must be a positive scalar, got {num_selected}")
+        num_selected = torch.full((), num_selected, dtype=dtype, device=device)
     num_selected = torch.as_tensor(num_selected, device=device).detach().to(dtype)
-    if num_selected.dim() != 0 or not bool(num_selected > 0):
+    if num_selected.dim() != 0 or (checks_values(device) and not bool(num_selected > 0)):
         raise ValueError(f"num_selected must be a positive scalar, got {num_selected}")
     return DamaLossOutput(
         *DamaSigmoidLossFunction.apply(

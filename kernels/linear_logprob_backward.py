@@ -7,35 +7,47 @@ What: with upstream gradient g (0 on ignored rows) and the forward's normaliser 
 Strategy: the rows are cut into chunks of C rows (`backward_chunk_rows`). For each chunk a Triton kernel recomputes the
 logit tiles (a GEMM over the hidden size, `logit_tile`), applies the softmax gradient in fp32 in registers and stores
 d_logits once, in the input dtype, into a (C, V) buffer; the fp32 logits never reach memory. The two gradient matmuls
-then run as plain GEMMs on that buffer: d_hidden[chunk] = d_logits @ W, and d_weight += d_logits^T @ h[chunk] into one
-fp32 accumulator across chunks. On a GPU those are cuBLAS calls on the 16-bit operands with fp32 accumulation and fp32
-results (`out_dtype`), so every heavy product runs on tensor cores and every output element has a single writer: no
-atomics, and the gradients do not depend on scheduling. d_bias is the fp32 column sum of the stored d_logits.
+then run as plain GEMMs on that buffer: d_hidden[chunk] = d_logits @ W, and d_weight (+)= d_logits^T @ h[chunk]. On a
+GPU those are cuBLAS calls on the 16-bit operands with fp32 accumulation, so every heavy product runs on tensor cores
+and every output element has a single writer: no atomics, and the gradients do not depend on scheduling. d_bias is the
+fp32 column sum of the stored d_logits.
+
+Gradient filtering (`filter_eps` > 0, the FILTER variant of the kernel; dama_kernels.grad_filter): a program whose tile
+has every |onehot - softmax| of its rows with a gradient below filter_eps stores zeros and flags the tile in a small
+(row blocks, vocabulary blocks) int32 map, which the counter of grad_filter reads when asked. The GEMMs are dense: they
+multiply the zeros too, so filtering changes the arithmetic, not yet the time (skipping the flagged tiles needs
+block-sparse products that read the map).
 
 FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS). What the
 split costs in memory traffic: d_logits (N x V over all chunks, in the input dtype) is written once and read by each
-matmul, and the fp32 d_weight accumulator is read and written once per chunk.
+matmul, and d_weight is read and written once per chunk after the first.
 
 Numerics: d_logits is rounded to the input dtype before its two matmuls, as autograd through a 16-bit lm_head does (fp16
 then relies on loss scaling to keep tiny probabilities from underflowing; fp32 inputs keep fp32 d_logits); both products
-accumulate in fp32, and so does d_weight across chunks, which is cast to the weight's dtype once at the end. Under the
-Triton interpreter tiles are upcast (`UPCAST_DOT`) and the matmuls run on the CPU on upcast fp32 operands; the
-interpreter rounds fp32 -> bf16 stores toward zero, where a GPU rounds to nearest, so there bf16 d_logits carry up to
-one unit in the last place instead of half.
+accumulate in fp32. d_weight is kept in the weight's dtype, without a (V, H) fp32 buffer, up to MAX_ROUNDED_CHUNKS
+chunks: each chunk's sum (previous d_weight + product) is formed in fp32 and rounded once, so a single chunk is rounded
+exactly once, as autograd's is, and four chunks at most four times (each within half a unit in the last place). More
+chunks of 16-bit inputs accumulate in fp32 and are cast once at the end. Under the Triton interpreter tiles are upcast
+(`UPCAST_DOT`) and the matmuls run on the CPU on upcast fp32 operands; the interpreter rounds fp32 -> bf16 stores
+toward zero, where a GPU rounds to nearest, so there bf16 d_logits carry up to one unit in the last place instead of
+half.
 
-Limits: the working memory is the (C, V) buffer, never (N, V); the d_weight accumulator is (V, H) fp32, twice the size
-of a 16-bit weight gradient (and a torch whose addmm refuses an fp32 addend needs a second one per chunk, see
-`_add_product`). Offsets are int64.
+Limits: the working memory is the (C, V) buffer, never (N, V), plus a (V, H) fp32 accumulator beyond
+MAX_ROUNDED_CHUNKS chunks of 16-bit inputs (and, when a torch's addmm refuses an fp32 addend, a second one per chunk,
+see `_add_product_fp32`). Offsets are int64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+from .grad_filter import record_tiles
 from .launch_config import KernelLaunch, LinearLogprobBlocks
 from .linear_logprob_forward import dot_settings
 from .linear_logprob_tiles import logit_tile
@@ -46,6 +58,10 @@ from .linear_logprob_tiles import logit_tile
 D_LOGITS_CHUNK_BYTES = 128 * 2**20
 # Chunks hold whole row blocks of every GPU tile height we launch, so only the last chunk has a masked row block.
 CHUNK_ROW_MULTIPLE = 256
+# Most chunks whose d_weight products are summed in the 16-bit weight dtype (one rounding per chunk, each at most half
+# a unit in the last place: at most 2 units over 4 chunks, the bound the chunked-backward test holds); beyond it an fp32
+# accumulator. 4 chunks of 2048 rows cover 8192 tokens of a 32k-vocabulary head in 16-bit.
+MAX_ROUNDED_CHUNKS = 4
 
 
 def backward_chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
@@ -65,6 +81,7 @@ def _linear_logprob_d_logits_kernel(
     log_norm_ptr,
     grad_ptr,
     d_logits_ptr,
+    tile_skipped_ptr,
     # strides
     stride_hidden_n,
     stride_hidden_h,
@@ -76,8 +93,10 @@ def _linear_logprob_d_logits_kernel(
     hidden_size,
     vocab_size,
     ignore_index,
+    filter_eps,
     # meta
     HAS_BIAS: tl.constexpr,
+    FILTER: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -108,11 +127,23 @@ def _linear_logprob_d_logits_kernel(
     probs = tl.exp((logits - max_logit[:, None]) - log_norm[:, None])
     onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
     d_logits = grad[:, None] * (onehot - probs)  # (BLOCK_N, BLOCK_V) fp32
+    if FILTER:
+        # Only rows that receive a gradient decide: ignored and masked rows are zeros whatever their softmax.
+        counted = (grad != 0.0)[:, None] & col_ok[None, :]
+        largest = tl.max(tl.max(tl.where(counted, tl.abs(onehot - probs), 0.0), axis=1), axis=0)
+        skipped = largest < filter_eps
+        d_logits = tl.where(skipped, 0.0, d_logits)
+        tl.store(tile_skipped_ptr + block_row * tl.num_programs(1) + block_col, skipped.to(tl.int32))
     tl.store(
         d_logits_ptr + rows[:, None] * stride_d_logits_n + cols[None, :],
         d_logits.to(d_logits_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
+
+
+def d_logits_grid(num_rows: int, vocab_size: int, blocks: LinearLogprobBlocks) -> tuple[int, int]:
+    """(row blocks, vocabulary blocks) of the d_logits kernel for C rows: one program, and one tile, each."""
+    return triton.cdiv(num_rows, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)
 
 
 def linear_logprob_d_logits_launch(
@@ -126,15 +157,22 @@ def linear_logprob_d_logits_launch(
     grad_token_logps: torch.Tensor,
     ignore_index: int,
     blocks: LinearLogprobBlocks,
+    filter_eps: float = 0.0,
+    tile_skipped: torch.Tensor | None = None,
 ) -> KernelLaunch:
     """The d_logits kernel's launch for C rows, which writes every element of `d_logits`.
 
     Shapes: d_logits (C, V) contiguous, in hidden's dtype; hidden (C, H); weight (V, H); labels (C,) contiguous;
     bias (V,) or None; max_logit, log_norm (C,) fp32 from the forward; grad_token_logps (C,) contiguous.
+    filter_eps > 0 filters tiles (see grad_filter) and needs tile_skipped, an int32 tensor of d_logits_grid's shape,
+    contiguous, in which each program writes 1 if it filtered its tile, else 0.
     """
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     upcast, precision = dot_settings(hidden.dtype)
+    filtering = filter_eps > 0
+    if filtering and (tile_skipped is None or tile_skipped.shape != d_logits_grid(num_rows, vocab_size, blocks)):
+        raise ValueError("filter_eps > 0 needs tile_skipped, an int32 tensor of d_logits_grid's shape")
     arguments = dict(
         hidden_ptr=hidden,
         weight_ptr=weight,
@@ -144,6 +182,7 @@ def linear_logprob_d_logits_launch(
         log_norm_ptr=log_norm,
         grad_ptr=grad_token_logps,
         d_logits_ptr=d_logits,
+        tile_skipped_ptr=tile_skipped if filtering else labels,  # never written when FILTER is False
         stride_hidden_n=hidden.stride(0),
         stride_hidden_h=hidden.stride(1),
         stride_weight_v=weight.stride(0),
@@ -153,7 +192,9 @@ def linear_logprob_d_logits_launch(
         hidden_size=hidden_size,
         vocab_size=vocab_size,
         ignore_index=ignore_index,
+        filter_eps=float(filter_eps),
         HAS_BIAS=bias is not None,
+        FILTER=filtering,
         UPCAST_DOT=upcast,
         INPUT_PRECISION=precision,
         BLOCK_N=blocks.block_n,
@@ -162,7 +203,7 @@ def linear_logprob_d_logits_launch(
     )
     return KernelLaunch(
         kernel=_linear_logprob_d_logits_kernel,
-        grid=(triton.cdiv(num_rows, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v)),
+        grid=d_logits_grid(num_rows, vocab_size, blocks),
         arguments=arguments,
         options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
     )
@@ -179,11 +220,30 @@ def linear_logprob_d_logits_triton(
     grad_token_logps: torch.Tensor,
     ignore_index: int,
     blocks: LinearLogprobBlocks,
+    filter_eps: float = 0.0,
+    tile_skipped: torch.Tensor | None = None,
 ) -> None:
-    """Launch the d_logits kernel for C rows (shapes as in linear_logprob_d_logits_launch)."""
+    """Launch the d_logits kernel for C rows (arguments as in linear_logprob_d_logits_launch)."""
     linear_logprob_d_logits_launch(
-        d_logits, hidden, weight, labels, bias, max_logit, log_norm, grad_token_logps, ignore_index, blocks
+        d_logits, hidden, weight, labels, bias, max_logit, log_norm, grad_token_logps, ignore_index, blocks,
+        filter_eps, tile_skipped,
     ).run()
+
+
+@contextlib.contextmanager
+def fp32_partial_sums() -> Iterator[None]:
+    """Within the block, 16-bit cuBLAS products keep every partial sum in fp32.
+
+    By default torch lets cuBLAS reduce split-K partial sums in the 16-bit output dtype; the products here that write
+    d_hidden and d_weight in that dtype would then round more than once.
+    """
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = previous
 
 
 def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,6 +258,7 @@ def _addmm_takes_fp32_addend(device: torch.device) -> bool:
     """Whether this torch's addmm(out_dtype=fp32) adds 16-bit products into an fp32 tensor in place on `device`.
 
     Some releases with out_dtype require the addend in the operands' dtype; they get a separate product instead.
+    Probed once per device, on the first backward that needs an fp32 accumulator.
     """
     accumulator = torch.ones((1, 1), dtype=torch.float32, device=device)
     operand = torch.full((1, 1), 3.0, dtype=torch.bfloat16, device=device)
@@ -208,16 +269,24 @@ def _addmm_takes_fp32_addend(device: torch.device) -> bool:
     return accumulator.item() == 10.0
 
 
-def _add_product(accumulator: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """accumulator + a @ b in fp32, updated in place (a @ b alone when accumulator is None)."""
-    if accumulator is None:
-        return _product_fp32(a, b)
+def _add_product_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """accumulator (fp32) += a @ b, the product accumulated in fp32, in place."""
     if a.dtype == torch.float32:
         return accumulator.addmm_(a, b)
     if _addmm_takes_fp32_addend(a.device):
         # cuBLAS reads the fp32 accumulator in its epilogue: no (V, H) temporary, one read and one write of it.
         return torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
     return accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+def _add_product_rounded(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """accumulator (16-bit) <- round(accumulator + a @ b), the sum formed in fp32 and rounded once, in place.
+
+    On a GPU that is cuBLAS's epilogue (beta = 1, fp32 compute); on the CPU the 16-bit operands arrive upcast.
+    """
+    if a.dtype == accumulator.dtype:  # beta = 1: cuBLAS reads the 16-bit accumulator into its fp32 epilogue
+        return accumulator.addmm_(a, b)
+    return accumulator.copy_(torch.addmm(accumulator.float(), a, b))
 
 
 def linear_logprob_bwd_triton(
@@ -232,13 +301,15 @@ def linear_logprob_bwd_triton(
     blocks: LinearLogprobBlocks,
     needs_grad: tuple[bool, bool, bool],
     chunk_rows: int | None = None,
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, chunk by chunk.
 
     Shapes: grad_token_logps (N,), hidden (N, H) with N >= 1, weight (V, H), labels (N,) contiguous, bias (V,) or
     None, max_logit (N,) and log_norm (N,) fp32 from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
-    `chunk_rows` overrides backward_chunk_rows (tests and benchmarks).
+    `chunk_rows` overrides backward_chunk_rows (tests and benchmarks). `filter_eps` > 0 filters d_logits tiles
+    (dama_kernels.grad_filter); 0 computes every tile exactly.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
     need_hidden, need_weight, need_bias = needs_grad
@@ -251,27 +322,51 @@ def linear_logprob_bwd_triton(
     # operands are upcast, the weight once per call.
     native = hidden.is_cuda or hidden.dtype == torch.float32
     weight_operand = weight if native else weight.float()  # (V, H)
+    num_chunks = triton.cdiv(num_tokens, chunk_rows)
+    # d_weight is written in the weight's dtype, without a (V, H) fp32 buffer, where that costs at most
+    # MAX_ROUNDED_CHUNKS roundings of a sum formed in fp32: a single chunk's product is rounded once, as the fp32
+    # accumulator's final cast did; fp32 keeps its own dtype throughout.
+    accumulate_fp32 = need_weight and num_chunks > MAX_ROUNDED_CHUNKS and weight.dtype != torch.float32
 
-    buffer = torch.empty((min(chunk_rows, num_tokens), vocab_size), dtype=hidden.dtype, device=hidden.device)
+    buffer_rows = min(chunk_rows, num_tokens)
+    buffer = torch.empty((buffer_rows, vocab_size), dtype=hidden.dtype, device=hidden.device)
+    filtering = filter_eps > 0
+    tile_skipped = torch.empty(d_logits_grid(buffer_rows, vocab_size, blocks), dtype=torch.int32,
+                               device=hidden.device) if filtering else None
     d_hidden = torch.empty_like(hidden) if need_hidden else None
-    d_weight = None  # fp32 accumulator, created by the first chunk's product
+    d_weight = None  # created by the first chunk's product
     d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_bias else None
-    for start in range(0, num_tokens, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, num_tokens))
-        d_logits = buffer[: rows.stop - start]  # (C, V)
-        linear_logprob_d_logits_triton(
-            d_logits, hidden[rows], weight, labels[rows], bias, max_logit[rows], log_norm[rows],
-            grad_token_logps[rows], ignore_index, blocks,
-        )
-        d_logits_operand = d_logits if native else d_logits.float()
-        if need_hidden:
-            d_hidden[rows] = _product_fp32(d_logits_operand, weight_operand)
-        if need_weight:
-            hidden_operand = hidden[rows] if native else hidden[rows].float()  # (C, H)
-            d_weight = _add_product(d_weight, d_logits_operand.T, hidden_operand)
-        if need_bias:
-            d_bias += d_logits.sum(dim=0, dtype=torch.float32)
-    # Free the d_logits buffer before the 16-bit copy of d_weight is allocated: the two need not coexist at the peak.
+    with fp32_partial_sums():
+        for start in range(0, num_tokens, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_tokens))
+            d_logits = buffer[: rows.stop - start]  # (C, V)
+            grid = d_logits_grid(rows.stop - start, vocab_size, blocks)
+            chunk_skipped = tile_skipped[: grid[0]] if filtering else None
+            linear_logprob_d_logits_triton(
+                d_logits, hidden[rows], weight, labels[rows], bias, max_logit[rows], log_norm[rows],
+                grad_token_logps[rows], ignore_index, blocks, filter_eps, chunk_skipped,
+            )
+            record_tiles(chunk_skipped if filtering else 0, grid[0] * grid[1])
+            d_logits_operand = d_logits if native else d_logits.float()
+            if need_hidden:
+                if native:  # written in hidden's dtype by the product itself: one rounding of an fp32 accumulation
+                    torch.mm(d_logits_operand, weight_operand, out=d_hidden[rows])
+                else:
+                    d_hidden[rows] = d_logits_operand @ weight_operand
+            if need_weight:
+                hidden_operand = hidden[rows] if native else hidden[rows].float()  # (C, H)
+                if d_weight is None:
+                    if accumulate_fp32:
+                        d_weight = _product_fp32(d_logits_operand.T, hidden_operand)
+                    else:  # in the weight's dtype, accumulated in fp32 (cuBLAS on a GPU, an upcast product on the CPU)
+                        d_weight = (d_logits_operand.T @ hidden_operand).to(weight.dtype)
+                elif accumulate_fp32:
+                    _add_product_fp32(d_weight, d_logits_operand.T, hidden_operand)
+                else:
+                    _add_product_rounded(d_weight, d_logits_operand.T, hidden_operand)
+            if need_bias:
+                d_bias += d_logits.sum(dim=0, dtype=torch.float32)
+    # Free the d_logits buffer before a 16-bit copy of an fp32 d_weight is allocated: the two need not coexist.
     del buffer, d_logits, d_logits_operand
     return (
         d_hidden,

@@ -181,8 +181,11 @@ def linear_logprob_fwd_triton(
     """
     launch, partial_max, partial_sum, target_logits = linear_logprob_fwd_launch(hidden, weight, labels, bias, blocks)
     launch.run()
-    max_logit = partial_max.max(dim=0).values  # (N,)
-    log_norm = (partial_sum * torch.exp(partial_max - max_logit)).sum(dim=0).log()  # (N,)
+    if partial_max.shape[0] == 1:  # one vocabulary range: nothing to combine, one launch instead of five
+        max_logit, log_norm = partial_max[0], partial_sum[0].log()  # (N,)
+    else:
+        max_logit = partial_max.max(dim=0).values  # (N,)
+        log_norm = (partial_sum * torch.exp(partial_max - max_logit)).sum(dim=0).log()  # (N,)
     supervised = labels != ignore_index
     token_logps = torch.where(supervised, (target_logits - max_logit) - log_norm, torch.zeros_like(log_norm))
     return token_logps, max_logit, log_norm

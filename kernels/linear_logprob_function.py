@@ -14,11 +14,13 @@ from .linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_t
 
 @dataclass(frozen=True)
 class LinearLogprobParams:
-    """Non-tensor arguments. impl is "triton" or "torch" (already resolved); chunk_size is for the torch path."""
+    """Non-tensor arguments. impl is "triton" or "torch" (already resolved); chunk_size is for the torch path;
+    filter_eps is the backward's gradient-filter threshold (dama_kernels.grad_filter, 0: exact)."""
 
     ignore_index: int
     impl: str
     chunk_size: int
+    filter_eps: float = 0.0
 
 
 class LinearLogprobFunction(torch.autograd.Function):
@@ -58,11 +60,11 @@ class LinearLogprobFunction(torch.autograd.Function):
             if params.impl == "triton":
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
                     grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
-                    device_blocks("backward", hidden.device, hidden.dtype), needs_grad,
+                    device_blocks("backward", hidden.device, hidden.dtype), needs_grad, None, params.filter_eps,
                 )
             else:
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(
                     grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
-                    params.chunk_size, needs_grad,
+                    params.chunk_size, needs_grad, params.filter_eps,
                 )
         return d_hidden, d_weight, d_bias, None, None

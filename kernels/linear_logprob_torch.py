@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .grad_filter import FILTER_TILE_COLS, FILTER_TILE_ROWS, filtered_tiles, record_tiles, tile_mask
+
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every 16/32-bit input; fp64 stays fp64 so that gradcheck can run on this path."""
@@ -80,12 +82,14 @@ def linear_logprob_bwd_torch(
     ignore_index: int,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, recomputing logits per chunk.
 
     Shapes: grad_token_logps (N,), hidden (N, H), weight (V, H), labels (N,), bias (V,) or None,
     max_logit (N,), log_norm (N,) from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
+    `filter_eps` > 0 zeroes the d_logits tiles that grad_filter.filtered_tiles picks; 0 keeps every one.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
     need_hidden, need_weight, need_bias = needs_grad
@@ -106,6 +110,12 @@ def linear_logprob_bwd_torch(
         d_logits = _chunk_logits(hidden_chunk, weight_c, bias_c)  # (C, V), reused in place to hold dlogits
         d_logits.sub_(max_logit[rows].unsqueeze(1)).sub_(log_norm[rows].unsqueeze(1)).exp_().neg_()
         d_logits.scatter_add_(1, safe_labels[rows].unsqueeze(1), torch.ones_like(d_logits[:, :1]))
+        if filter_eps > 0:
+            skipped = filtered_tiles(d_logits, grad[rows] != 0, filter_eps)  # (row tiles, vocabulary tiles)
+            d_logits.masked_fill_(tile_mask(skipped, *d_logits.shape), 0.0)
+            record_tiles(skipped, skipped.numel())
+        else:
+            record_tiles(0, -(-d_logits.shape[0] // FILTER_TILE_ROWS) * -(-d_logits.shape[1] // FILTER_TILE_COLS))
         d_logits.mul_(grad[rows].unsqueeze(1))
         if need_hidden:
             d_hidden[rows] = (d_logits @ weight_c).to(hidden.dtype)

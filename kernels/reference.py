@@ -53,6 +53,46 @@ def reference_sequence_logps(
     return sums.index_add(0, seq_ids.long(), token_logps)
 
 
+def reference_filtered_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_token_logps: torch.Tensor,
+    filter_eps: float,
+    tile_rows: int,
+    tile_cols: int,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Gradients of sum(grad_token_logps * token_logps) with gradient filtering, from the full logits.
+
+    d_logits = g * (onehot - softmax), g = 0 on ignored rows; the (tile_rows x tile_cols) tiles counted from (0, 0)
+    in which every |onehot - softmax| of a row with g != 0 is below filter_eps are set to zero (filter_eps = 0: none).
+
+    Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None, grad_token_logps (N,) -> (d_hidden (N, H),
+    d_weight (V, H), d_bias (V,)) in `compute_dtype`, and the number of filtered tiles.
+    """
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    logits = h @ w.T  # (N, V)
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    supervised = labels != ignore_index
+    safe_labels = torch.where(supervised, labels, torch.zeros_like(labels)).long()
+    grad = torch.where(supervised, grad_token_logps.to(compute_dtype), 0.0)
+    unscaled = F.one_hot(safe_labels, logits.shape[1]).to(compute_dtype) - logits.softmax(dim=-1)
+    d_logits = grad[:, None] * unscaled
+    filtered = 0
+    for row in range(0, logits.shape[0], tile_rows):
+        for col in range(0, logits.shape[1], tile_cols):
+            tile = unscaled[row : row + tile_rows, col : col + tile_cols]
+            deciding = tile[grad[row : row + tile_rows] != 0]
+            if filter_eps > 0 and (deciding.numel() == 0 or deciding.abs().max() < filter_eps):
+                d_logits[row : row + tile_rows, col : col + tile_cols] = 0
+                filtered += 1
+    return d_logits @ w, d_logits.T @ h, d_logits.sum(dim=0), filtered
+
+
 def reference_dama_sigmoid_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -6,7 +6,8 @@ dama_sigmoid_loss against float64 references, over the case grid (a single token
 and large logits, LLaVA-1.5-7B's head at small N) in every dtype the device supports, for the Triton kernels and the
 chunked torch path on a GPU (the torch path on a CPU, the Triton interpreter too under TRITON_INTERPRET=1). On a GPU,
 "tf32x3" runs fp32 inputs with torch.set_float32_matmul_precision("high"). One timing line per shape compares the
-forward + backward of sequence_logps (impl="auto") with the full-logits head.
+forward + backward of sequence_logps (impl="auto") with the full-logits head. The 16-bit checks run with gradient
+filtering at its default thresholds (dama_kernels.grad_filter); a line counts the tiles it filtered.
 
 --compile-only builds every Triton kernel ahead of time for the targets of --arch (no GPU needed) and prints each
 kernel's shared memory against the target's limit (dama_kernels.aot_compile).
@@ -35,6 +36,7 @@ from . import checks
 from .aot_compile import PRECISIONS, TARGETS
 from .checks import LOGPROB_CASES, LOSS_CASES, Comparison
 from .functional import sequence_logps
+from .grad_filter import count_filtered_tiles
 from .launch_config import KIB, KINDS, linear_logprob_blocks, running_in_interpreter
 
 LOSS_DTYPES = ("fp32", "bf16", "fp16")
@@ -54,6 +56,8 @@ class CheckRecord:
     precision: str
     comparisons: list[Comparison] = field(default_factory=list)
     error: str = ""
+    tiles_filtered: int = 0  # d_logits tiles the backward filtered (dama_kernels.grad_filter), of tiles_total
+    tiles_total: int = 0
 
     @property
     def ok(self) -> bool:
@@ -75,6 +79,7 @@ class CheckRecord:
         return {
             "device": self.device, "impl": self.impl, "op": self.op, "case": self.case, "precision": self.precision,
             "ok": self.ok, "worst_ratio": finite_or_none(self.worst_ratio), "error": self.error,
+            "tiles_filtered": self.tiles_filtered, "tiles_total": self.tiles_total,
             "comparisons": [{"what": c.what, "error": finite_or_none(c.error), "allowed": c.allowed, "ok": c.ok,
                              "detail": c.detail} for c in self.comparisons],
         }
@@ -113,8 +118,10 @@ def correctness_records(device: torch.device, case_names: set[str] | None, progr
                 for op, check in (("token_logps", checks.check_token_logps),
                                   ("sequence_logps", checks.check_sequence_logps)):
                     record = CheckRecord(str(device), impl, op, str(case), precision)
-                    records.append(run_check(record, check, case, dtype, impl, device,
-                                             fp32_precision=fp32_precision))
+                    with count_filtered_tiles() as tiles:
+                        records.append(run_check(record, check, case, dtype, impl, device,
+                                                 fp32_precision=fp32_precision))
+                    record.tiles_filtered, record.tiles_total = tiles.skipped, tiles.total
                     progress(record)
         for case in LOSS_CASES:
             if case_names and case.name not in case_names:
@@ -208,6 +215,17 @@ def format_checks(records: list[CheckRecord]) -> str:
     return "\n".join(lines)
 
 
+def format_filtering(records: list[CheckRecord]) -> str:
+    """One line: per precision, the d_logits tiles the log-prob checks' backwards filtered at the default thresholds."""
+    parts = []
+    for precision in PRECISIONS:
+        chosen = [r for r in records if r.precision == precision and r.tiles_total]
+        if chosen:
+            filtered, total = sum(r.tiles_filtered for r in chosen), sum(r.tiles_total for r in chosen)
+            parts.append(f"{precision} {filtered} of {total} ({100 * filtered / total:.0f}%)")
+    return "gradient filtering, d_logits tiles filtered in the checks above: " + ", ".join(parts) if parts else ""
+
+
 def format_timing(timing: dict) -> str:
     if "error" in timing:
         return f"timing {timing['device']:<8} {timing['case']:<34} failed: {timing['error']}"
@@ -218,7 +236,7 @@ def format_timing(timing: dict) -> str:
 
 
 def format_compile(records: list[dict]) -> str:
-    header = (f"{'kernel':<20} {'target':<6} {'prec':<5} {'variant':<15} {'blocks':<18} {'shared KiB':>16} "
+    header = (f"{'kernel':<20} {'target':<6} {'prec':<5} {'variant':<17} {'blocks':<18} {'shared KiB':>16} "
               f"{'regs':>5} {'stack B':>7} {'tensor cores':>12}  status")
     lines = [header, "-" * len(header)]
     for r in records:
@@ -227,7 +245,7 @@ def format_compile(records: list[dict]) -> str:
         registers = "-" if r["registers"] is None else str(r["registers"])
         stack = "-" if r["stack_bytes"] is None else str(r["stack_bytes"])
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
-        lines.append(f"{r['kernel']:<20} {r['target']:<6} {r['precision']:<5} {r['variant']:<15} {r['blocks']:<18} "
+        lines.append(f"{r['kernel']:<20} {r['target']:<6} {r['precision']:<5} {r['variant']:<17} {r['blocks']:<18} "
                      f"{shared:>16} {registers:>5} {stack:>7} {r['tensor_cores']:>12}  {status}")
     return "\n".join(lines)
 
@@ -325,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                          indent=1))
     else:
         print(format_checks(records))
+        filtering = format_filtering(records)
+        if filtering:
+            print(filtering)
         for timing in timings:
             print(format_timing(timing))
         for failure in failures:

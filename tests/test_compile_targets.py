@@ -1,6 +1,7 @@
 """Every Triton kernel we ship, compiled ahead of time for sm_80, sm_86, sm_89 and sm_90 (no GPU needed).
 
-Per kernel, target, precision (fp16, bf16, fp32, and fp32 as TF32) and variant (with and without bias): it compiles
+Per kernel, target, precision (fp16, bf16, fp32, and fp32 as TF32) and variant (with and without bias; the backward's
+d_logits kernel also with gradient filtering): it compiles
 at the blocks linear_logprob_blocks picks for that target, needs no more shared memory than the target has, fits the
 register file, and 16-bit / TF32 log-prob kernels use tensor cores (mma; wgmma on sm_90). All compiles run once, in
 `dama selftest --compile-only --json` (which leaves the Triton interpreter behind when the test run uses it).
@@ -57,7 +58,9 @@ def test_every_shipped_kernel_is_in_the_matrix():
     assert {spec.kernel for spec in SPECS} == {"linear_logprob_fwd", "linear_logprob_d_logits", "dama_loss_fwd",
                                                "dama_loss_bwd"}
     assert {spec.precision for spec in SPECS} >= {"fp16", "bf16", "fp32"}
-    assert {spec.variant for spec in SPECS if spec.kernel.startswith("linear")} == {"bias", "no bias"}
+    assert {spec.variant for spec in SPECS if spec.kernel == "linear_logprob_fwd"} == {"bias", "no bias"}
+    assert {spec.variant for spec in SPECS if spec.kernel == "linear_logprob_d_logits"} == {"bias", "no bias",
+                                                                                          "no bias, filtered"}
 
 
 @pytest.mark.skipif(not running_in_interpreter(), reason="only the interpreter's stand-in kernels cannot compile")

@@ -23,6 +23,7 @@ from dama_kernels.launch_config import INTERPRETER_BLOCKS, LinearLogprobBlocks
 from dama_kernels.linear_logprob_backward import (
     CHUNK_ROW_MULTIPLE,
     D_LOGITS_CHUNK_BYTES,
+    MAX_ROUNDED_CHUNKS,
     backward_chunk_rows,
     linear_logprob_bwd_triton,
 )
@@ -202,10 +203,14 @@ def reference_grads(hidden, weight, bias, labels, grad_out, compute_dtype):
     return torch.autograd.grad(out, leaves, grad_out.to(compute_dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_chunks_match_one_chunk(dtype, device):
-    """Chunks of 50 rows (not a multiple of the row block, the last one short) against one chunk of all 217 rows."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_rows", [64, 50])
+def test_triton_backward_chunks_match_one_chunk(dtype, chunk_rows, device):
+    """Chunks of 64 rows (4 chunks: a 16-bit d_weight is summed in its own dtype) and of 50 rows (5 chunks, not a
+    multiple of the row block: more than MAX_ROUNDED_CHUNKS, so a 16-bit d_weight is summed in fp32), the last one
+    short, against one chunk of all 217 rows."""
     num_tokens = 217
+    assert (-(-num_tokens // chunk_rows) <= MAX_ROUNDED_CHUNKS) == (chunk_rows == 64)
     hidden, weight, bias, labels = make_inputs(num_tokens, 40, 300, dtype, device)
     _, max_logit, log_norm = linear_logprob_fwd_triton(hidden, weight, labels, bias, -100, INTERPRETER_BLOCKS)
     grad_out = torch.randn(num_tokens, device=device)
@@ -215,7 +220,7 @@ def test_triton_backward_chunks_match_one_chunk(dtype, device):
             return linear_logprob_bwd_triton(grad_out, hidden, weight, labels, bias, max_logit, log_norm, -100,
                                              INTERPRETER_BLOCKS, (True, True, True), chunk_rows=chunk_rows)
 
-    chunked, single = backward(50), backward(None)
+    chunked, single = backward(chunk_rows), backward(None)
     gold_grads, base_grads = (reference_grads(hidden, weight, bias, labels, grad_out, compute_dtype)
                               for compute_dtype in (torch.float64, torch.float32))
     names = ("d_hidden", "d_weight", "d_bias")
@@ -223,8 +228,9 @@ def test_triton_backward_chunks_match_one_chunk(dtype, device):
                                                            strict=True):
         assert grad.dtype == dtype
         require([compare_to_gold(grad, gold_grad, base_grad.to(dtype), TOLERANCES[dtype].grad, name)])
-        # Only the order of the fp32 sums differs (matmuls of other heights, chunks added up): a rounding of the output
-        # dtype apart at most, and fp32 sums within the direct fp32 bound. A misplaced or lost chunk is far outside.
+        # Only the order of the fp32 sums differs (matmuls of other heights, chunks added up), plus one rounding to
+        # the output dtype per chunk of a d_weight summed in it: at most two units in the last place of the largest
+        # element, and fp32 sums within the direct fp32 bound. A misplaced or lost chunk is far outside.
         scale = one_chunk.abs().max().item()
         torch.testing.assert_close(grad, one_chunk, rtol=0, atol=max(2 * torch.finfo(dtype).eps, FP32_DIRECT) * scale)
 

@@ -37,12 +37,14 @@ class SequenceLogpsHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor, seq_ids: torch.Tensor,
                 num_seqs: int) -> torch.Tensor:
+        # The rows are the supervised ones already: no search for ignored labels (a host sync on a GPU).
         return dama_kernels.sequence_logps(hidden, self.weight, target_ids, seq_ids, num_seqs, bias=self.bias,
-                                           impl=self.impl)
+                                           impl=self.impl, gather_supervised=False)
 
     def token_logps(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (M,) fp32 of the same head, for passes that store them (reference precompute)."""
-        return dama_kernels.token_logps(hidden, self.weight, target_ids, bias=self.bias, impl=self.impl)
+        return dama_kernels.token_logps(hidden, self.weight, target_ids, bias=self.bias, impl=self.impl,
+                                        gather_supervised=False)
 
 
 class DamaPolicy(nn.Module):

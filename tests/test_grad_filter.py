@@ -1,0 +1,168 @@
+"""Gradient filtering of the fused head's backward, both paths, against a float64 reference that filters the same
+tiles: none filtered, every tile filtered, and some; the dtype defaults; the tile counter; bad thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dama_kernels
+from dama_kernels.checks import (
+    TOLERANCES,
+    LogprobCase,
+    compare_to_gold,
+    make_logprob_inputs,
+    poisoned_allocations,
+    require,
+)
+from dama_kernels.grad_filter import FILTER_TILE_COLS, FILTER_TILE_ROWS, count_filtered_tiles, default_filter_eps
+from dama_kernels.launch_config import INTERPRETER_BLOCKS
+from dama_kernels.linear_logprob_backward import linear_logprob_bwd_triton
+from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
+from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
+from dama_kernels.reference import reference_filtered_grads
+
+IMPLS = ["triton", "torch"]
+# Both paths filter tiles of the same shape here, so one reference serves both.
+TILE_ROWS, TILE_COLS = INTERPRETER_BLOCKS.block_n, INTERPRETER_BLOCKS.block_v
+# 150 rows = 3 row tiles (the last short) over 2 chunks of 128 rows; 300 columns = 3 vocabulary tiles (the last short).
+NUM_TOKENS, HIDDEN_SIZE, VOCAB_SIZE, CHUNK_ROWS = 150, 40, 300, 128
+
+
+def test_both_paths_use_the_same_tiles():
+    assert (FILTER_TILE_ROWS, FILTER_TILE_COLS) == (TILE_ROWS, TILE_COLS)
+    assert CHUNK_ROWS % TILE_ROWS == 0  # chunks start on a tile boundary: the reference's tiles from (0, 0) hold
+
+
+def filtered_backward(impl, inputs, grad_out, filter_eps, ignore_index=-100):
+    """(d_hidden, d_weight, d_bias) of our backward with `filter_eps`, and the tiles it filtered / computed."""
+    hidden, weight, bias, labels = inputs.hidden, inputs.weight, inputs.bias, inputs.labels
+    with count_filtered_tiles() as tiles, poisoned_allocations():
+        if impl == "triton":
+            _, max_logit, log_norm = linear_logprob_fwd_triton(hidden, weight, labels, bias, ignore_index,
+                                                               INTERPRETER_BLOCKS)
+            grads = linear_logprob_bwd_triton(grad_out, hidden, weight, labels, bias, max_logit, log_norm,
+                                              ignore_index, INTERPRETER_BLOCKS, (True, True, True),
+                                              chunk_rows=CHUNK_ROWS, filter_eps=filter_eps)
+        else:
+            _, max_logit, log_norm = linear_logprob_fwd_torch(hidden, weight, labels, bias, ignore_index, CHUNK_ROWS)
+            grads = linear_logprob_bwd_torch(grad_out, hidden, weight, labels, bias, max_logit, log_norm,
+                                             ignore_index, CHUNK_ROWS, (True, True, True), filter_eps)
+    return grads, tiles.skipped, tiles.total
+
+
+def make_inputs(dtype, device, peaked=False, ignored_fraction=0.25):
+    """Unit-spread logits over 300 words; `peaked` moves the softmax and every label into the first vocabulary tile
+    (a bias of 9 there: the other tiles' probabilities stay below 2^-12 by a wide margin, and filtering them drops
+    about 3e-4 of each row's probability mass)."""
+    case = LogprobCase("filter", NUM_TOKENS, HIDDEN_SIZE, VOCAB_SIZE, ignored_fraction=ignored_fraction)
+    inputs = make_logprob_inputs(case, torch.float32, device)
+    if peaked:
+        inputs.bias[:TILE_COLS] += 9.0
+        supervised = inputs.labels != case.ignore_index
+        inputs.labels[supervised] %= TILE_COLS
+    return type(inputs)(*(None if t is None else t.to(dtype) if t.is_floating_point() else t
+                          for t in (inputs.hidden, inputs.weight, inputs.bias, inputs.labels)))
+
+
+def check_against_reference(impl, dtype, peaked, filter_eps, device):
+    """Our filtered gradients against the float64 filtered reference (fp32 reference as the baseline); returns the
+    number of filtered tiles (ours and the reference must agree on it) and our gradients."""
+    inputs = make_inputs(dtype, device, peaked)
+    grad_out = torch.randn(NUM_TOKENS, device=device)
+    grads, skipped, total = filtered_backward(impl, inputs, grad_out, filter_eps)
+    reference = [reference_filtered_grads(inputs.hidden, inputs.weight, inputs.labels, inputs.bias, grad_out,
+                                          filter_eps, TILE_ROWS, TILE_COLS, compute_dtype=compute_dtype)
+                 for compute_dtype in (torch.float64, torch.float32)]
+    (*gold, gold_skipped), (*base, _) = reference
+    assert total == 3 * 3
+    assert skipped == gold_skipped, f"filtered {skipped} tiles, the reference {gold_skipped}"
+    for name, grad, gold_grad, base_grad in zip(("d_hidden", "d_weight", "d_bias"), grads, gold, base, strict=True):
+        assert grad.dtype == dtype
+        require([compare_to_gold(grad, gold_grad, base_grad.to(dtype), TOLERANCES[dtype].grad, name)])
+    return skipped, grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("filter_eps", [0.0, 2**-12])
+def test_no_tile_filtered(impl, dtype, filter_eps, device):
+    """Unit-spread logits over 300 words: every tile holds probabilities far above 2^-12, so nothing is filtered and
+    the gradients are the exact ones."""
+    skipped, _ = check_against_reference(impl, dtype, False, filter_eps, device)
+    assert skipped == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_tile_filtered(impl, dtype, device):
+    """|onehot - softmax| <= 1 < 2: every tile is filtered and every gradient is exactly zero."""
+    skipped, grads = check_against_reference(impl, dtype, False, 2.0, device)
+    assert skipped == 9
+    assert all(bool((grad == 0).all()) for grad in grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_some_tiles_filtered(impl, dtype, device):
+    """Peaked softmax: the first vocabulary tile of each row tile is kept (it holds the labels), the others filtered."""
+    skipped, _ = check_against_reference(impl, dtype, True, 2**-12, device)
+    assert skipped == 6
+
+
+def test_filtering_moves_the_gradient_beyond_fp32_tolerance(device):
+    """The check above can fail: in fp32 the filtered gradient differs from the exact one by more than fp32 allows."""
+    inputs = make_inputs(torch.float32, device, peaked=True)
+    grad_out = torch.randn(NUM_TOKENS, device=device)
+    (filtered_hidden, *_), _, _ = filtered_backward("triton", inputs, grad_out, 2**-12)
+    (exact_hidden, *_), _, _ = filtered_backward("triton", inputs, grad_out, 0.0)
+    scale = exact_hidden.abs().max().item()
+    assert (filtered_hidden - exact_hidden).abs().max().item() > 10 * TOLERANCES[torch.float32].grad * scale
+
+
+def test_ignored_rows_do_not_keep_a_tile(device):
+    """A tile whose only rows with large |onehot - softmax| are ignored ones is filtered."""
+    inputs = make_inputs(torch.float32, device, ignored_fraction=0.0)
+    inputs.labels[:TILE_ROWS] = -100  # the first row tiles' rows all ignored
+    grad_out = torch.randn(NUM_TOKENS, device=device)
+    for impl in IMPLS:
+        (d_hidden, *_), skipped, _ = filtered_backward(impl, inputs, grad_out, 2**-12)
+        assert skipped == 3, impl  # the three tiles of the ignored rows, none other
+        assert bool((d_hidden[:TILE_ROWS] == 0).all())
+
+
+def test_default_threshold_follows_the_dtype():
+    assert default_filter_eps(torch.bfloat16) == 2**-12
+    assert default_filter_eps(torch.float16) == 2**-15
+    assert default_filter_eps(torch.float32) == 0.0
+    assert default_filter_eps(torch.float64) == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype, filters", [(torch.bfloat16, True), (torch.float32, False)], ids=str)
+def test_public_api_filters_by_default_in_16_bit(impl, dtype, filters, device):
+    inputs = make_inputs(dtype, device, peaked=True, ignored_fraction=0.0)
+    weight = inputs.weight.detach().requires_grad_(True)
+    for grad_filter_eps, expect_filtered in ((None, filters), (0.0, False), (2**-12, True)):
+        with count_filtered_tiles() as tiles:
+            logps = dama_kernels.token_logps(inputs.hidden, weight, inputs.labels, bias=inputs.bias, impl=impl,
+                                             grad_filter_eps=grad_filter_eps)
+            logps.sum().backward()
+        assert tiles.total > 0
+        assert (tiles.skipped > 0) == expect_filtered, grad_filter_eps
+
+
+def test_counting_is_off_outside_the_block(device):
+    inputs = make_logprob_inputs(LogprobCase("filter", 20, 8, 50), torch.float32, device)
+    weight = inputs.weight.detach().requires_grad_(True)
+    with count_filtered_tiles() as tiles:
+        pass
+    dama_kernels.token_logps(inputs.hidden, weight, inputs.labels, impl="torch", grad_filter_eps=2.0).sum().backward()
+    assert tiles.total == 0 and tiles.skipped_share is None
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "auto", True])
+def test_bad_threshold_raises_clear_error(value):
+    inputs = make_logprob_inputs(LogprobCase("filter", 4, 8, 20), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="grad_filter_eps must be a float >= 0"):
+        dama_kernels.token_logps(inputs.hidden, inputs.weight, inputs.labels, impl="torch", grad_filter_eps=value)
