@@ -1,7 +1,8 @@
 """How every `dama <command>` ends: its summary on stdout and exit 0, or one error line on stderr and exit 1.
 
 Bad input (a missing file, a wrong option, a bad row) is reported as `dama <command>: error: <what to do>`, never as
-a traceback; anything else is a bug and keeps its traceback.
+a traceback; anything else is a bug and keeps its traceback. A resumable stop (dama.exit_status: a signal, a full
+disk) is one line too, with its own exit status.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from collections.abc import Callable
 
 import torch
 
+from dama.exit_status import ResumableStop
 
-def run_command(name: str, action: Callable[[], str | None]) -> int:
-    """Runs `action` (which returns the summary to print, or None) as the command `dama <name>`."""
+
+def run_command(name: str, action: Callable[[], str | None],
+                bad_input: tuple[type[Exception], ...] = (ValueError, OSError)) -> int:
+    """Runs `action` (which returns the summary to print, or None) as the command `dama <name>`; `bad_input` are the
+    exception types reported as one line (`()` for a stage past the start-up checks: only resumable stops)."""
     try:
         summary = action()
-    except (ValueError, OSError) as error:
+    except ResumableStop as stop:
+        print(f"dama {name}: {stop.label}: {stop}", file=sys.stderr)
+        return stop.exit_status
+    except bad_input as error:
         print(f"dama {name}: error: {error}", file=sys.stderr)
         return 1
     if summary:

@@ -35,8 +35,10 @@ from dama.command import check_device_argument
 from dama.data.dataset import PairEncoder
 from dama.data.formats import atomic_path, write_metadata
 from dama.evaluation.prompts import JSONL_SUFFIX, PromptRow, count_prompt_rows, iter_prompt_rows
+from dama.exit_status import ResumableStop
 from dama.model.loading import DTYPES, load_llava
 from dama.offline.passes import PartialResults, partial_path
+from dama.pass_output import PassOutput
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -274,10 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     decoding = DecodingSettings(max_new_tokens=args.max_new_tokens, sample=args.sample,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    # The output's lock and space (the partial file and the output: about 8 bytes a token, 1 KiB a row, each).
+    output = PassOutput("generate", args.output,
+                        needed=lambda: 2 * count_prompt_rows(args.input, args.limit) * (1024 + 8 * args.max_new_tokens))
+    generate = output.around(generate_responses)
     try:
-        metadata = generate_responses(args.input, args.output, args.model, image_folder=args.image_folder,
+        metadata = generate(args.input, args.output, args.model, image_folder=args.image_folder,
                                       batch_size=args.batch_size, decoding=decoding, device=args.device,
                                       dtype=args.dtype, limit=args.limit)
+    except ResumableStop as stop:
+        print(f"dama generate: {stop.label}: {stop}", file=sys.stderr)
+        return stop.exit_status
     except (ValueError, OSError) as error:
         print(f"dama generate: error: {error}", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ from dama.offline.passes import (
     skipped_summary,
 )
 from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
+from dama.pass_output import PassOutput, input_bytes
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
 HARDNESS_COLUMNS = (
@@ -402,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {args.output} and {metadata_path(args.output)}"
         )
 
-    return run_command("hardness", action)
+    output = PassOutput("hardness", args.output, needed=lambda: input_bytes(args.input))
+    return run_command("hardness", output.around(action))
 
 
 if __name__ == "__main__":

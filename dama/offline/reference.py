@@ -84,6 +84,7 @@ from dama.offline.passes import (
     run_pass,
     skipped_summary,
 )
+from dama.pass_output import PassOutput, input_bytes
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
 # them replaced. `logps` mixes numbers and lists, which Arrow cannot type, so parquet holds its JSON text.
@@ -487,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {args.output} and {metadata_path(args.output)}"
         )
 
-    return run_command("precompute-ref", action)
+    output = PassOutput("precompute-ref", args.output, needed=lambda: input_bytes(args.input))
+    return run_command("precompute-ref", output.around(action))
 
 
 if __name__ == "__main__":

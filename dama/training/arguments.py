@@ -21,6 +21,7 @@ from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
+from dama.training.preemption import signals_from_option
 
 ATTENTIONS = ("packed", "sdpa", "eager")
 REFERENCES = ("precomputed", "online")
@@ -140,6 +141,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         metadata={"help": "Continue the run in output_dir (same config) from its newest complete checkpoint; a run "
                   "that is already complete is reported and left as it is."},
     )
+    save_on_signal: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals (comma-separated) on which a run finishes its optimizer step, saves a complete "
+                  "checkpoint and exits with status 75, for the scheduler to requeue it with --resume true; a "
+                  "second signal stops at once, the last complete checkpoint intact. 'none': a signal ends the run "
+                  "at once (its default action)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output_dir that holds another run: its checkpoints, model and run files "
@@ -157,6 +165,7 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("model_dtype", self.model_dtype, tuple(DTYPES))
+        signals_from_option(self.save_on_signal)
         if (self.attention == "packed") != (self.layout != "padded"):
             raise ValueError(f"attention={self.attention!r} does not fit layout={self.layout!r}: layouts "
                              "'prefix_shared' and 'packed' need attention='packed', layout='padded' needs "
