@@ -70,7 +70,8 @@ class Launched:
     def __init__(self, argv: list[str], launcher: tuple[str, ...] = ()) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, "-m", *launcher, "dama.cli", *argv], cwd=REPO, env=env,
+        command = [sys.executable, "-m", *launcher, "-m"] if launcher else [sys.executable, "-m"]
+        self.process = subprocess.Popen([*command, "dama.cli", *argv], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -205,15 +206,22 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny, u
 def test_of_two_simultaneous_launches_one_runs_and_the_other_is_refused_in_one_line(tiny, uninterrupted, tmp_path):
     output_dir = tmp_path / "run"
     runs = [Launched(["train", *train_argv(tiny, output_dir)]) for _ in range(2)]
-    refused = []
-    for run in runs:
-        while run.process.poll() is None and time.monotonic() - run.started < 30:
-            time.sleep(0.1)
-        if run.process.poll() is not None and run.finish() == 1:
-            refused.append(run)
-    assert len(refused) == 1, "\n\n".join(run.text[-2000:] for run in runs)
-    loser, = refused
+    locked_at = None
+    while all(run.process.poll() is None for run in runs) and time.monotonic() - runs[0].started < 300:
+        if locked_at is None and lock_path(output_dir).is_file() and lock_path(output_dir).stat().st_size:
+            locked_at = time.monotonic()
+        time.sleep(0.05)
+    if locked_at is None and lock_path(output_dir).is_file():
+        locked_at = time.monotonic()
+    ended = [run for run in runs if run.process.poll() is not None]
+    assert len(ended) == 1, "\n\n".join(run.text[-2000:] for run in runs)
+    loser, = ended
     winner, = [run for run in runs if run is not loser]
+    refused_at = time.monotonic()
+    assert loser.finish() == 1, loser.text[-3000:]
+    # Refused while the winner still runs, at once: the launch does not wait for the lock. (From launch it also
+    # takes the imports, ~3 s on an idle machine, more on a loaded one.)
+    assert locked_at is not None and refused_at - locked_at < 30
     assert "Traceback" not in loser.text
     assert re.fullmatch(rf"dama train: error: {re.escape(str(output_dir))} is being written by `dama train` on host "
                         rf"{re.escape(socket.gethostname())}, pid {winner.process.pid}, started \S+ \(lock "
