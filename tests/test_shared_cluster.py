@@ -185,10 +185,12 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny, u
     workers[0].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the flag's all_reduce
     code = run.finish()
     assert code != 0
-    assert re.search(r"exitcode\s*:\s*75", run.text), run.text[-3000:]
-    stopped = re.findall(r"dama train: stopped: SIGTERM received: saved .*checkpoint-(\d+) \(step (\d+)", run.text)
-    assert len(stopped) == 1, run.text[-3000:]  # the line of the rank that got the signal
-    step = int(stopped[0][0])
+    assert len(re.findall(r"exitcode\s*:\s*75", run.text)) == 2, run.text[-3000:]  # both workers
+    stopped = re.findall(r"dama train: stopped: (SIGTERM received|a signal reached another rank): saved "
+                         r".*checkpoint-(\d+) \(step (\d+) of 30\)", run.text)
+    assert sorted(why for why, _, _ in stopped) == ["SIGTERM received", "a signal reached another rank"], run.text
+    assert len({(name, number) for _, name, number in stopped}) == 1  # the same checkpoint and step on both ranks
+    step = int(stopped[0][1])
     assert newest_checkpoint(output_dir).name == f"checkpoint-{step}"
     state = json.loads((output_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
     assert state["global_step"] == step

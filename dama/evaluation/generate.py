@@ -272,13 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_bytes(input_path: Path, limit: int | None, max_new_tokens: int) -> int:
+    """Disk space a run may need: the partial file and the output, each about 1 KiB a row and 8 bytes a new token
+    (0 for a missing input, which the command's own check reports)."""
+    return 2 * count_prompt_rows(input_path, limit) * (1024 + 8 * max_new_tokens) if input_path.exists() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     decoding = DecodingSettings(max_new_tokens=args.max_new_tokens, sample=args.sample,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    # The output's lock and space (the partial file and the output: about 8 bytes a token, 1 KiB a row, each).
     output = PassOutput("generate", args.output,
-                        needed=lambda: 2 * count_prompt_rows(args.input, args.limit) * (1024 + 8 * args.max_new_tokens))
+                        needed=lambda: output_bytes(Path(args.input), args.limit, args.max_new_tokens))
     generate = output.around(generate_responses)
     try:
         metadata = generate(args.input, args.output, args.model, image_folder=args.image_folder,

@@ -70,8 +70,17 @@ class CheckpointRoom(TrainerCallback):
         return self.estimate
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not control.should_save:
-            return control
+        if control.should_save:
+            self.check(args, state)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy "epoch"
+            self.check(args, state)
+        return control
+
+    def check(self, args, state) -> None:
+        """WriteFailed on every rank when the checkpoint of this step does not fit on a rank that writes."""
         self.pending = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         needed = self.needed() if self.writes else None
         short = self.writes and needed is not None and free_bytes(args.output_dir) < needed
@@ -83,7 +92,6 @@ class CheckpointRoom(TrainerCallback):
             if short:
                 check_room(args.output_dir, needed, self.pending, intact)
             raise WriteFailed(f"not enough disk space for {self.pending} on another rank; {intact}")
-        return control
 
     def on_save(self, args, state, control, **kwargs):
         self.pending = None

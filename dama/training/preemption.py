@@ -65,10 +65,10 @@ class SaveOnSignal(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Before on_step_end, where the Trainer's own flow decides on logging and saving; should_save set here
         # survives it, and the save follows this step.
-        flag = torch.tensor(0.0 if self.received is None else 1.0, device=self.device)
+        requested = self.received is not None
         if is_distributed():
-            flag = all_reduce_sum(flag)
-        if float(flag) > 0:
+            requested = float(all_reduce_sum(torch.tensor(float(requested), device=self.device))) > 0
+        if requested:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step + 1  # counted up right after this hook
@@ -91,5 +91,6 @@ def stop_on_signal(trainer: Trainer) -> Iterator[SaveOnSignal]:
         trainer.remove_callback(callback)
     if callback.stopped_at is not None:
         checkpoint = newest_checkpoint(trainer.args.output_dir)
-        raise Preempted(f"{callback.received.name} received: saved {checkpoint} (step {callback.stopped_at} of "
-                        f"{trainer.state.max_steps}); requeue with --resume true (exit status {EXIT_REQUEUE})")
+        why = f"{callback.received.name} received" if callback.received else "a signal reached another rank"
+        raise Preempted(f"{why}: saved {checkpoint} (step {callback.stopped_at} of {trainer.state.max_steps}); "
+                        f"requeue with --resume true (exit status {EXIT_REQUEUE})")
