@@ -34,7 +34,9 @@ from dama.output_lock import OutputLock, OutputLockedError, lock_path
 from dama.pass_output import PassOutput
 from dama.planning import plan_command
 from dama.training import train
+from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import DAMA_STATE_NAME, STAGING_DIR, newest_checkpoint
+from dama.training.preemption import signals_from_option
 from dama.training.run_folder import RUN_COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +187,8 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny, u
     workers[0].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the flag's all_reduce
     code = run.finish()
     assert code != 0
-    assert len(re.findall(r"exitcode\s*:\s*75", run.text)) == 2, run.text[-3000:]  # both workers
+    # torchrun's summary lists each worker's status: both stopped with 75.
+    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", run.text)) == 2, run.text[-3000:]
     stopped = re.findall(r"dama train: stopped: (SIGTERM received|a signal reached another rank): saved "
                          r".*checkpoint-(\d+) \(step (\d+) of 30\)", run.text)
     assert sorted(why for why, _, _ in stopped) == ["SIGTERM received", "a signal reached another rank"], run.text
@@ -390,3 +393,15 @@ def test_dama_plan_prints_the_checkpoint_size_and_it_matches_a_real_checkpoint(t
     checkpoint = uninterrupted / f"checkpoint-{STEPS}"
     assert model == pytest.approx((checkpoint / "model.safetensors").stat().st_size, rel=0.05)
     assert optimizer == pytest.approx((checkpoint / "optimizer.pt").stat().st_size, rel=0.05)
+
+
+def test_save_on_signal_takes_signal_names_or_none_and_refuses_the_uncatchable():
+    base = ["--output_dir", "unused", "--use_cpu", "true", "--report_to", "none"]
+    assert signals_from_option(parse_training_arguments(base).save_on_signal) == (signal.SIGTERM, signal.SIGUSR1)
+    assert signals_from_option("term, usr2") == (signal.SIGTERM, signal.SIGUSR2)
+    assert signals_from_option("none") == ()
+    with pytest.raises(ValueError, match=r"save_on_signal: SIGKILL is not a signal a process can catch; give names "
+                       r"such as SIGTERM,SIGUSR1, or none"):
+        parse_training_arguments([*base, "--save_on_signal", "SIGKILL"])
+    with pytest.raises(ValueError, match=r"save_on_signal: SIGNOPE is not a signal"):
+        signals_from_option("SIGTERM,NOPE")

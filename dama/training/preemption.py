@@ -5,8 +5,9 @@ The handler only records the signal. After each optimizer step the flag is summe
 one number), so under torchrun and DeepSpeed every rank stops after the same step and saves the same checkpoint,
 whichever rank the signal reached. The checkpoint is an ordinary one (the model, the optimizer and scheduler, the RNG,
 the DAMA state and the data position in trainer_state.json), so `--resume true` continues from it as from any
-other. A second signal before the process has stopped ends it at once with the signal's default action; the
-checkpoints are written atomically, so the last complete one stays as it was.
+other. A second signal before the checkpoint is complete ends the process at once with the signal's default action
+(the checkpoints are written atomically, so the last complete one stays as it was); after it, the process is on
+its way out with status 75 and further signals of the list are ignored.
 """
 
 from __future__ import annotations
@@ -87,9 +88,14 @@ def stop_on_signal(trainer: Trainer) -> Iterator[SaveOnSignal]:
         yield callback
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            # Once stopped, the checkpoint is complete and the process is on its way out with status 75: another
+            # signal (a launcher relays one when a worker ends) must not turn that into a death by signal.
+            signal.signal(number, signal.SIG_IGN if callback.stopped_at is not None else handler)
         trainer.remove_callback(callback)
     if callback.stopped_at is not None:
+        # No rank leaves before every rank's part of the checkpoint is written: a launcher that sees one worker end
+        # signals the others, and that signal would be their second.
+        trainer.accelerator.wait_for_everyone()
         checkpoint = newest_checkpoint(trainer.args.output_dir)
         why = f"{callback.received.name} received" if callback.received else "a signal reached another rank"
         raise Preempted(f"{why}: saved {checkpoint} (step {callback.stopped_at} of {trainer.state.max_steps}); "
