@@ -52,6 +52,7 @@ from dama.offline.passes import (
 )
 from dama.option_loader import build, read_options
 from dama.options import LlavaOptions, PassOptions, RowOptions, check_at_least
+from dama.output_guard import OutputGuard
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -323,10 +324,21 @@ def _decoding_name(decoding: DecodingSettings) -> str:
     return "sampling" if decoding.sample else "greedy decoding"
 
 
+def output_bytes(options: GenerateOptions, decoding: DecodingSettings) -> int:
+    """Disk space a run may need: the partial file and the output, each about 1 KiB a row and 8 bytes a new token
+    (0 for a missing input, which the command's own check reports)."""
+    if not Path(options.input).exists():
+        return 0
+    rows = sum(1 for _ in iter_prompt_rows(options.input, options.image_folder, options.limit, select=options.select,
+                                           cache_dir=options.cache_dir))
+    return 2 * rows * (1024 + 8 * decoding.max_new_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     def action() -> str:
         options, decoding = parse_options(argv)
-        metadata = generate_responses(options, decoding)
+        with OutputGuard("generate", options.output, needed=lambda: output_bytes(options, decoding)):
+            metadata = generate_responses(options, decoding)
         if metadata.get("already_complete"):
             return already_complete_message(options.output, metadata)
         return (f"answered {metadata['count']} rows ({metadata['resumed']} from an earlier run) with "

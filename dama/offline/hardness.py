@@ -52,6 +52,7 @@ from dama.offline.passes import (
 from dama.offline.splitting import LMSplitter, RuleSplitter, Splitter, clip_token_counter
 from dama.option_loader import build, read_options
 from dama.options import PassOptions, RowOptions, check_at_least, check_choice
+from dama.output_guard import OutputGuard, input_bytes
 
 # The columns this pass adds (the authors' names), in this order; a re-run on a scored file replaces them.
 HARDNESS_COLUMNS = (
@@ -353,7 +354,8 @@ def parse_options(argv: list[str] | None = None) -> HardnessOptions:
 def main(argv: list[str] | None = None) -> int:
     def action() -> str:
         options = parse_options(argv)
-        metadata = compute_hardness(options)
+        with OutputGuard("hardness", options.output, needed=lambda: input_bytes(options.input)):
+            metadata = compute_hardness(options)
         mean = metadata["hardness_mean"]
         if metadata.get("already_complete"):
             return already_complete_message(options.output, metadata)

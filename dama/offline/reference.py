@@ -90,6 +90,7 @@ from dama.options import (
     check_choice,
     option_field,
 )
+from dama.output_guard import OutputGuard, input_bytes
 
 # The columns this pass writes, in this order; an input that has them already (an earlier run, the authors' data) gets
 # them replaced. `logps` mixes numbers and lists, which Arrow cannot type, so parquet holds its JSON text.
@@ -369,7 +370,8 @@ def parse_options(argv: list[str] | None = None) -> ReferenceOptions:
 def main(argv: list[str] | None = None) -> int:
     def action() -> str:
         options = parse_options(argv)
-        metadata = precompute_reference(options)
+        with OutputGuard("precompute-ref", options.output, needed=lambda: input_bytes(options.input)):
+            metadata = precompute_reference(options)
         if metadata.get("already_complete"):
             return already_complete_message(options.output, metadata)
         return (

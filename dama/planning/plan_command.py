@@ -28,6 +28,7 @@ from dama.options import check_at_least
 from dama.training.arguments import DamaTrainingArguments, training_arguments
 
 from .advice import evaluate_switches, largest_fitting
+from .checkpoint_size import checkpoint_size, describe_checkpoint_size
 from .memory_plan import PARTS, BatchShape, MemoryPlan, TrainingSetup, plan_memory
 from .model_shape import ModelShape, read_model_shape
 from .setup import largest_batch, training_setup
@@ -189,6 +190,7 @@ def run_plan(argv: list[str] | None = None) -> str:
     lines = [f"dama plan: {plan_args.num_gpus} GPU(s) of {_gib(budget)} GiB; model from {source}",
              *describe_setup(shape, setup, batch), "", format_plan(plan, total, budget, plan_args.fragmentation,
                                                                   context)]
+    lines.insert(-2, describe_checkpoint_size(checkpoint_size(shape, setup), args.save_total_limit))
     lines += [f"note: {note}" for note in plan.notes]
     if setup.layout != "padded":
         one_pair = batch_for(setup, 1).tokens  # a budget below one pair still holds that pair

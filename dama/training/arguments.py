@@ -31,6 +31,7 @@ from dama.options import (
     check_at_least,
     check_choice,
 )
+from dama.training.preemption import signals_from_option
 
 COMMAND = "dama train"
 
@@ -121,6 +122,13 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions
         metadata={"help": "Continue the run in output_dir (same config) from its newest complete checkpoint; a run "
                   "that is already complete is reported and left as it is."},
     )
+    save_on_signal: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals (comma-separated) on which a run finishes its optimizer step, saves a complete "
+                  "checkpoint and exits with status 75, for the scheduler to requeue it with --resume true; a "
+                  "second signal stops at once, the last complete checkpoint intact. 'none': a signal ends the run "
+                  "at once (its default action)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output_dir that holds another run: its checkpoints, model and run files "
@@ -142,6 +150,7 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions
         check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("model_dtype", self.model_dtype, DTYPE_NAMES)
+        signals_from_option(self.save_on_signal)
         if (self.attention == "packed") != (self.layout != "padded"):
             raise DamaError(f"attention={self.attention!r} does not fit layout={self.layout!r}: layouts "
                             "'prefix_shared' and 'packed' need attention='packed', layout='padded' needs "

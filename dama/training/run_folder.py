@@ -45,7 +45,7 @@ TRAINER_STATE = "trainer_state.json"
 LAUNCH_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "local_rank", "logging_steps", "logging_first_step",
     "logging_dir", "report_to", "run_name", "save_steps", "save_total_limit", "eval_steps", "disable_tqdm",
-    "dataloader_num_workers",
+    "dataloader_num_workers", "save_on_signal",
 })
 # Fields that set how long a run trains: a resumed run may be given more steps or epochs. It goes on from its newest
 # checkpoint, complete or not, with the learning-rate schedule stretched to the new length (as the Trainer does).

@@ -6,12 +6,18 @@ check every row of train_file and eval_file (dama.data.validation; on_bad_row de
 run or is left out); load the model. Only then is output_dir written: the old run removed under
 --overwrite_output_dir, the run record and the list of rows left out (skipped_rows.json). Bad input found up to there
 (dama.errors.DamaError) is one line, `dama train: error: ...`, and exit status 1; anything else keeps its traceback.
+Before the start-up checks the run takes the lock on output_dir (dama.output_lock: a second launch into the same
+folder is refused, naming the holder); while it trains, a signal of save_on_signal saves a checkpoint and stops it
+(dama.training.preemption) and each checkpoint is checked for disk space first (dama.training.checkpoint_room); those
+stops are one line too, with exit status 75 and 74.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +35,10 @@ from dama.method.loss import DamaLoss
 from dama.model.loading import apply_liger_patches, configure_trainable, load_llava
 from dama.model.lora import apply_lora, trainable_parameter_counts
 from dama.model.policy import DamaPolicy
+from dama.output_lock import OutputLock
 from dama.training.arguments import DamaTrainingArguments, parse_training_arguments, resolved_config
+from dama.training.checkpoint_room import guarded_writes
+from dama.training.preemption import stop_on_signal
 from dama.training.run_folder import (
     SKIPPED_ROWS,
     RunFolderPlan,
@@ -209,20 +218,25 @@ def run_training(trainer: DamaTrainer, plan: RunFolderPlan) -> None:
             print(f"resuming from {plan.checkpoint}", flush=True)
         elif args.resume:
             print(f"no complete checkpoint in {args.output_dir} to resume from: training starts at step 0", flush=True)
-    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()  # trainer_state.json with the whole log history, beside the final model
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
-    if args.should_save:
-        mark_complete(args.output_dir, trainer.state.global_step)
+    with guarded_writes(trainer):
+        with stop_on_signal(trainer):
+            trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
+        trainer.save_model(args.output_dir)
+        trainer.save_state()  # trainer_state.json with the whole log history, beside the final model
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+        if args.should_save:
+            mark_complete(args.output_dir, trainer.state.global_step)
 
 
 def main(argv: list[str] | None = None) -> int:
     prepared = {}
+    held = contextlib.ExitStack()
 
     def start_up() -> str | None:
         args = parse_training_arguments(argv)
+        if os.environ.get("RANK", "0") == "0":  # one lock per run: the launcher's other processes are its own
+            held.enter_context(OutputLock(args.output_dir, "train"))
         plan, trainer = prepare_training(args)
         if plan.action == "complete":
             return f"{args.output_dir}: this run is already complete; nothing to do"
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared.update(plan=plan, trainer=trainer)
         return None
 
-    code = run_command("train", start_up)
-    if code == 0 and prepared:
-        run_training(prepared["trainer"], prepared["plan"])
+    with held:
+        code = run_command("train", start_up)
+        if code == 0 and prepared:
+            code = run_command("train", lambda: run_training(prepared["trainer"], prepared["plan"]))
     return code
