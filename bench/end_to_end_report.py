@@ -73,14 +73,17 @@ def write_chart(records: list[dict], path: Path, baseline: str) -> None:
     for axis, (key, unit, spec, title, ratio_key) in zip(axes, panels, strict=True):
         values = [r[key] / unit for r in measured]
         bars = axis.bar(names, values, color=colors)
-        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)" if r["provider"] != baseline else "")
+        # A ratio under each bar but the baseline's (none when the run left the baseline out).
+        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)"
+                                     if r["provider"] != baseline and r["ratios"][ratio_key] is not None else "")
                   for v, r in zip(values, measured, strict=True)]
         axis.bar_label(bars, labels=labels, fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.margins(y=0.25)
         axis.tick_params(axis="x", labelsize=8)
     shape = measured[0]["shape"] if measured else {}
-    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V 32000), H {shape.get('hidden_size')}, "
+    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V {shape.get('vocab_size')}), "
+                    f"H {shape.get('hidden_size')}, "
                     f"{shape.get('num_layers')} layers, P {shape.get('num_pairs')}; {measured[0]['device_name']}"
                     if measured else "no provider measured", fontsize=9)
     figure.tight_layout()

@@ -13,11 +13,21 @@ import pytest
 import torch
 
 import bench.end_to_end as end_to_end
-from bench.end_to_end import DPO, PAD_ID, TRL, Shape, add_mfu, add_ratios_and_targets, build_llava, build_setup
-from bench.end_to_end import micro_batches, run_isolated, run_provider
+from bench.end_to_end import (
+    DPO,
+    PAD_ID,
+    TRL,
+    Shape,
+    add_mfu,
+    add_ratios_and_targets,
+    build_llava,
+    build_setup,
+    micro_batches,
+    run_isolated,
+    run_provider,
+)
 from bench.end_to_end_report import format_table
-from bench.trl_provider import build_trl_setup, trl_forward_backward, trl_inputs, trl_missing_reason
-from bench.trl_provider import trl_sequence_logps
+from bench.trl_provider import build_trl_setup, trl_forward_backward, trl_inputs, trl_missing_reason, trl_sequence_logps
 
 TINY = Shape(num_pairs=3, hidden_size=32, num_layers=2, steps=1, warmup=1, vocab_size=503, image_size=28,
              patch_size=14, vision_hidden_size=16, response_mean=12)
