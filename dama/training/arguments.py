@@ -19,6 +19,7 @@ from dama.data.collator import LAYOUTS
 from dama.data.dataset import IMAGE_ASPECT_RATIOS, OVERLONG_POLICIES, VICUNA_V1_SYSTEM
 from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
+from dama.model.attention import IMPLS as PACKED_ATTENTION_IMPLS
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
 
@@ -59,9 +60,15 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
     )
     attention: Literal["packed", "sdpa", "eager"] = field(
         default="packed",
-        metadata={"help": "Attention: 'packed' (flash-attn varlen on a GPU when installed, exact per-segment SDPA "
-                  "otherwise; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' (padded "
-                  "layout)."},
+        metadata={"help": "Attention: 'packed' (varlen attention over the packed row, kernel per "
+                  "packed_attention_impl; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' "
+                  "(padded layout)."},
+    )
+    packed_attention_impl: Literal["auto", "varlen", "flash_attn", "segments"] = field(
+        default="auto",
+        metadata={"help": "Kernel of packed attention: 'auto' (PyTorch's FlashAttention-2 varlen kernel on CUDA "
+                  "fp16/bf16, the exact per-segment SDPA otherwise), 'varlen' (that kernel, torch >= 2.10), "
+                  "'flash_attn' (flash-attn's, needs pip install .[gpu]) or 'segments'."},
     )
     head: Literal["fused", "full_logits"] = field(
         default="fused",
@@ -152,6 +159,7 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
         _check_choice("head", self.head, HEADS)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("attention", self.attention, ATTENTIONS)
+        _check_choice("packed_attention_impl", self.packed_attention_impl, PACKED_ATTENTION_IMPLS)
         _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
         _check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
