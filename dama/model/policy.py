@@ -54,8 +54,9 @@ class DamaPolicy(nn.Module):
     over every position, log-softmax and gather (the usual DPO trainer, kept as the baseline it is measured against).
     The log-probs are sums over each response, or means when average_logps. attention_impl picks the packed
     attention's implementation (dama.model.attention.IMPLS; "flash_attn" asks for flash-attn's kernel).
-    Nothing between the batch and the loss reads a device value back to the host: the batch carries its bounds and
-    longest segments as the collator computed them on the CPU.
+    Neither this wiring nor the packed attention reads a device value back to the host: the batch carries its bounds
+    and longest segments as the collator computed them on the CPU. (transformers' LLaVA checks once per forward that
+    the image tokens match the features, a sync that TRANSFORMERS_DISABLE_TORCH_CHECK=1 switches off.)
     """
 
     def __init__(self, llava: LlavaForConditionalGeneration, *, head: str = "fused", impl: str = "auto",
