@@ -8,10 +8,11 @@ QUICK ?= 0
 
 .PHONY: install test demo bench lint clean
 
-$(STAMP): setup.py
+# setup.py declares ranges; constraints.txt holds the exact versions installed here.
+$(STAMP): setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,deepspeed,lint]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test,deepspeed,lint]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,35 +1,39 @@
 """Installs two import packages: `dama_kernels` (from the folder `kernels/`) and `dama`.
 
-Every dependency is pinned: an unpinned torch pulls a multi-GB CUDA build onto a CPU machine, and an unpinned triton
-is replaced by a newer release that liger-kernel would otherwise drag in.
+Dependencies are the ranges the project supports, so that it installs into an existing environment (a CUDA image's
+own torch stays). The exact versions `make test`, `make demo` and CI install are in constraints.txt, which the
+Makefile passes to pip with `-c`: without it, pip would pick the newest torch in the range, a CUDA build of several GB
+on a CPU machine, and liger-kernel would pull a newer triton.
 """
 
 from setuptools import setup
 
 CORE = [
-    "torch==2.13.0",
-    "triton==3.8.0",
-    "numpy==2.4.6",
-    "transformers==5.23.0",
-    "tokenizers==0.23.3",
-    "datasets==5.2.0",
-    "accelerate==1.15.0",
-    "pillow==13.0.0",
-    "pyyaml==6.0.3",
-    "tqdm==4.70.1",
-    "matplotlib==3.11.2",
+    "torch>=2.11,<2.14",
+    "triton>=3.6,<3.9",
+    "numpy>=1.26,<3",
+    "transformers>=5.17,<6",
+    "tokenizers>=0.23.1,<0.24",
+    "datasets>=4.7,<6",
+    "accelerate>=1.10.1,<2",
+    "pillow>=11,<14",
+    "pyyaml>=6.0.1,<7",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.8,<4",
 ]
 
 EXTRAS = {
-    # liger-kernel is a peer in the benchmarks; it imports `packaging` without declaring it.
-    "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "liger-kernel==0.8.5", "packaging", "psutil==7.2.2",
-             "peft==0.21.2"],
+    # liger-kernel is a peer in the benchmarks; it imports `packaging` without declaring it. TRL is the DPO trainer
+    # the end-to-end benchmark runs beside ours.
+    "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "liger-kernel>=0.8.5,<0.9", "packaging", "psutil>=5.9.4,<8",
+             "peft>=0.17,<1", "trl>=1.16,<2"],
     # DeepSpeed compiles nothing at install time when DS_BUILD_OPS=0 (the Makefile sets it).
-    "deepspeed": ["deepspeed==0.19.8"],
-    "lora": ["peft==0.21.2"],
-    # flash-attn builds only against CUDA; it is imported lazily and only on a GPU.
+    "deepspeed": ["deepspeed>=0.18,<0.20"],
+    "lora": ["peft>=0.17,<1"],
+    # flash-attn builds only against CUDA; it is imported lazily and only on a GPU, and only when asked for: PyTorch's
+    # own varlen kernel serves packed attention on CUDA without it.
     "gpu": ["flash-attn"],
-    "lint": ["ruff==0.17.5"],
+    "lint": ["ruff>=0.17,<0.18"],
 }
 
 setup(

@@ -14,15 +14,21 @@ Providers (P pairs per micro-batch, S = 2P sequences)
                       over all S * T positions, log_softmax, gather), and each image encoded once per sequence: chosen
                       and rejected are one batch of S rows with the pixels repeated, so each pair's image goes through
                       the vision tower twice.
-A step is the same for both after the log-probs: DamaLoss (data-aware with a synthetic hardness and hardness_mean,
-model-aware, outlier filter on), backward, torch AdamW step. bench/test_end_to_end.py checks that the providers give
-the same loss and gradients, so that the benchmark compares one computation done three ways.
+A step is the same for all three after the log-probs: DamaLoss (data-aware with a synthetic hardness and
+hardness_mean, model-aware, outlier filter on), backward, torch AdamW step. bench/test_end_to_end.py checks that the
+providers give the same loss and gradients, so that the benchmark compares one computation done three ways.
+Plain DPO, beside a DPO library:
+  dama_dpo            dama_prefix_shared with the DAMA loss as plain DPO (data_aware and model_aware off), its
+                      reference log-probs precomputed (from the data).
+  trl_dpo             TRL's DPOTrainer as it ships for vision data (bench/trl_provider.py): padded, a live reference
+                      model, each image encoded once per sequence, its fused LM head, activation checkpointing.
 
 Model: LLaVA-1.5's shapes where they set the cost of a step, small widths elsewhere. CLIP at 336 px with patch 14
 (576 image tokens per sequence, as LLaVA-1.5-7B), read at layer -2; a GELU projector; a Llama language model with
 LLaVA's vocabulary of 32000 and an untied head, hidden size and layer count from the command line (head dim 64, MLP
 width 11008 / 4096 of the hidden size as in Llama-2-7B). The vision tower is frozen, as in LLaVA DPO training.
-fp32 on the CPU.
+fp32 on the CPU; on a GPU (--device cuda) the weights are in --dtype (bf16 by default) and LLaVA-1.5-7B's width is
+--hidden-size 4096 --head-dim 128 --vocab-size 32064.
 
 Data: PreferenceExample objects are synthesized directly, without a tokenizer or images on disk, since only the token
 counts and the layout matter to speed and memory. Each sequence is "<s>", 37 tokens of the vicuna v1 system line and
@@ -44,7 +50,11 @@ optimizer state, the batch), read by bench/memory.py's allocator replay in one m
 run's micro-batch with the largest padded size S x T; and the process's peak RSS, read before that profiled step
 (the profiler itself keeps memory resident). Ratios are over the baseline and over dama (packed). Beside the
 measurements, each record projects its step's FLOPs and activation memory to LLaVA-1.5-7B's shapes from micro-batches
-of the same length distribution (bench/projection.py; a projection, labelled as such).
+of the same length distribution (bench/projection.py; a projection, labelled as such). On a GPU, also the peak CUDA
+memory of the timed steps (torch.cuda.max_memory_allocated), tokens per second (the pairs' sequence tokens) and the
+model FLOP utilisation: the FLOPs of the provider's own step (bench/projection.py's count at the run's sizes, over
+its own layout, padding included; TRL's reference forward added) per second over the bf16 matmul peak measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -79,13 +89,21 @@ from dama_kernels.functional import CHUNK_ELEMENTS
 
 from .end_to_end_report import MIB, format_table, format_targets, write_chart
 from .environment import REPO_ROOT, git_state
+from .loss_head import matmul_peak_tflops
 from .memory import current_rss_bytes, peak_rss_bytes, track_peak
-from .projection import format_projection, mean_projection, project_step
+from .projection import ProjectedModel, format_projection, mean_projection, project_step
+from .trl_provider import PROVIDER as TRL
+from .trl_provider import build_trl_setup, trl_forward_backward, trl_inputs, trl_missing_reason
 
 PROVIDERS = ("dama_prefix_shared", "dama", "padded_full_logits")
 BASELINE = "padded_full_logits"
 PACKED = "dama"
-LAYOUT_OF = {"dama_prefix_shared": "prefix_shared", "dama": "packed", BASELINE: "padded"}
+# Plain DPO: dama's default layout with the DAMA factors off, and TRL's DPOTrainer (module docstring).
+DPO = "dama_dpo"
+ALL_PROVIDERS = (*PROVIDERS, DPO, TRL)
+LAYOUT_OF = {"dama_prefix_shared": "prefix_shared", "dama": "packed", BASELINE: "padded", DPO: "prefix_shared",
+             TRL: "padded"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Micro-batches of the benchmark's length distribution (the run's own first) that the LLaVA-1.5-7B projection averages.
 PROJECTION_BATCHES = 64
 # Llama's special ids; the image token takes the last id so that the vocabulary stays LLaVA's 32000.
@@ -111,6 +129,13 @@ TARGETS = (
     ("dama_prefix_shared", "projected_flops_fewer_vs_baseline", 1.8, ">= 1.8x fewer step FLOPs than the baseline, "
      "projected to LLaVA-1.5-7B", True),
 )
+# On a GPU, at LLaVA-1.5-7B's width (bench/gpu_check.sh).
+GPU_TARGETS = (
+    ("dama_prefix_shared", "pairs_per_s_vs_packed", 1.4, ">= 1.4x pairs/s of packed", True),
+    ("dama_prefix_shared", "pairs_per_s_vs_baseline", 2.0, ">= 2.0x pairs/s of the baseline", True),
+    ("dama_prefix_shared", "cuda_peak_vs_baseline", 0.6, "<= 0.6x peak CUDA memory of the baseline", False),
+    ("dama_prefix_shared", "mfu", 0.4, ">= 40% model FLOP utilisation of the measured bf16 matmul peak", True),
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,7 @@ class Shape:
     vision_hidden_size: int = 64
     response_mean: int = 150
     seed: int = 0
+    head_dim: int = HEAD_DIM
 
     @property
     def num_image_tokens(self) -> int:
@@ -139,7 +165,7 @@ class Shape:
 
     @property
     def num_heads(self) -> int:
-        return max(2, self.hidden_size // HEAD_DIM)
+        return max(2, self.hidden_size // self.head_dim)
 
     @property
     def intermediate_size(self) -> int:
@@ -246,10 +272,10 @@ class ImagePerSequenceCollator:
 
 
 def make_collate(provider: str) -> Callable[[Sequence[PreferenceExample]], PreferenceBatch]:
-    """The collator of a provider's layout."""
-    if provider == BASELINE:
+    """The collator of a provider's layout (TRL's: ImagePerSequenceCollator, the same padded rows it gets)."""
+    if provider in (BASELINE, TRL):
         return ImagePerSequenceCollator(PAD_ID)
-    return PrefixSharedCollator() if provider == "dama_prefix_shared" else PackedCollator()
+    return PrefixSharedCollator() if LAYOUT_OF[provider] == "prefix_shared" else PackedCollator()
 
 
 @dataclass
@@ -264,17 +290,27 @@ class TrainingSetup:
     params: list[nn.Parameter]
 
 
-def build_setup(provider: str, shape: Shape) -> TrainingSetup:
-    """A fresh model (weights a function of shape.seed), policy, collator, loss and optimizer for `provider`."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+def build_llava(shape: Shape, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The benchmark's LLaVA in training mode, vision tower frozen; its weights are a function of shape.seed (per
+    device type), built on `device` (a 7B-wide model is built on the GPU in a fraction of the CPU's time)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(shape.seed)
     try:
-        llava = LlavaForConditionalGeneration(llava_config(shape)).train()
+        with torch.device(device):
+            llava = LlavaForConditionalGeneration(llava_config(shape)).to(dtype).train()
     finally:
         torch.random.set_rng_state(generator_state)
     configure_trainable(llava)
+    return llava
+
+
+def build_setup(provider: str, shape: Shape, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> TrainingSetup:
+    """A fresh model (weights a function of shape.seed), policy, collator, loss and optimizer for `provider` (one of
+    PROVIDERS or dama_dpo; TRL's has its own, bench/trl_provider.py)."""
+    if provider not in (*PROVIDERS, DPO):
+        raise ValueError(f"provider must be one of {(*PROVIDERS, DPO)}, got {provider!r}")
+    llava = build_llava(shape, device, dtype)
     if provider == BASELINE:
         llava.set_attn_implementation({"text_config": "sdpa"})
         policy = DamaPolicy(llava, head="full_logits", packed_attention=False)
@@ -282,9 +318,12 @@ def build_setup(provider: str, shape: Shape) -> TrainingSetup:
         policy = DamaPolicy(llava, head="fused", packed_attention=True)
     collate = make_collate(provider)
     params = [p for p in policy.llava.parameters() if p.requires_grad]
-    loss_fn = DamaLoss(DamaMethodConfig(beta=0.1), hardness_mean=HARDNESS_MEAN)
+    if provider == DPO:
+        loss_fn = DamaLoss(DamaMethodConfig(beta=0.1, data_aware=False, model_aware=False))
+    else:
+        loss_fn = DamaLoss(DamaMethodConfig(beta=0.1), hardness_mean=HARDNESS_MEAN)
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
-    return TrainingSetup(provider, policy, collate, loss_fn, optimizer, params)
+    return TrainingSetup(provider, policy, collate, loss_fn.to(device), optimizer, params)
 
 
 def forward_backward(setup: TrainingSetup, batch: PreferenceBatch) -> DamaLossResult:
@@ -318,52 +357,135 @@ def matmul_flops(shape: Shape, tokens: int, scored_rows: int, head: str) -> dict
     return {"body": body, "head": per_row * head_rows * hidden * shape.vocab_size}
 
 
-def run_provider(provider: str, shape: Shape) -> dict:
+@dataclass
+class StepRunner:
+    """One provider's timed work: its inputs on the device, its step and the parts the records describe.
+
+    inputs: one per micro-batch (a PreferenceBatch, or TRL's dict); layouts: the same micro-batches as
+    PreferenceBatch on the CPU (token and FLOP counts); step(inputs) -> loss runs forward, loss, backward and the
+    optimizer step; forward_backward(inputs) the step without the optimizer (the profiled step adds it).
+    """
+
+    inputs: list
+    layouts: list[PreferenceBatch]
+    step: Callable[[object], float]
+    forward_backward: Callable[[object], object]
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    model: nn.Module
+    head: str
+    attention: str
+
+
+def make_runner(provider: str, shape: Shape, examples: list[list[PreferenceExample]], device: torch.device,
+                dtype: torch.dtype) -> StepRunner:
+    """The StepRunner of a provider: a fresh model, its inputs collated on the CPU and moved to the device."""
+    layouts = [make_collate(provider)(pairs) for pairs in examples]
+    if provider == TRL:
+        reason = trl_missing_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+        llava = build_llava(shape, device, dtype)
+        setup = build_trl_setup(llava, PAD_ID, shape.image_size, shape.patch_size, LEARNING_RATE, device)
+        inputs = [{name: tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+                   for name, tensor in trl_inputs(pairs, PAD_ID).items()} for pairs in examples]
+
+        def trl_step(batch: dict) -> float:
+            setup.optimizer.zero_grad(set_to_none=True)
+            loss = trl_forward_backward(setup, batch)
+            setup.optimizer.step()
+            return loss.item()
+
+        return StepRunner(inputs, layouts, trl_step, lambda batch: trl_forward_backward(setup, batch),
+                          setup.optimizer, setup.params, llava, "trl_fused",
+                          llava.config.text_config._attn_implementation)
+    setup = build_setup(provider, shape, device, dtype)
+    return StepRunner([batch.to(device) for batch in layouts], layouts, lambda batch: train_step(setup, batch),
+                      lambda batch: forward_backward(setup, batch), setup.optimizer, setup.params,
+                      setup.policy.llava, setup.policy.head_kind,
+                      setup.policy.llava.config.text_config._attn_implementation)
+
+
+def step_model_flops(provider: str, batch: PreferenceBatch, shape: Shape) -> float:
+    """FLOPs of one step of `provider` on `batch` at the run's sizes (bench/projection.py's count over the provider's
+    own layout, padding included), with TRL's reference forward: a third of the decoder's and the projector's
+    forward + backward, the fused head's forward (2 of its 8 per row) and the vision tower again."""
+    model = ProjectedModel(
+        name=f"H {shape.hidden_size}, {shape.num_layers} layers", layers=shape.num_layers,
+        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size,
+        vision_layers_run=1, vision_hidden_size=shape.vision_hidden_size,
+        vision_intermediate_size=4 * shape.vision_hidden_size, vision_tokens=shape.num_image_tokens + 1,
+        image_tokens=shape.num_image_tokens,
+    )
+    flops = project_step(batch, "full_logits" if provider == BASELINE else "fused", model)["flops"]
+    total = flops["total"]
+    if provider == TRL:
+        total += (flops["decoder_linear"] + flops["decoder_attention"] + flops["projector"]) / 3 + (
+            flops["head"] / 4 + flops["vision_tower"])
+    return total
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
+
+
+def run_provider(provider: str, shape: Shape, device: str = "cpu", dtype: str = "fp32") -> dict:
     """Measures one provider in this process and returns its record (without ratios or the environment)."""
     examples = micro_batches(shape)
-    setup = build_setup(provider, shape)
-    batches = [setup.collate(pairs) for pairs in examples]
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    runner = make_runner(provider, shape, examples, device, DTYPES[dtype])
     rss_ready = current_rss_bytes()
     times, cpu_times, losses = [], [], []
-    for index, batch in enumerate(batches):
+    for index, inputs in enumerate(runner.inputs):
+        if on_gpu and index == shape.warmup:
+            torch.cuda.reset_peak_memory_stats(device)
+        if on_gpu:
+            torch.cuda.synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        losses.append(train_step(setup, batch))
+        losses.append(runner.step(inputs))  # the loss's .item() waits for the device
         if index >= shape.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+    cuda_peak = torch.cuda.max_memory_allocated(device) if on_gpu else None
     # Read before the profiled step: the profiler keeps a few hundred MB resident.
     rss_peak = peak_rss_bytes()
-    profiled = max(range(len(batches)), key=lambda k: padded_tokens(examples[k]))
-    setup.optimizer.zero_grad(set_to_none=True)
+    profiled = max(range(len(examples)), key=lambda k: padded_tokens(examples[k]))
+    runner.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    with track_peak(torch.device("cpu")) as reading:
-        forward_backward(setup, batches[profiled])
-        setup.optimizer.step()
-    grads = [p.grad for p in setup.params]
-    state_bytes = sum(t.untyped_storage().nbytes() for state in setup.optimizer.state.values()
+    with track_peak(device) as reading:
+        runner.forward_backward(runner.inputs[profiled])
+        runner.optimizer.step()
+    grads = [p.grad for p in runner.params]
+    state_bytes = sum(t.untyped_storage().nbytes() for state in runner.optimizer.state.values()
                       for t in state.values() if isinstance(t, torch.Tensor))
 
-    timed = batches[shape.warmup:]
+    timed = runner.layouts[shape.warmup:]
     layout_tokens = [b.input_ids.numel() for b in timed]
     sequence_tokens = [sum(e.chosen_input_ids.shape[0] + e.rejected_input_ids.shape[0] for e in pairs)
                        for pairs in examples[shape.warmup:]]
     scored = [b.supervised_positions.numel() for b in timed]
-    head = setup.policy.head_kind
     step_time = statistics.median(times)
     mean_tokens = statistics.mean(layout_tokens)
-    flops = matmul_flops(shape, round(mean_tokens), round(statistics.mean(scored)), head)
+    flops = matmul_flops(shape, round(mean_tokens), round(statistics.mean(scored)),
+                         "full_logits" if runner.head == "full_logits" else "fused")
+    model_flops = statistics.mean(step_model_flops(provider, b, shape) for b in timed)
     return {
         "provider": provider,
         "status": "ok",
         "layout": LAYOUT_OF[provider],
-        "head": head,
-        "attention": setup.policy.llava.config.text_config._attn_implementation,
+        "head": runner.head,
+        "attention": runner.attention,
         "images_encoded_per_step": int(timed[0].pixel_values.shape[0]),
         "pairs": shape.num_pairs,
         "step_time_s": step_time,
         "step_times_s": times,
         "pairs_per_s": shape.num_pairs / step_time,
         "pairs_per_s_overall": shape.num_pairs * len(times) / sum(times),
+        "tokens_per_s": statistics.mean(sequence_tokens) / step_time,
         # CPU seconds of this process, all its threads together.
         "step_cpu_s": statistics.median(cpu_times),
         "step_cpu_times_s": cpu_times,
@@ -372,8 +494,9 @@ def run_provider(provider: str, shape: Shape) -> dict:
         "threads": torch.get_num_threads(),
         "peak_bytes": reading.working_bytes(),
         "peak_bytes_without_grads": reading.working_bytes(grads),
-        "grad_bytes": sum(g.untyped_storage().nbytes() for g in grads),
-        "weights_bytes": sum(p.untyped_storage().nbytes() for p in setup.policy.llava.parameters()),
+        "cuda_peak_bytes": cuda_peak,
+        "grad_bytes": sum(g.untyped_storage().nbytes() for g in grads if g is not None),
+        "weights_bytes": sum(p.untyped_storage().nbytes() for p in runner.model.parameters()),
         "optimizer_state_bytes": state_bytes,
         "profiled_step": profiled,
         "rss_ready_bytes": rss_ready,
@@ -386,31 +509,39 @@ def run_provider(provider: str, shape: Shape) -> dict:
         "padding_fraction": statistics.mean(
             float(1 - b.attention_mask.float().mean()) if isinstance(b, PaddedBatch) else 0.0 for b in timed),
         "scored_tokens_mean": statistics.mean(scored),
-        "logits_rows": round(mean_tokens) if head == "full_logits" else max(16, CHUNK_ELEMENTS // shape.vocab_size),
+        "logits_rows": round(mean_tokens) if runner.head == "full_logits" else max(
+            16, CHUNK_ELEMENTS // shape.vocab_size),
         "matmul_gflops_per_step": {part: value / 1e9 for part, value in flops.items()},
+        "model_tflop_per_step": model_flops / 1e12,
+        "model_tflop_per_s": model_flops / step_time / 1e12,
         "losses": losses,
-        "device": "cpu",
-        "device_name": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
-                       f"{torch.get_num_threads()} threads",
-        "dtype": "fp32",
+        "device": device.type,
+        "device_name": _device_name(device),
+        "dtype": dtype,
         # Other work on a shared machine slows a provider down; the load average over the last minute says how much.
         "load_average_1min": os.getloadavg()[0],
     }
 
 
-def run_isolated(provider: str, shape: Shape, threads: int | None = None) -> dict:
+def _skipped(provider: str, reason: str) -> dict:
+    return {"provider": provider, "status": "skipped", "reason": reason, "pairs_per_s": None, "peak_bytes": None,
+            "rss_peak_bytes": None}
+
+
+def run_isolated(provider: str, shape: Shape, threads: int | None = None, device: str = "cpu",
+                 dtype: str = "fp32") -> dict:
     """run_provider in a fresh process of this module (with `threads` torch threads, else torch's default); a failure
     becomes a skipped record with the reason."""
-    command = [sys.executable, "-m", "bench.end_to_end", "--worker", json.dumps({"provider": provider,
-                                                                                  "threads": threads,
-                                                                                  **asdict(shape)})]
+    if provider == TRL and trl_missing_reason() is not None:
+        return _skipped(provider, f"{provider} skipped: {trl_missing_reason()}")
+    worker = {"provider": provider, "threads": threads, "device": device, "dtype": dtype, **asdict(shape)}
+    command = [sys.executable, "-m", "bench.end_to_end", "--worker", json.dumps(worker)]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     reason = lines[-1] if lines else f"exit status {done.returncode}"
-    return {"provider": provider, "status": "skipped", "reason": f"{provider} failed: {reason}", "pairs_per_s": None,
-            "peak_bytes": None, "rss_peak_bytes": None}
+    return _skipped(provider, f"{provider} failed: {reason}")
 
 
 def best_round(rounds: list[dict]) -> dict:
@@ -467,10 +598,19 @@ def _projected_flops(record: dict) -> float | None:
     return record["projection"]["flops"]["total"] if "projection" in record else None
 
 
+def add_mfu(records: list[dict], peak_tflops: float) -> None:
+    """Model FLOP utilisation of each measured record against a matmul peak measured in the same run."""
+    for record in records:
+        if record["status"] == "ok":
+            record["matmul_peak_tflops"] = peak_tflops
+            record["mfu"] = record["model_tflop_per_s"] / peak_tflops
+
+
 def add_ratios_and_targets(records: list[dict]) -> None:
-    """Adds ratios over the baseline and over packed to every measured record, and each provider's targets."""
+    """Adds ratios over the baseline, packed, dama_dpo and TRL to every measured record, and each provider's targets
+    (on a GPU, the GPU targets)."""
     peers = {name: next((r for r in records if r["provider"] == provider), {})
-             for name, provider in (("baseline", BASELINE), ("packed", PACKED))}
+             for name, provider in (("baseline", BASELINE), ("packed", PACKED), ("dpo", DPO), ("trl", TRL))}
     for record in records:
         if record["status"] != "ok":
             continue
@@ -484,9 +624,11 @@ def add_ratios_and_targets(records: list[dict]) -> None:
                 f"rss_extra_vs_{name}": _ratio(record["rss_extra_bytes"], peer.get("rss_extra_bytes")),
                 # How many times fewer FLOPs this provider's step needs at LLaVA-1.5-7B's shapes (projected).
                 f"projected_flops_fewer_vs_{name}": _ratio(_projected_flops(peer), _projected_flops(record)),
+                f"cuda_peak_vs_{name}": _ratio(record.get("cuda_peak_bytes"), peer.get("cuda_peak_bytes")),
             })
+        record["ratios"]["mfu"] = record.get("mfu")
         record["targets"] = []
-        for provider, key, limit, label, at_least in TARGETS:
+        for provider, key, limit, label, at_least in GPU_TARGETS if record.get("device") == "cuda" else TARGETS:
             if provider != record["provider"]:
                 continue
             value = record["ratios"][key]
@@ -530,6 +672,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads of each provider's process (default: torch's, one per core). On a "
                              "machine shared with other jobs, 1 keeps the CPU s/step column a measure of the work "
                              "done, free of the waits of threads that another job descheduled")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                        help=f"head dimension; heads = hidden size / head dim (default {HEAD_DIM}; LLaVA-1.5-7B: 128)")
+    parser.add_argument("--vocab-size", type=int, default=Shape.vocab_size,
+                        help=f"vocabulary of the language model (default {Shape.vocab_size}; llava-1.5-7b-hf: 32064)")
+    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=list(ALL_PROVIDERS),
+                        help="providers to run (default all; trl_dpo is skipped with its reason when trl is absent)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the steps run (default cpu); cuda also measures the bf16 matmul peak for the "
+                             "model FLOP utilisation")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights and compute dtype (default fp32 on the CPU, bf16 on cuda)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"JSON file for the records; the chart goes next to it with a .png suffix (default "
                              f"{DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
@@ -537,12 +690,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="internal: measure the one provider and shape given as JSON in this process and print "
                              "its record as JSON; the main run starts one such process per provider")
     args = parser.parse_args(argv)
-    for name in ("pairs", "steps", "hidden_size", "layers", "rounds", "threads"):
+    for name in ("pairs", "steps", "hidden_size", "layers", "rounds", "threads", "head_dim", "vocab_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and args.worker is None and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here")
     return args
 
 
@@ -551,9 +706,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         fields = json.loads(args.worker)
         provider, threads = fields.pop("provider"), fields.pop("threads")
+        device, dtype = fields.pop("device"), fields.pop("dtype")
         if threads is not None:
             torch.set_num_threads(threads)
-        print(json.dumps(run_provider(provider, Shape(**fields))))
+        print(json.dumps(run_provider(provider, Shape(**fields), device, dtype)))
         return
 
     shape = Shape(
@@ -562,21 +718,27 @@ def main(argv: list[str] | None = None) -> None:
         num_layers=args.layers,
         steps=args.steps or (2 if args.quick else Shape.steps),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else Shape.warmup),
+        head_dim=args.head_dim,
+        vocab_size=args.vocab_size,
     )
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     rounds = args.rounds or (1 if args.quick else 2)
     started = time.perf_counter()
     env = environment()
     fields = shape_fields(shape, micro_batches(shape))
-    runs = {provider: [] for provider in (BASELINE, PACKED, "dama_prefix_shared")}
+    runs = {provider: [] for provider in (BASELINE, PACKED, "dama_prefix_shared", DPO, TRL)
+            if provider in args.providers}
     for round_index in range(rounds):
         for provider, provider_runs in runs.items():
-            record = run_isolated(provider, shape, args.threads)
+            record = run_isolated(provider, shape, args.threads, args.device, dtype)
             provider_runs.append(record)
             shown = (f"{record['pairs_per_s']:.3f} pairs/s, {record['peak_bytes'] / MIB:.0f} MiB, load "
                      f"{record['load_average_1min']:.1f}" if record["status"] == "ok" else record["reason"])
             print(f"round {round_index + 1}/{rounds}, {provider}: {shown}", file=sys.stderr, flush=True)
     records = [{**best_round(provider_runs), "shape": fields} for provider_runs in runs.values()]
     add_projections(records, shape)
+    if args.device == "cuda":
+        add_mfu(records, matmul_peak_tflops(torch.device("cuda"), DTYPES[dtype]))
     add_ratios_and_targets(records)
     records = [{**record, **env} for record in records]
 
@@ -592,7 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     if {PACKED, BASELINE} <= measured.keys():
         print(format_projection(measured, shape.num_pairs, PACKED, BASELINE))
     print(format_targets(records))
-    print(f"H {shape.hidden_size}, {shape.num_layers} layers, P {shape.num_pairs}, {shape.warmup} + {shape.steps} "
+    print(f"{args.device} ({dtype}), H {shape.hidden_size}, {shape.num_layers} layers, P {shape.num_pairs}, "
+          f"{shape.warmup} + {shape.steps} "
           f"steps, best of {rounds} rounds, {records[0].get('threads', '?')} threads; "
           f"{time.perf_counter() - started:.0f} s; torch {env['torch']}, transformers {env['transformers']}, commit "
           f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}, chart in {chart}")

@@ -16,9 +16,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """A markdown table, one row per provider; ratios are over the baseline ("x base") and over packed ("x packed")."""
+    """A markdown table, one row per provider; ratios are over the baseline ("x base"), over packed ("x packed") and
+    over TRL's DPOTrainer ("x TRL"); MFU in % of the measured matmul peak (GPU runs)."""
     header = ["provider", "layout", "tokens/step", "padding", "pairs/s", "x base", "x packed", "step s", "CPU s/step",
-              "x packed", "CPU/wall", "peak work MiB", "x base", "x packed", "peak RSS MiB", "x base", "RSS+ MiB"]
+              "x packed", "CPU/wall", "peak work MiB", "x base", "x packed", "peak RSS MiB", "x base", "RSS+ MiB",
+              "tokens/s", "pairs/s x TRL", "peak work x TRL", "CUDA peak MiB", "MFU"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         if r["status"] != "ok":
@@ -33,7 +35,10 @@ def format_table(records: list[dict]) -> str:
                  f"{r['peak_bytes'] / MIB:.0f}", _fmt(ratios["peak_vs_baseline"], ".3f"),
                  _fmt(ratios["peak_vs_packed"], ".3f"),
                  f"{r['rss_peak_bytes'] / MIB:.0f}", _fmt(ratios["rss_peak_vs_baseline"], ".3f"),
-                 f"{r['rss_extra_bytes'] / MIB:.0f}"]
+                 f"{r['rss_extra_bytes'] / MIB:.0f}", f"{r['tokens_per_s']:.0f}",
+                 _fmt(ratios.get("pairs_per_s_vs_trl"), ".2f"), _fmt(ratios.get("peak_vs_trl"), ".3f"),
+                 _fmt(r.get("cuda_peak_bytes") and r["cuda_peak_bytes"] / MIB, ".0f"),
+                 _fmt(r.get("mfu") and 100 * r["mfu"], ".1f")]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -68,14 +73,17 @@ def write_chart(records: list[dict], path: Path, baseline: str) -> None:
     for axis, (key, unit, spec, title, ratio_key) in zip(axes, panels, strict=True):
         values = [r[key] / unit for r in measured]
         bars = axis.bar(names, values, color=colors)
-        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)" if r["provider"] != baseline else "")
+        # A ratio under each bar but the baseline's (none when the run left the baseline out).
+        labels = [format(v, spec) + (f"\n({r['ratios'][ratio_key]:.2f}x)"
+                                     if r["provider"] != baseline and r["ratios"][ratio_key] is not None else "")
                   for v, r in zip(values, measured, strict=True)]
         axis.bar_label(bars, labels=labels, fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.margins(y=0.25)
         axis.tick_params(axis="x", labelsize=8)
     shape = measured[0]["shape"] if measured else {}
-    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V 32000), H {shape.get('hidden_size')}, "
+    figure.suptitle(f"DAMA training step, LLaVA-1.5 shapes (576 image tokens, V {shape.get('vocab_size')}), "
+                    f"H {shape.get('hidden_size')}, "
                     f"{shape.get('num_layers')} layers, P {shape.get('num_pairs')}; {measured[0]['device_name']}"
                     if measured else "no provider measured", fontsize=9)
     figure.tight_layout()

@@ -22,6 +22,7 @@ Layout = Literal["prefix_shared", "packed", "padded"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
 Head = Literal["fused", "full_logits"]
 Attention = Literal["packed", "sdpa", "eager"]
+PackedAttentionImpl = Literal["auto", "varlen", "flash_attn", "segments"]
 Reference = Literal["precomputed", "online"]
 
 OVERLONG_POLICIES: tuple[str, ...] = get_args(Overlong)
@@ -31,6 +32,7 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 HEADS: tuple[str, ...] = get_args(Head)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+PACKED_ATTENTION_IMPLS: tuple[str, ...] = get_args(PackedAttentionImpl)
 REFERENCES: tuple[str, ...] = get_args(Reference)
 # A sequence holds at least one prompt token and one response token.
 MIN_MAX_LENGTH = 2

@@ -1,6 +1,7 @@
 """Packed (varlen) attention: exact against per-sequence attention, inside transformers' Llama and LLaVA.
 
-The fallback path runs here (CPU); the flash-attn path runs only where flash-attn and CUDA exist.
+The exact per-segment path runs here (CPU), and the flash-attn call site against flash-attn's contract;
+tests/test_attention_kernels.py checks the varlen_attn call site and runs both kernels on CUDA.
 """
 
 import copy
@@ -19,7 +20,6 @@ from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.model.attention import (
     ATTENTION_NAME,
-    _flash_varlen,
     cu_seqlens_from_position_ids,
     packed_attention,
     packed_attention_forward,
@@ -111,7 +111,9 @@ def test_packed_attention_rejects_bad_input():
         packed_attention(query, key, key, _bounds([6]), impl="triton")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs flash-attn installed and CUDA"):
-            packed_attention(query, key, key, _bounds([6]), impl="flash")
+            packed_attention(query, key, key, _bounds([6]), impl="flash_attn")
+        with pytest.raises(ValueError, match=r"needs torch >= 2.10 \(torch.nn.attention.varlen\), CUDA fp16/bf16"):
+            packed_attention(query, key, key, _bounds([6]), impl="varlen")
 
 
 def _prefix_shared_segments(pairs):
@@ -207,7 +209,7 @@ def test_flash_branch_hands_flash_attn_the_right_segments(monkeypatch, with_key_
 
     calls = []
     monkeypatch.setattr(attention, "_flash_varlen", lambda: _flash_varlen_by_its_contract(calls))
-    monkeypatch.setattr(attention, "_resolve_impl", lambda impl, query: "flash")
+    monkeypatch.setattr(attention, "_resolve_impl", lambda impl, query, dropout: "flash_attn")
     (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments(PREFIX_SHARED_PAIRS)
     query, key, value = (torch.randn(allowed.shape[0], heads, 8) for heads in (4, 2, 2))
     if with_key_index:
@@ -260,7 +262,7 @@ def test_attention_forward_refuses_masks_and_caches():
     with pytest.raises(ValueError, match="use_cache=False"):
         packed_attention_forward(module, query, torch.randn(1, 4, 9, 8), torch.randn(1, 4, 9, 8), None)
     bounds = _bounds([2, 4])
-    with pytest.raises(ValueError, match="cu_seq_lens_k must equal cu_seq_lens_q"):
+    with pytest.raises(ValueError, match="cu_seqlens_k must equal cu_seqlens"):
         packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds, cu_seq_lens_k=_bounds([3, 3]))
     output, weights = packed_attention_forward(module, query, query, query, None, cu_seq_lens_q=bounds)
     assert output.shape == (1, 6, 4, 8) and weights is None
@@ -415,31 +417,3 @@ def test_llava_packed_with_shared_images_matches_padded_eager(llava_batch):
         _close(b.grad, a.grad, "grad_fp32")
         checked.add(name.split(".")[1])
     assert {"vision_tower", "multi_modal_projector", "language_model"} <= checked
-
-
-@pytest.mark.skipif(_flash_varlen() is None or not torch.cuda.is_available(), reason="needs flash-attn and CUDA")
-def test_flash_varlen_matches_fallback():
-    lengths = [1, 33, 130, 7]
-    query = torch.randn(sum(lengths), 8, 64, device="cuda", dtype=torch.bfloat16)
-    key = torch.randn(sum(lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
-    value = torch.randn_like(key)
-    bounds = _bounds(lengths).cuda()
-    flash = packed_attention(query, key, value, bounds, impl="flash")
-    expected = _reference_attention(query, key, value, lengths, causal=True)
-    torch_path = packed_attention(query, key, value, bounds, impl="torch")
-    gold_error = (torch_path.double() - expected).abs().max()
-    assert (flash.double() - expected).abs().max() <= gold_error + 1e-2
-
-
-@pytest.mark.skipif(_flash_varlen() is None or not torch.cuda.is_available(), reason="needs flash-attn and CUDA")
-def test_flash_varlen_with_key_index_matches_dense_reference():
-    (query_lengths, key_index, key_lengths), allowed = _prefix_shared_segments([(40, 33, 130), (7, 1, 64)])
-    query = torch.randn(allowed.shape[0], 8, 64, device="cuda", dtype=torch.bfloat16)
-    key = torch.randn(allowed.shape[0], 2, 64, device="cuda", dtype=torch.bfloat16)
-    value = torch.randn_like(key)
-    segments = {"key_index": key_index.cuda(), "cu_seqlens_k": _bounds(key_lengths).cuda()}
-    flash = packed_attention(query, key, value, _bounds(query_lengths).cuda(), impl="flash", **segments)
-    torch_path = packed_attention(query, key, value, _bounds(query_lengths).cuda(), impl="torch", **segments)
-    expected = _dense_reference(query, key, value, allowed.cuda(), 64 ** -0.5)
-    gold_error = (torch_path.double() - expected).abs().max()
-    assert (flash.double() - expected).abs().max() <= gold_error + 1e-2

@@ -10,6 +10,7 @@ import torch
 from dama.errors import DamaError
 from dama.options import LAYOUTS
 
+from ..model.attention import check_packed_segments
 from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch, PreferenceBatch, PreferenceExample, PrefixSharedBatch
 
 # The micro-batch layouts, the default first.
@@ -77,6 +78,8 @@ class PackedCollator:
         starts = cu_seqlens[:-1].long().repeat_interleave(lengths)
         position_ids = torch.arange(seq_ids.shape[0]) - starts  # (N,)
         targets = torch.cat([_shifted(lab) for lab in labels])  # (N,)
+        # The attention's bounds are checked here, once per batch on the CPU: on a GPU, attention checks shapes only.
+        check_packed_segments(cu_seqlens, seq_ids.shape[0])
         return PackedBatch(
             **_pair_fields(examples, _supervised(targets, seq_ids), torch.arange(len(examples)).repeat(2)),
             input_ids=torch.cat(input_ids).unsqueeze(0),
@@ -144,14 +147,17 @@ class PrefixSharedCollator:
         positions = torch.cat(positions)
         order = torch.argsort(positions, stable=True)
         supervised = (positions[order], torch.cat(target_ids)[order], torch.cat(seq_ids)[order])
+        cu_seqlens, cu_seqlens_k, key_index = _bounds(query_lengths), _bounds(key_lengths), torch.cat(key_index)
+        # Checked once per batch on the CPU (see PackedCollator).
+        check_packed_segments(cu_seqlens, start, key_index=key_index, cu_seqlens_k=cu_seqlens_k)
         return PrefixSharedBatch(
             **_pair_fields(examples, supervised, torch.arange(num_pairs)),
             input_ids=torch.cat(row_ids).unsqueeze(0),
             position_ids=torch.cat(position_ids).unsqueeze(0),
-            cu_seqlens=_bounds(query_lengths),
+            cu_seqlens=cu_seqlens,
             max_seqlen=max(query_lengths),
-            key_index=torch.cat(key_index),
-            cu_seqlens_k=_bounds(key_lengths),
+            key_index=key_index,
+            cu_seqlens_k=cu_seqlens_k,
             max_seqlen_k=max(key_lengths),
         )
 

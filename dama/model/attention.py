@@ -4,16 +4,28 @@ A packed row holds S query segments end to end; `cu_seqlens` (S + 1,) int32 mark
 [cu_seqlens[k], cu_seqlens[k + 1])). By default each segment attends to itself (the packed layout: one segment per
 sequence). With a key index, segment k attends instead to the row's tokens key_index[cu_seqlens_k[k]:cu_seqlens_k[k +
 1]], in that order: the prefix_shared layout uses this to let a pair's rejected response see the pair's prompt and its
-own earlier tokens, but not the chosen response laid out between them. Causal masking is aligned bottom right, as in
-flash-attn: with Lq queries over Lk >= Lq keys, query i sees keys 0 .. i + Lk - Lq (all the prompt's keys, then its
-own segment's causally). Two implementations, chosen per call:
-- flash-attn's `flash_attn_varlen_func`, when flash-attn is importable, the tensors are on CUDA and in fp16/bf16:
-  one kernel over the whole row, no padding, no N x N mask, grouped-query attention handled natively (the keys of a
-  key index are gathered into one stream first, which is what flash-attn's cu_seqlens_k then indexes);
-- an exact fallback everywhere else: PyTorch's scaled_dot_product_attention on each segment's slice (a causal one,
-  or, where a segment has more keys than queries, one with that segment's (Lq, Lk) bottom-right mask), key/value
-  heads repeated for grouped-query attention. Differentiable; costs one call per segment.
-flash-attn is imported on first use only: it needs CUDA to install, and this module must import without it.
+own earlier tokens, but not the chosen response laid out between them. Causal masking is aligned bottom right: with
+Lq queries over Lk >= Lq keys, query i sees keys 0 .. i + Lk - Lq (all the prompt's keys, then its own segment's
+causally). Three implementations (`impl`):
+- "varlen": PyTorch's own FlashAttention-2 varlen kernel, `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10),
+  on CUDA fp16/bf16 tensors without dropout; "auto" takes it wherever it applies. One kernel over the whole row: no
+  padding, no N x N mask. Its causal switch moved between releases (`is_causal=True` in 2.10-2.11, `window_size=(-1,
+  0)` from 2.12), so the call is built from the installed function's signature. Its causal mask is aligned bottom
+  right when a segment has fewer queries than keys: varlen_attn runs ATen's copy of FlashAttention-2, whose mask
+  keeps key j for query i where j < i + 1 + Lk - Lq with each segment's own Lq and Lk (flash_attn/mask.h; flash-attn's
+  README states the same since 2.1), and causal is its window (-1, 0) (flash_api.cpp, set_params_fprop).
+- "flash_attn": flash-attn's `flash_attn_varlen_func`, the same kernel from the flash-attn package, when it is
+  installed and asked for (it has no wheels on the package index; it is imported on first use only).
+- "segments": exact everywhere: PyTorch's scaled_dot_product_attention on each segment's slice (a causal one, or,
+  where a segment has more keys than queries, one with that segment's (Lq, Lk) bottom-right mask), key/value heads
+  repeated for grouped-query attention. Differentiable; one call per segment; the CPU path.
+With a key index, the kernels read the keys of every segment gathered into one stream first, which is what their
+cu_seqlens_k indexes. Grouped-query attention: the kernels take fewer key/value heads natively.
+
+Host syncs. On a GPU every value check of the bounds would copy them to the host in every layer. The kernel paths
+therefore check shapes and dtypes only and take the longest segments as Python ints; the values are checked once per
+batch on the CPU, where the collators build them (`check_packed_segments`). The "segments" path needs the bounds on
+the host anyway and checks them there.
 
 transformers integration: `register_packed_attention()` registers `packed_attention_forward` under the name
 "dama_packed" with transformers' AttentionInterface; `use_packed_attention(model)` also switches the language
@@ -23,7 +35,8 @@ transformers' own varlen keywords, as `PackedBatch.model_inputs()` writes them:
     model(input_ids=..., position_ids=..., cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m,
           use_cache=False)
 and a key index as one more keyword, `key_index` (then cu_seq_lens_k bounds the gathered keys), as
-`PrefixSharedBatch.model_inputs()` writes it.
+`PrefixSharedBatch.model_inputs()` writes it; the keyword `packed_attention_impl` picks the implementation ("auto"
+when absent).
 Without cu_seq_lens_q the bounds are read from position_ids (a sequence starts where the position does not grow
 by one), and without those each batch row is one sequence. "dama_packed" also registers a mask function, which
 refuses a padding mask: packed attention takes no padding, and transformers would otherwise drop the mask unseen.
@@ -33,6 +46,8 @@ No KV cache: this is for training (and scoring), where all keys are computed in 
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
@@ -41,9 +56,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from dama.options import PACKED_ATTENTION_IMPLS
+
 ATTENTION_NAME = "dama_packed"
-IMPLS = ("auto", "flash", "torch")
-FLASH_DTYPES = (torch.float16, torch.bfloat16)
+IMPLS = PACKED_ATTENTION_IMPLS
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -56,18 +73,56 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def _resolve_impl(impl: str, query: torch.Tensor) -> str:
+@functools.cache
+def _torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn, or None before PyTorch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_call_form(function: Callable) -> tuple[dict[str, Any], bool]:
+    """(the causal keyword argument, whether it takes enable_gqa) of a varlen_attn, read from its signature."""
+    parameters = inspect.signature(function).parameters
+    if "window_size" in parameters:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in parameters:
+        causal = {"is_causal": True}
+    else:
+        raise ValueError("this torch's varlen_attn takes neither window_size nor is_causal, so it cannot mask "
+                         "causally; use impl='segments' or another torch release")
+    return causal, "enable_gqa" in parameters
+
+
+def _resolve_impl(impl: str, query: torch.Tensor, dropout: float) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    usable = _flash_varlen() is not None and query.is_cuda and query.dtype in FLASH_DTYPES
-    if impl == "flash" and not usable:
+    kernel_inputs = query.is_cuda and query.dtype in KERNEL_DTYPES
+    if impl == "varlen" and not (_torch_varlen() is not None and kernel_inputs and dropout == 0.0):
         raise ValueError(
-            "impl='flash' needs flash-attn installed and CUDA fp16/bf16 tensors, got "
+            "impl='varlen' needs torch >= 2.10 (torch.nn.attention.varlen), CUDA fp16/bf16 tensors and no dropout, "
+            f"got torch {torch.__version__}, {query.device} {query.dtype}, dropout {dropout}; use 'auto'"
+        )
+    if impl == "flash_attn" and not (_flash_varlen() is not None and kernel_inputs):
+        raise ValueError(
+            "impl='flash_attn' needs flash-attn installed and CUDA fp16/bf16 tensors, got "
             f"{query.device} {query.dtype} with flash-attn {'present' if _flash_varlen() else 'absent'}; use 'auto'"
         )
     if impl == "auto":
-        return "flash" if usable else "torch"
+        return "varlen" if _torch_varlen() is not None and kernel_inputs and dropout == 0.0 else "segments"
     return impl
+
+
+def _check_index_tensor(tensor: torch.Tensor, name: str, device: torch.device) -> None:
+    """Shape, dtype and device of a bound or index tensor (no look at its values: that would sync a GPU)."""
+    if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the attention inputs on {device}; move the batch with "
+                         "batch.to(device)")
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, name: str = "cu_seqlens") -> list[int]:
@@ -85,26 +140,37 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, name: str = "cu
     return bounds
 
 
-def _check_key_segments(key_index: torch.Tensor, cu_seqlens_k: torch.Tensor | None, query_bounds: list[int],
-                        num_tokens: int, causal: bool) -> list[int]:
-    """The key bounds as Python ints, after checking the key index against the row and the query segments."""
+def check_packed_segments(cu_seqlens: torch.Tensor, num_tokens: int, *, key_index: torch.Tensor | None = None,
+                          cu_seqlens_k: torch.Tensor | None = None,
+                          causal: bool = True) -> tuple[list[int], list[int]]:
+    """Checks the values of a row's attention segments; returns (query bounds, key bounds) as Python ints.
+
+    Reads every value, so on a GPU it waits for the device: the collators call it once per batch on the CPU, and
+    the "segments" path calls it on whatever device the bounds are. Shapes as in `packed_attention`.
+    """
+    bounds = _check_cu_seqlens(cu_seqlens, num_tokens)
+    if key_index is None:
+        if cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens and not torch.equal(
+                cu_seqlens_k.to(cu_seqlens.device), cu_seqlens):
+            raise ValueError("without a key_index each segment attends to itself: cu_seqlens_k must equal cu_seqlens")
+        return bounds, bounds
     if cu_seqlens_k is None:
         raise ValueError("a key_index needs cu_seqlens_k, the bounds of each segment's keys within it")
     if key_index.dim() != 1 or key_index.dtype.is_floating_point or key_index.dtype == torch.bool:
         raise ValueError(f"key_index must be a 1-D integer tensor, got {tuple(key_index.shape)} {key_index.dtype}")
     key_bounds = _check_cu_seqlens(cu_seqlens_k, key_index.shape[0], "cu_seqlens_k")
-    if len(key_bounds) != len(query_bounds):
+    if len(key_bounds) != len(bounds):
         raise ValueError(f"cu_seqlens_k bounds {len(key_bounds) - 1} key segments for "
-                         f"{len(query_bounds) - 1} query segments; give one key segment per query segment")
+                         f"{len(bounds) - 1} query segments; give one key segment per query segment")
     low, high = torch.aminmax(key_index)
     if int(low) < 0 or int(high) >= num_tokens:
         raise ValueError(f"key_index must point into the {num_tokens} tokens of the row, got values "
                          f"{int(low)} .. {int(high)}")
-    if causal and any(kb - ka < qb - qa for (qa, qb), (ka, kb) in zip(pairwise(query_bounds), pairwise(key_bounds),
+    if causal and any(kb - ka < qb - qa for (qa, qb), (ka, kb) in zip(pairwise(bounds), pairwise(key_bounds),
                                                                       strict=True)):
         raise ValueError("causal attention aligned bottom right needs at least as many keys as queries in every "
                          "segment; a query before the first key would see nothing")
-    return key_bounds
+    return bounds, key_bounds
 
 
 def packed_attention(
@@ -134,8 +200,10 @@ def packed_attention(
         query (N, Hq, D); key, value (N, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (S + 1,) integer, from 0 to N;
         key_index (K,) integer in [0, N) and cu_seqlens_k (S + 1,) integer, from 0 to K, both or neither
         -> (N, Hq, D), the dtype of query.
-    max_seqlen, max_seqlen_k: the longest query and key segment (computed when None). scaling defaults to D ** -0.5.
-    impl: "auto" (flash-attn when usable, else "torch"), "flash", "torch".
+    max_seqlen, max_seqlen_k: the longest query and key segment, Python ints (computed when None, which on a GPU
+    waits for the device: the collators give them). scaling defaults to D ** -0.5.
+    impl: "auto" (PyTorch's varlen kernel where it applies, else "segments"), "varlen", "flash_attn", "segments".
+    The kernel paths check shapes and dtypes only; `check_packed_segments` checks the values (module docstring).
     """
     if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
         raise ValueError(f"query, key, value must be (N, heads, D), got {tuple(query.shape)}, {tuple(key.shape)}, "
@@ -146,29 +214,58 @@ def packed_attention(
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"the {num_heads} query heads must be a multiple of the {num_kv_heads} key/value heads")
-    bounds = _check_cu_seqlens(cu_seqlens, query.shape[0])
+    if key_index is not None and cu_seqlens_k is None:
+        raise ValueError("a key_index needs cu_seqlens_k, the bounds of each segment's keys within it")
+    impl = _resolve_impl(impl, query, dropout)
+    if impl == "segments":
+        bounds, key_bounds = check_packed_segments(cu_seqlens, query.shape[0], key_index=key_index,
+                                                   cu_seqlens_k=cu_seqlens_k, causal=causal)
+        if key_index is not None:
+            key, value = key.index_select(0, key_index), value.index_select(0, key_index)
+        return _segments_attention(query, key, value, bounds, key_bounds, scaling, dropout, causal)
+
+    for name, tensor in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k), ("key_index", key_index)):
+        if tensor is not None:
+            _check_index_tensor(tensor, name, query.device)
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be (S + 1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    cu_seqlens_q = cu_seqlens.to(torch.int32)
     if key_index is None:
-        if cu_seqlens_k is not None and not torch.equal(cu_seqlens_k.to(cu_seqlens.device), cu_seqlens):
+        if cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens and cu_seqlens_k.shape != cu_seqlens.shape:
             raise ValueError("without a key_index each segment attends to itself: cu_seqlens_k must equal cu_seqlens")
-        key_bounds, max_seqlen_k = bounds, max_seqlen
+        cu_seqlens_k, max_seqlen_k = cu_seqlens_q, max_seqlen
     else:
-        key_bounds = _check_key_segments(key_index, cu_seqlens_k, bounds, query.shape[0], causal)
-        # One stream of every segment's keys, in segment order: what flash-attn's cu_seqlens_k indexes. The backward
+        if cu_seqlens_k.shape != cu_seqlens.shape:
+            raise ValueError(f"cu_seqlens_k bounds {cu_seqlens_k.shape[0] - 1} key segments for "
+                             f"{cu_seqlens.shape[0] - 1} query segments; give one key segment per query segment")
+        cu_seqlens_k = cu_seqlens_k.to(torch.int32)
+        # One stream of every segment's keys, in segment order: what the kernels' cu_seqlens_k indexes. The backward
         # of the gather sums the gradients of a key that several segments read (a shared prompt's keys).
         key, value = key.index_select(0, key_index), value.index_select(0, key_index)
-    impl = _resolve_impl(impl, query)
-    if impl == "flash":
-        cu_seqlens_q = cu_seqlens.to(device=query.device, dtype=torch.int32)
-        cu_seqlens_k = cu_seqlens_q if key_index is None else cu_seqlens_k.to(device=query.device, dtype=torch.int32)
-        if max_seqlen is None:
-            max_seqlen = max(b - a for a, b in pairwise(bounds))
-        if max_seqlen_k is None:
-            max_seqlen_k = max(b - a for a, b in pairwise(key_bounds))
-        # flash-attn aligns the causal mask bottom right when a segment has fewer queries than keys (flash-attn >= 2.1).
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    if impl == "flash_attn":
         return _flash_varlen()(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen, max_seqlen_k,
                                dropout_p=dropout, softmax_scale=scaling, causal=causal)
+    varlen_attn = _torch_varlen()
+    causal_form, takes_gqa = _varlen_call_form(varlen_attn)
+    options = dict(causal_form) if causal else {}
+    if num_heads != num_kv_heads:
+        if takes_gqa:
+            options["enable_gqa"] = True
+        else:
+            key = key.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            value = value.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    return varlen_attn(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen, max_seqlen_k, scale=scaling,
+                       **options)
 
-    groups = num_heads // num_kv_heads
+
+def _segments_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                        key_bounds: list[int], scaling: float | None, dropout: float, causal: bool) -> torch.Tensor:
+    """The exact path: one sdpa call per segment. query (N, Hq, D); key, value (K, Hkv, D) gathered -> (N, Hq, D)."""
+    groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
@@ -250,17 +347,16 @@ def packed_attention_forward(
             if position_ids is not None and position_ids.shape[-1] == length:
                 cu_seqlens = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
             else:
-                cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32)
+                cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
             max_seqlen = None
-        elif cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens and not torch.equal(cu_seqlens_k,
-                                                                                            cu_seqlens):
-            raise ValueError(f"{ATTENTION_NAME} attention without a key_index is self-attention of each segment: "
-                             "cu_seq_lens_k must equal cu_seq_lens_q")
+        else:
+            # Passed on to packed_attention, which checks it against cu_seq_lens_q.
+            key_segments = {"cu_seqlens_k": cu_seqlens_k}
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # (B, H, T, D) -> (B * T, H, D): one stream of tokens.
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value)]
     output = packed_attention(*flat, cu_seqlens, max_seqlen, **key_segments, scaling=scaling, dropout=dropout,
-                              causal=causal)
+                              causal=causal, impl=kwargs.get("packed_attention_impl") or "auto")
     return output.reshape(batch, length, num_heads, head_dim), None
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 import dama_kernels
+from dama.model.attention import IMPLS as ATTENTION_IMPLS
 from dama.model.attention import use_packed_attention
 from dama.options import HEADS
 
@@ -52,11 +53,15 @@ class DamaPolicy(nn.Module):
 
     head="fused" scores only supervised positions from hidden states; head="full_logits" runs the model's lm_head
     over every position, log-softmax and gather (the usual DPO trainer, kept as the baseline it is measured against).
-    The log-probs are sums over each response, or means when average_logps.
+    The log-probs are sums over each response, or means when average_logps. attention_impl picks the packed
+    attention's implementation (dama.model.attention.IMPLS; "flash_attn" asks for flash-attn's kernel).
+    Neither this wiring nor the packed attention reads a device value back to the host: the batch carries its bounds
+    and longest segments as the collator computed them on the CPU. (transformers' LLaVA checks once per forward that
+    the image tokens match the features, a sync that TRANSFORMERS_DISABLE_TORCH_CHECK=1 switches off.)
     """
 
     def __init__(self, llava: LlavaForConditionalGeneration, *, head: str = "fused", impl: str = "auto",
-                 average_logps: bool = False, packed_attention: bool = True) -> None:
+                 average_logps: bool = False, packed_attention: bool = True, attention_impl: str = "auto") -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -64,6 +69,9 @@ class DamaPolicy(nn.Module):
         self.head = SequenceLogpsHead(llava.lm_head, impl)
         self.head_kind = head
         self.average_logps = average_logps
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        self.attention_impl = attention_impl
         if packed_attention:
             use_packed_attention(llava)
 
@@ -107,8 +115,10 @@ class DamaPolicy(nn.Module):
         # Each pair's image once through the vision tower; image slot k then shows image image_index[k].
         vision_dtype = next(backbone.vision_tower.parameters()).dtype
         image_outputs = backbone.get_image_features(pixel_values=batch.pixel_values.to(vision_dtype), return_dict=True)
-        features = image_outputs.pooler_output
-        image_outputs.pooler_output = [features[k] for k in batch.image_index.tolist()]
+        # A list of P (T_img, H) features; slot k shows image image_index[k], gathered on the device (no host copy of
+        # the index).
+        features = torch.stack(image_outputs.pooler_output).index_select(0, batch.image_index)  # (I, T_img, H)
+        image_outputs.pooler_output = list(features.unbind(0))
         inputs = batch.model_inputs()
         attention = self.llava.config.text_config._attn_implementation
         if isinstance(batch, PackedBatch) and attention not in ("dama_packed", "flash_attention_2"):
@@ -116,5 +126,7 @@ class DamaPolicy(nn.Module):
         if isinstance(batch, PrefixSharedBatch) and attention != "dama_packed":
             raise ValueError(f"a prefix-shared batch needs dama_packed attention (its responses read the prompt's "
                              f"keys through key_index), not {attention!r}: build DamaPolicy with packed_attention=True")
+        if isinstance(batch, PackedBatch | PrefixSharedBatch):
+            inputs["packed_attention_impl"] = self.attention_impl
         outputs = backbone(**inputs, mm_encoder_outputs={"image": image_outputs})
         return outputs.last_hidden_state

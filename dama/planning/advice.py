@@ -30,7 +30,8 @@ def _lora(setup: TrainingSetup) -> TrainingSetup:
 
 
 def _prefix_shared(setup: TrainingSetup) -> TrainingSetup:
-    # flash-attn varlen where the head runs the Triton kernels (a GPU), the exact SDPA path elsewhere.
+    # FlashAttention-2 varlen (PyTorch's or flash-attn's) where the head runs the Triton kernels (a GPU), the exact
+    # SDPA path elsewhere.
     attention = "varlen" if setup.head_kernel == "triton" else "segments"
     return replace(setup, layout="prefix_shared", attention=attention)
 

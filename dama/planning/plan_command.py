@@ -145,7 +145,7 @@ def describe_setup(shape: ModelShape, setup: TrainingSetup, batch: BatchShape) -
     engine = "no DeepSpeed" if setup.zero_stage is None else (
         f"DeepSpeed ZeRO-{setup.zero_stage}" + (", optimizer offload" if setup.offload_optimizer else "")
         + (", parameter offload" if setup.offload_params else ""))
-    attention = {"varlen": "flash-attn varlen", "segments": "exact per-sequence SDPA", "padded": "sdpa with mask"}
+    attention = {"varlen": "FlashAttention-2 varlen", "segments": "exact per-sequence SDPA", "padded": "sdpa with mask"}
     return [
         f"model: {_millions(shape.total_params())} parameters (vision tower {_millions(shape.vision_tower_params())}, "
         f"projector {_millions(shape.projector_params())}, language model {_millions(shape.language_model_params())}, "

@@ -21,12 +21,14 @@ from dama.options import (
     BAD_ROW_POLICIES,
     DTYPE_NAMES,
     HEADS,
+    PACKED_ATTENTION_IMPLS,
     REFERENCES,
     Attention,
     BadRowPolicy,
     DtypeName,
     EncodingOptions,
     Head,
+    PackedAttentionImpl,
     Reference,
     check_at_least,
     check_choice,
@@ -69,9 +71,15 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions
     )
     attention: Attention = field(
         default="packed",
-        metadata={"help": "Attention: 'packed' (flash-attn varlen on a GPU when installed, exact per-segment SDPA "
-                  "otherwise; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' (padded "
-                  "layout)."},
+        metadata={"help": "Attention: 'packed' (varlen attention over the packed row, kernel per "
+                  "packed_attention_impl; for layout prefix_shared or packed), or transformers' 'sdpa' / 'eager' "
+                  "(padded layout)."},
+    )
+    packed_attention_impl: PackedAttentionImpl = field(
+        default="auto",
+        metadata={"help": "Kernel of packed attention: 'auto' (PyTorch's FlashAttention-2 varlen kernel on CUDA "
+                  "fp16/bf16, the exact per-segment SDPA otherwise), 'varlen' (that kernel, torch >= 2.10), "
+                  "'flash_attn' (flash-attn's, needs pip install .[gpu]) or 'segments'."},
     )
     head: Head = field(
         default="fused",
@@ -147,6 +155,7 @@ class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions
         self.check_encoding_options()
         check_choice("head", self.head, HEADS)
         check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("packed_attention_impl", self.packed_attention_impl, PACKED_ATTENTION_IMPLS)
         check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("model_dtype", self.model_dtype, DTYPE_NAMES)
