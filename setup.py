@@ -10,7 +10,7 @@ CORE = [
     "torch==2.13.0",
     "triton==3.8.0",
     "numpy==2.4.6",
-    "transformers==5.23.0",
+    "transformers>=5.17,<6",
     "tokenizers==0.23.3",
     "datasets==5.2.0",
     "accelerate==1.15.0",

@@ -118,6 +118,11 @@ class PreferenceBatch:
     def num_seqs(self) -> int:
         return 2 * len(self.row_ids)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether the batch has a field `name`. transformers.Trainer asks for "labels" to count the loss tokens; a
+        preference batch has none to count (DamaLoss normalises by the pairs it selects)."""
+        return any(f.name == name for f in fields(self))
+
     def split_chosen_rejected(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, ...) -> chosen (P, ...), rejected (P, ...)."""
         if values.shape[:1] != (self.num_seqs,):
