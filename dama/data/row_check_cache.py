@@ -64,7 +64,7 @@ def _image_paths(column: pa.ChunkedArray) -> Iterator[str]:
             paths = pc.struct_field(chunk, "path")
             if chunk.type.get_field_index("bytes") >= 0:
                 paths = pc.if_else(pc.is_null(pc.struct_field(chunk, "bytes")), paths, pa.scalar(None, paths.type))
-            yield from (path for path in paths.to_pylist() if path)
+            yield from (path for path in pc.drop_null(paths).to_pylist() if path)
         elif pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
             for text in chunk.to_pylist():
                 if text and text.startswith("{"):

@@ -244,6 +244,11 @@ def apply_verdict(
     return report
 
 
+def _row_ids(rows: datasets.Dataset) -> list[str]:
+    """The row_id column as a list, read in one slice (iterating the column reads row by row: seconds for 83k)."""
+    return rows.select_columns(["row_id"])[:]["row_id"]
+
+
 def _check_policy(on_bad_row: str) -> None:
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -268,7 +273,7 @@ def validate_rows(
     upstream = upstream or {}
     verdict = find_problems(rows, image_folder, checks, source=source, upstream=upstream,
                             stop_at_first=on_bad_row == "error")
-    return apply_verdict(verdict, rows["row_id"], on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
+    return apply_verdict(verdict, _row_ids(rows), on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
                          upstream=upstream)
 
 
@@ -317,6 +322,6 @@ def check_input(
     settings = {"checks": asdict(checks), "select": list(select), "limit": limit, "rules": CHECK_RULES_VERSION}
     verdict = cached_verdict(path, rows, folder, settings, lambda: find_problems(
         rows, folder, checks, source=source, upstream=upstream, stop_at_first=on_bad_row == "error"))
-    report = apply_verdict(verdict, rows["row_id"], on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
+    report = apply_verdict(verdict, _row_ids(rows), on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
                            upstream=upstream)
     return CheckedInput(keep_rows(rows, report), folder, report)

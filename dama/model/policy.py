@@ -74,13 +74,27 @@ class DamaPolicy(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute the LLaVA's layer activations in the backward; the Trainer calls this with these arguments when
-        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name."""
-        self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
-                                                   every_n_layers=every_n_layers, offload=offload)
+        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name
+        (`gradient_checkpointing_enable` in transformers releases before the rename, 5.17 among them)."""
+        if hasattr(self.llava, "activation_checkpointing_enable"):
+            self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                       every_n_layers=every_n_layers, offload=offload)
+        else:
+            self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """activation_checkpointing_enable under the name transformers releases before the rename call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self.llava.is_activation_checkpointing
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.llava.modules())
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         if self.head_kind == "fused":
@@ -106,14 +120,20 @@ class DamaPolicy(nn.Module):
         # Each pair's image once through the vision tower; image slot k then shows image image_index[k].
         vision_dtype = next(backbone.vision_tower.parameters()).dtype
         image_outputs = backbone.get_image_features(pixel_values=batch.pixel_values.to(vision_dtype), return_dict=True)
-        features = image_outputs.pooler_output
-        image_outputs.pooler_output = [features[k] for k in batch.image_index.tolist()]
+        features = image_outputs.pooler_output  # one (T_img, H) per pair
+        slots = torch.cat([features[k] for k in batch.image_index.tolist()])  # (I * T_img, H)
         inputs = batch.model_inputs()
+        # The image features go into the token embeddings here rather than through the LLaVA's forward, whose way of
+        # taking precomputed features differs across transformers releases (5.17 has none).
+        input_ids = inputs.pop("input_ids")
+        embeds = backbone.get_input_embeddings()(input_ids)
+        image_tokens = backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=slots)
+        embeds = embeds.masked_scatter(image_tokens, slots.to(embeds.device, embeds.dtype))
         attention = self.llava.config.text_config._attn_implementation
         if isinstance(batch, PackedBatch) and attention not in ("dama_packed", "flash_attention_2"):
             raise ValueError("a packed batch needs packed attention: build DamaPolicy with packed_attention=True")
         if isinstance(batch, PrefixSharedBatch) and attention != "dama_packed":
             raise ValueError(f"a prefix-shared batch needs dama_packed attention (its responses read the prompt's "
                              f"keys through key_index), not {attention!r}: build DamaPolicy with packed_attention=True")
-        outputs = backbone(**inputs, mm_encoder_outputs={"image": image_outputs})
+        outputs = backbone(inputs_embeds=embeds, **inputs)
         return outputs.last_hidden_state

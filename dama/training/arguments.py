@@ -21,13 +21,14 @@ from dama.data.validation import BAD_ROW_POLICIES
 from dama.method.config import DamaMethodConfig, _check_choice
 from dama.model.loading import DTYPES
 from dama.model.policy import HEADS
+from dama.training.transformers_compat import ActivationCheckpointingFields
 
 ATTENTIONS = ("packed", "sdpa", "eager")
 REFERENCES = ("precomputed", "online")
 
 
 @dataclass
-class DamaTrainingArguments(TrainingArguments, DamaMethodConfig):
+class DamaTrainingArguments(ActivationCheckpointingFields, TrainingArguments, DamaMethodConfig):
     # Model
     model_name_or_path: str | None = field(
         default=None,
