@@ -35,7 +35,7 @@ from dama.output_lock import OutputLock, OutputLockedError, lock_path
 from dama.planning import plan_command
 from dama.training import train
 from dama.training.arguments import parse_training_arguments
-from dama.training.checkpointing import DAMA_STATE_NAME, STAGING_DIR, newest_checkpoint
+from dama.training.checkpointing import DAMA_STATE_NAME, newest_checkpoint
 from dama.training.preemption import signals_from_option
 from dama.training.run_folder import RUN_COMPLETE
 
@@ -319,7 +319,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_written(tiny, tmp_
                     f"checkpoint, {kept}, is intact. Free space, then rerun with the same command (dama train: "
                     "--resume true)")
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert not (output_dir / STAGING_DIR / "checkpoint-4").exists()
+    assert not (output_dir / "checkpoint-4").exists()
 
 
 def _mount(path: Path) -> str:
@@ -350,7 +350,7 @@ def test_enospc_while_saving_is_one_line_keeps_the_last_checkpoint_and_resume_wo
                         r"/checkpoint-10, is intact. Free space, then rerun with the same command \(dama train: "
                         r"--resume true\)", err.strip().splitlines()[-1]), err[-2000:]
     assert digest(output_dir / "checkpoint-10") == before["checkpoint-10"]
-    assert not (output_dir / "checkpoint-20").exists() and not (output_dir / STAGING_DIR / "checkpoint-20").exists()
+    assert not (output_dir / "checkpoint-20").exists()
 
     monkeypatch.setattr(torch, "save", real_save)
     assert train.main(train_argv(tiny, output_dir, "--resume", "true")) == 0

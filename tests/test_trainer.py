@@ -1,20 +1,21 @@
-"""DamaTrainer on a tiny LLaVA: training runs, resume reproduces the loss curve, non-finite steps, atomic checkpoints,
-and every shipped YAML parses."""
+"""DamaTrainer on a tiny LLaVA: training runs, resume reproduces the loss curve, non-finite steps, checkpoints that
+count only once complete, the public Trainer hooks, and every shipped YAML parses."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, newest_checkpoint
 from dama.training.train import build_trainer
-from dama.training.trainer import NonFiniteLossError
+from dama.training.trainer import DamaTrainer, NonFiniteLossError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -134,22 +135,44 @@ def test_too_many_non_finite_steps_stop_with_checkpoint_intact(tiny_setup, tmp_p
     assert (checkpoint / DAMA_STATE_NAME).is_file() and (checkpoint / "model.safetensors").is_file()
 
 
-def test_a_crash_while_saving_leaves_no_partial_checkpoint(tiny_setup, tmp_path, monkeypatch):
+def test_a_save_cut_short_is_never_resumed_from_and_resume_gives_the_same_losses(tiny_setup, tmp_path, monkeypatch):
     root, paths = tiny_setup
     trainer = build_trainer(make_args(root, paths, tmp_path / "run", "--max_steps", "4"))
-    original = type(trainer)._save_optimizer_and_scheduler
+    original = Trainer._save_optimizer_and_scheduler
 
     def crash_on_second_save(self, output_dir):
         if self.state.global_step == 4:
             raise OSError("disk full")
         original(self, output_dir)
 
-    monkeypatch.setattr(type(trainer), "_save_optimizer_and_scheduler", crash_on_second_save)
+    # The crash comes after the model files of checkpoint-4 are written, before the optimizer's.
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", crash_on_second_save)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
-    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    monkeypatch.undo()
+    cut = tmp_path / "run" / "checkpoint-4"
+    assert (cut / "model.safetensors").is_file() and not (cut / COMPLETE_MARKER).exists()
     assert newest_checkpoint(tmp_path / "run").name == "checkpoint-2"
     assert (tmp_path / "run" / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+    resumed = build_trainer(make_args(root, paths, tmp_path / "run", "--max_steps", "4", "--resume", "true"))
+    resumed.train(resume_from_checkpoint=True)
+    assert sorted(losses(resumed)) == [1, 2, 3, 4]
+    for step, loss in losses(trainer).items():  # the crashed run had logged all four steps
+        assert losses(resumed)[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    assert (cut / COMPLETE_MARKER).is_file() and (cut / "optimizer.pt").is_file()
+
+
+def test_dama_trainer_overrides_two_private_trainer_methods_and_imports_nothing_private_from_liger():
+    own = {name for cls in DamaTrainer.__mro__ if cls.__module__.startswith("dama.") for name in vars(cls)}
+    private = sorted(name for name in own if name.startswith("_") and not name.startswith("__")
+                     and hasattr(Trainer, name))
+    assert private == ["_load_best_model", "_load_from_checkpoint"]
+    package = Path(__file__).resolve().parents[1] / "dama"
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("liger_kernel"):
+                assert not any(alias.name.startswith("_") for alias in node.names), source
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

@@ -29,8 +29,8 @@ tokens of the batch, read in flattened token order, form I runs of equal length 
 give every sequence one, I = S); run k is filled by the features of image `image_index[k]`:
     features = vision_and_projector(batch.pixel_values)                                        # (P, T_img, H)
     inputs_embeds.masked_scatter(input_ids == image_token_id, features[batch.image_index])    # T_img per slot
-(in transformers' LLaVA: pass `mm_encoder_outputs` whose pooler_output is list(features[batch.image_index])). The
-gradient of a feature used by both sequences of a pair is summed by the index, as it should be.
+(DamaPolicy does exactly this, then runs the LLaVA on the embeddings). The gradient of a feature used by both
+sequences of a pair is summed by the index, as it should be.
 
 Generality: sequences (what is scored, S outputs) are kept apart from the token layout (`supervised_*`,
 `image_index`, and the row's attention segments). The prefix-shared layout fills the same fields differently: one
@@ -117,6 +117,11 @@ class PreferenceBatch:
     @property
     def num_seqs(self) -> int:
         return 2 * len(self.row_ids)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the batch has a field `name`. transformers.Trainer asks for "labels" to count the loss tokens; a
+        preference batch has none to count (DamaLoss normalises by the pairs it selects)."""
+        return any(f.name == name for f in fields(self))
 
     def split_chosen_rejected(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, ...) -> chosen (P, ...), rejected (P, ...)."""

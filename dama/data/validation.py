@@ -26,7 +26,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from .formats import (
     open_row_image,
     read_metadata,
 )
+from .row_check_cache import RowVerdict, cached_verdict
 from .row_values import stored_reference
 
 MISSING_FIELD = "missing field"
@@ -56,6 +57,8 @@ MISSING_REFERENCE = "missing reference log-probs"
 BAD_REFERENCE = "non-finite reference log-probs"
 OVERLONG = "over-long"
 UPSTREAM = "left out by an earlier step: "
+# Raise when a rule of the check changes: verdicts stored by earlier versions (row_check_cache) are then not reused.
+CHECK_RULES_VERSION = 1
 # Rows read per batch; their images are decoded on threads (PIL releases the GIL while decoding).
 CHECK_BATCH = 64
 IMAGE_THREADS = min(8, os.cpu_count() or 1)
@@ -174,6 +177,85 @@ def _check_columns(rows: datasets.Dataset, checks: RowChecks, source: str) -> No
         )
 
 
+def find_problems(
+    rows: datasets.Dataset,
+    image_folder: Path | None,
+    checks: RowChecks,
+    *,
+    source: str,
+    upstream: Mapping[str, Mapping[str, Any]],
+    stop_at_first: bool,
+) -> RowVerdict:
+    """Check every row of `rows` as the module docstring says, decoding each image (on threads). With stop_at_first,
+    stops at the first bad row that no earlier step left out (the verdict is then incomplete)."""
+    from tqdm.auto import tqdm
+
+    _check_columns(rows, checks, source)
+    verdict = RowVerdict(total=rows.num_rows, problems=[])
+    texts = rows.select_columns([c for c in rows.column_names if c not in IMAGE_COLUMNS])
+    images = rows.select_columns([c for c in IMAGE_COLUMNS if c in rows.column_names])
+    with (ThreadPoolExecutor(IMAGE_THREADS) as pool,
+          tqdm(total=rows.num_rows, desc=f"checking {source}", unit="row", disable=None) as progress):
+        for start in range(0, rows.num_rows, CHECK_BATCH):
+            text_batch, image_batch = texts[start:start + CHECK_BATCH], images[start:start + CHECK_BATCH]
+            row_ids = text_batch["row_id"]
+            problems: list[Any] = []
+            for offset, row_id in enumerate(row_ids):
+                if row_id in upstream:
+                    problems.append(_inherited(upstream[row_id]))
+                    continue
+                problem = _text_problem({key: values[offset] for key, values in text_batch.items()}, checks)
+                if problem is None:
+                    cells = {key: values[offset] for key, values in image_batch.items()}
+                    problem = pool.submit(_image_problem, cells, image_folder, row_id)
+                problems.append(problem)
+            for row_id, problem in zip(row_ids, problems, strict=True):
+                if problem is not None and not isinstance(problem, tuple):
+                    problem = problem.result()
+                if problem is None:
+                    continue
+                verdict.problems.append([row_id, *problem])
+                if stop_at_first and row_id not in upstream:
+                    pool.shutdown(cancel_futures=True)
+                    verdict.complete = False
+                    return verdict
+            progress.update(len(row_ids))
+    return verdict
+
+
+def apply_verdict(
+    verdict: RowVerdict,
+    row_ids: Sequence[str],
+    *,
+    on_bad_row: str,
+    skip_hint: str,
+    source: str,
+    upstream: Mapping[str, Mapping[str, Any]],
+) -> SkipReport:
+    """The SkipReport of an input (its `row_ids` in row order) under on_bad_row; BadRowError for the first bad row
+    under "error" (rows an earlier step left out aside)."""
+    report = SkipReport(total=verdict.total)
+    report._order = {row_id: index for index, row_id in enumerate(row_ids)}
+    for row_id, reason, detail in verdict.problems:
+        if on_bad_row == "error" and row_id not in upstream:
+            raise BadRowError(f"{detail}. {skip_hint}")
+        report.add(row_id, reason, detail)
+    if report.total and not report.kept:
+        raise DamaError(f"every row of {source} is bad ({report.summary()}): check that it is the right file, with "
+                        "the right columns")
+    return report
+
+
+def _row_ids(rows: datasets.Dataset) -> list[str]:
+    """The row_id column as a list, read in one slice (iterating the column reads row by row: seconds for 83k)."""
+    return rows.select_columns(["row_id"])[:]["row_id"]
+
+
+def _check_policy(on_bad_row: str) -> None:
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise DamaError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+
+
 def validate_rows(
     rows: datasets.Dataset,
     image_folder: Path | None,
@@ -189,46 +271,12 @@ def validate_rows(
     `skip_hint` ends a BadRowError's message (how to skip bad rows with this step); `source` names the input in
     errors; `upstream` maps row ids an earlier pass left out to its skip entries (`upstream_skips`).
     """
-    from tqdm.auto import tqdm
-
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise DamaError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
-    _check_columns(rows, checks, source)
+    _check_policy(on_bad_row)
     upstream = upstream or {}
-    report = SkipReport(total=rows.num_rows)
-    texts = rows.select_columns([c for c in rows.column_names if c not in IMAGE_COLUMNS])
-    images = rows.select_columns([c for c in IMAGE_COLUMNS if c in rows.column_names])
-    with (ThreadPoolExecutor(IMAGE_THREADS) as pool,
-          tqdm(total=rows.num_rows, desc=f"checking {source}", unit="row", disable=None) as progress):
-        for start in range(0, rows.num_rows, CHECK_BATCH):
-            text_batch, image_batch = texts[start:start + CHECK_BATCH], images[start:start + CHECK_BATCH]
-            row_ids = text_batch["row_id"]
-            problems: list[Any] = []
-            for offset, row_id in enumerate(row_ids):
-                report._order[row_id] = start + offset
-                if row_id in upstream:
-                    problems.append(_inherited(upstream[row_id]))
-                    continue
-                problem = _text_problem({key: values[offset] for key, values in text_batch.items()}, checks)
-                if problem is None:
-                    cells = {key: values[offset] for key, values in image_batch.items()}
-                    problem = pool.submit(_image_problem, cells, image_folder, row_id)
-                problems.append(problem)
-            for row_id, problem in zip(row_ids, problems, strict=True):
-                if problem is not None and not isinstance(problem, tuple):
-                    problem = problem.result()
-                if problem is None:
-                    continue
-                reason, detail = problem
-                if on_bad_row == "error" and row_id not in upstream:
-                    pool.shutdown(cancel_futures=True)
-                    raise BadRowError(f"{detail}. {skip_hint}")
-                report.add(row_id, reason, detail)
-            progress.update(len(row_ids))
-    if report.total and not report.kept:
-        raise DamaError(f"every row of {source} is bad ({report.summary()}): check that it is the right file, with "
-                        "the right columns")
-    return report
+    verdict = find_problems(rows, image_folder, checks, source=source, upstream=upstream,
+                            stop_at_first=on_bad_row == "error")
+    return apply_verdict(verdict, _row_ids(rows), on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
+                         upstream=upstream)
 
 
 def keep_rows(rows: datasets.Dataset, report: SkipReport) -> datasets.Dataset:
@@ -266,10 +314,16 @@ def check_input(
 ) -> CheckedInput:
     """Read an input (load_preference_rows), check every row with the skips of the step before, keep the good ones.
 
-    Images resolve under `image_folder`, by default the input's folder (formats.default_image_folder).
+    Images resolve under `image_folder`, by default the input's folder (formats.default_image_folder). The verdict
+    on the rows is stored and reused while the input's files and the settings stay the same (row_check_cache).
     """
+    _check_policy(on_bad_row)
     folder = Path(image_folder) if image_folder is not None else default_image_folder(path)
     rows = load_preference_rows(path, cache_dir=cache_dir, limit=limit, select=select)
-    report = validate_rows(rows, folder, checks, on_bad_row=on_bad_row, skip_hint=skip_hint, source=Path(path).name,
-                           upstream=upstream_skips(path))
+    upstream, source = upstream_skips(path), Path(path).name
+    settings = {"checks": asdict(checks), "select": list(select), "limit": limit, "rules": CHECK_RULES_VERSION}
+    verdict = cached_verdict(path, rows, folder, settings, lambda: find_problems(
+        rows, folder, checks, source=source, upstream=upstream, stop_at_first=on_bad_row == "error"))
+    report = apply_verdict(verdict, _row_ids(rows), on_bad_row=on_bad_row, skip_hint=skip_hint, source=source,
+                           upstream=upstream)
     return CheckedInput(keep_rows(rows, report), folder, report)

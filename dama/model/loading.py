@@ -57,7 +57,13 @@ def apply_liger_patches(model: LlavaForConditionalGeneration) -> None:
     """liger-kernel's Llama kernels (RMSNorm, SwiGLU, RoPE) on the language model; they need a GPU."""
     if not torch.cuda.is_available():
         raise DamaError("liger_patches needs a CUDA GPU (liger's Triton kernels do not run on the CPU)")
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    text_type = model.config.text_config.model_type
+    if text_type != "llama":
+        raise DamaError(f"liger_patches covers a Llama language model (LLaVA-1.5's), this one is {text_type!r}: "
+                        "set liger_patches: false")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-    _apply_liger_kernel_to_instance(model.model.language_model, rms_norm=True, swiglu=True, rope=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    # Given the instance, liger swaps its modules in place (and LlamaRMSNorm, LlamaMLP and RoPE in transformers'
+    # Llama module for models built later); the loss stays the project's own.
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model.model.language_model)

@@ -83,13 +83,27 @@ class DamaPolicy(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute the LLaVA's layer activations in the backward; the Trainer calls this with these arguments when
-        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name."""
-        self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
-                                                   every_n_layers=every_n_layers, offload=offload)
+        `activation_checkpointing` is on, and they go to LlavaForConditionalGeneration's method of the same name
+        (`gradient_checkpointing_enable` in transformers releases before the rename, 5.17 among them)."""
+        if hasattr(self.llava, "activation_checkpointing_enable"):
+            self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                       every_n_layers=every_n_layers, offload=offload)
+        else:
+            self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """activation_checkpointing_enable under the name transformers releases before the rename call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self.llava.is_activation_checkpointing
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.llava.modules())
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         if self.head_kind == "fused":
@@ -118,8 +132,16 @@ class DamaPolicy(nn.Module):
         # A list of P (T_img, H) features; slot k shows image image_index[k], gathered on the device (no host copy of
         # the index).
         features = torch.stack(image_outputs.pooler_output).index_select(0, batch.image_index)  # (I, T_img, H)
-        image_outputs.pooler_output = list(features.unbind(0))
+        slots = features.flatten(0, 1)  # (I * T_img, H)
         inputs = batch.model_inputs()
+        # The image features go into the token embeddings here rather than through the LLaVA's forward, whose way of
+        # taking precomputed features differs across transformers releases (5.17 has none).
+        input_ids = inputs.pop("input_ids")
+        embeds = backbone.get_input_embeddings()(input_ids)
+        # The collator checked once per batch, on the host, that every image slot has its features; transformers'
+        # own placeholder check would count the tokens on the device and wait for it.
+        image_tokens = (input_ids == self.llava.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
+        embeds = embeds.masked_scatter(image_tokens, slots.to(embeds.device, embeds.dtype))
         attention = self.llava.config.text_config._attn_implementation
         if isinstance(batch, PackedBatch) and attention not in ("dama_packed", "flash_attention_2"):
             raise ValueError("a packed batch needs packed attention: build DamaPolicy with packed_attention=True")
@@ -128,5 +150,5 @@ class DamaPolicy(nn.Module):
                              f"keys through key_index), not {attention!r}: build DamaPolicy with packed_attention=True")
         if isinstance(batch, PackedBatch | PrefixSharedBatch):
             inputs["packed_attention_impl"] = self.attention_impl
-        outputs = backbone(**inputs, mm_encoder_outputs={"image": image_outputs})
+        outputs = backbone(inputs_embeds=embeds, **inputs)
         return outputs.last_hidden_state

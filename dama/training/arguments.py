@@ -34,12 +34,13 @@ from dama.options import (
     check_choice,
 )
 from dama.training.preemption import signals_from_option
+from dama.training.transformers_compat import ActivationCheckpointingFields
 
 COMMAND = "dama train"
 
 
 @dataclass
-class DamaTrainingArguments(TrainingArguments, DamaMethodConfig, EncodingOptions):
+class DamaTrainingArguments(ActivationCheckpointingFields, TrainingArguments, DamaMethodConfig, EncodingOptions):
     # Model
     model_name_or_path: str | None = field(
         default=None,

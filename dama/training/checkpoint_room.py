@@ -28,7 +28,7 @@ from dama.planning.checkpoint_size import checkpoint_size
 from dama.planning.model_shape import ModelShape
 from dama.planning.setup import training_setup
 
-from .checkpointing import COMPLETE_MARKER, STAGING_DIR, newest_checkpoint
+from .checkpointing import is_complete, newest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ class CheckpointRoom(TrainerCallback):
 
 def _remove_partial(output_dir: Path, name: str) -> None:
     """Removes what a failed save of checkpoint `name` left; a complete checkpoint is never touched."""
-    for folder in (output_dir / STAGING_DIR / name, output_dir / name):
-        if folder.is_dir() and not (folder / COMPLETE_MARKER).is_file():
-            shutil.rmtree(folder, ignore_errors=True)
+    folder = output_dir / name
+    if folder.is_dir() and not is_complete(folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -1,44 +1,104 @@
-"""Checkpoints of a DamaTrainer: atomic saves that carry the DamaLoss state, rotation, and resume.
+"""Checkpoints of a DamaTrainer: what the model folder holds, when a checkpoint counts as complete, rotation, resume.
 
-A checkpoint is written under <output_dir>/.staging/checkpoint-N and renamed into place once complete (with a
-completion marker), so a crash mid-save never leaves a half-written checkpoint-N; only complete checkpoints count for
-rotation and resume. The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder; with LoRA it
-is the adapter folder (dama.model.lora), which peft loads onto the base checkpoint and `dama export --merge` folds in.
+The Trainer writes checkpoint-N in place (the model through DamaTrainer.save_model, then its optimizer, scheduler,
+RNG and trainer state). Only then does CheckpointCompletion, a TrainerCallback, add the DamaLoss state and the
+completion marker (written atomically, after every process has finished writing): a folder without the marker is a
+save that was cut short and is never resumed from, counted for rotation or kept: the next training start removes it.
+The saved model is the LLaVA inside the policy, as a loadable save_pretrained folder; with LoRA it is the adapter
+folder (dama.model.lora), which peft loads onto the base checkpoint and `dama export --merge` folds in.
 
-Best-model tracking (`load_best_model_at_end`, `save_strategy: best`): the Trainer records the best checkpoint while
-it is still in the staging folder; the record (and the trainer_state.json saved with it) is moved to the final
-folder with the rename, rotation never deletes the best checkpoint, and loading it at the end goes through
-save_pretrained's own loader into the LLaVA inside the policy (with LoRA: the adapters' weights into the adapters).
+Best-model tracking (`load_best_model_at_end`, `save_strategy: best`): the Trainer records the best checkpoint where it
+is written; rotation never deletes it, and loading it at the end goes through save_pretrained's own loader into the
+LLaVA inside the policy (with LoRA: the adapters' weights into the adapters; dama.training.private_overrides).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
 from pathlib import Path
 
 import torch
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from dama.data.formats import write_json_atomic
 from dama.method.loss import DamaLoss
-from dama.model.lora import adapter_state_dict, load_adapter_weights, save_adapters
+from dama.model.lora import adapter_state_dict, save_adapters
+
+logger = logging.getLogger(__name__)
 
 DAMA_STATE_NAME = "dama_state.pt"
-STAGING_DIR = ".staging"
 COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def _checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every checkpoint-N folder of output_dir, complete or not, by step."""
+    folders = []
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and folder.is_dir():
+            folders.append((int(step), folder))
+    return sorted(folders)
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Whether a checkpoint folder carries its completion marker (written last, so everything else is there)."""
+    return Path(folder, COMPLETE_MARKER).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoint-N folders of output_dir, oldest step first."""
+    return [folder for _, folder in _checkpoint_folders(output_dir) if is_complete(folder)]
 
 
 def newest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint-N folder with the largest N in output_dir, or None."""
-    candidates = []
-    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / COMPLETE_MARKER).is_file():
-            candidates.append((int(step), folder))
-    return max(candidates)[1] if candidates else None
+    complete = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Deletes the checkpoint folders without a marker (saves cut short by a crash); returns them."""
+    removed = [folder for _, folder in _checkpoint_folders(output_dir) if not is_complete(folder)]
+    for folder in removed:
+        logger.warning("removing %s: its save did not complete (no %s)", folder, COMPLETE_MARKER)
+        shutil.rmtree(folder)
+    return removed
+
+
+def mark_complete(folder: str | Path, dama_loss: DamaLoss, global_step: int, nonfinite_steps: int) -> None:
+    """Completes a checkpoint the Trainer has written: the DamaLoss state, then the marker. Call on the process that
+    saves, once every process has finished writing into `folder`."""
+    torch.save(dama_loss.state_dict(), Path(folder, DAMA_STATE_NAME))
+    write_json_atomic(Path(folder, COMPLETE_MARKER), {"global_step": global_step, "nonfinite_steps": nonfinite_steps})
+
+
+def rotate_complete_checkpoints(output_dir: str | Path, limit: int | None, best: str | Path | None) -> None:
+    """Deletes the oldest complete checkpoints beyond `limit`, never `best`."""
+    if not limit:
+        return
+    for folder in complete_checkpoints(output_dir)[:-limit]:
+        if best is None or Path(best).resolve() != folder.resolve():
+            shutil.rmtree(folder)
+
+
+def save_policy_folder(trainer, output_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Writes the model of a DamaTrainer (`model.llava`, `adapters`) as a loadable folder, with its processor and
+    training arguments. state_dict: the policy's gathered weights when the live ones are partitioned (ZeRO-3)."""
+    os.makedirs(output_dir, exist_ok=True)
+    if trainer.adapters is not None:
+        save_adapters(trainer.adapters, output_dir, None if state_dict is None else adapter_state_dict(state_dict))
+    else:
+        if state_dict is not None:
+            state_dict = {key[len("llava."):]: value for key, value in state_dict.items() if key.startswith("llava.")}
+        trainer.model.llava.save_pretrained(output_dir, state_dict=state_dict)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
+    torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
 
 
 def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
@@ -57,8 +117,9 @@ def load_llava_weights(llava: torch.nn.Module, folder: str | Path) -> None:
 def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss) -> int:
     """Loads the DamaLoss running state of a complete checkpoint into `dama_loss`; returns its non-finite count."""
     state_file = Path(checkpoint, DAMA_STATE_NAME)
-    if not state_file.is_file():
-        raise ValueError(f"{checkpoint} has no {DAMA_STATE_NAME}: not a complete dama checkpoint")
+    if not is_complete(checkpoint) or not state_file.is_file():
+        raise ValueError(f"{checkpoint} is not a complete dama checkpoint (no {COMPLETE_MARKER} or "
+                         f"{DAMA_STATE_NAME}): resume from another checkpoint")
     # weights_only, explicitly (an environment variable can change the default): a checkpoint folder is data, and
     # must not be able to run code when it is resumed from. Read on the CPU (a launcher's device may be "cpu:0",
     # which torch.load cannot map to); load_state_dict copies the values onto the buffers' own device.
@@ -71,77 +132,30 @@ def restore_dama_state(checkpoint: str | Path, dama_loss: DamaLoss) -> int:
     return int(marker.get("nonfinite_steps", 0))
 
 
-class AtomicCheckpoints:
-    """Mixin for a transformers.Trainer subclass with `model.llava`, `dama_loss` and `adapters` (peft's PeftModel
-    around model.llava, or None): the checkpoint methods."""
+class CheckpointCompletion(TrainerCallback):
+    """Marks each checkpoint of a DamaTrainer complete once the Trainer has saved it, then rotates the complete ones;
+    at the start of training, removes the checkpoint folders a crash left without their marker.
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves the LLaVA inside the policy as a loadable save_pretrained folder (the head shares its weights)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if self.adapters is not None:
-            save_adapters(self.adapters, output_dir, None if state_dict is None else adapter_state_dict(state_dict))
-        else:
-            if state_dict is not None:
-                state_dict = {key[len("llava."):]: value for key, value in state_dict.items()
-                              if key.startswith("llava.")}
-            self.model.llava.save_pretrained(output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+    on_save is the Trainer's own signal that checkpoint-<global_step> has been written (model, optimizer, scheduler,
+    RNG, trainer state) on this process; the others may still be writing theirs, hence the barrier first.
+    """
 
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(staged):
-            shutil.rmtree(staged)  # left over from a crash during an earlier save of this step
-        # The parent writes into <run_dir>/.staging/checkpoint-N; renaming it afterwards makes the save atomic.
-        self._get_output_dir = lambda trial=None: staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == Path(staged):
-            # Recorded while the checkpoint sat in the staging folder: point it at where the rename puts it.
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        if self.args.should_save:
-            torch.save(self.dama_loss.state_dict(), os.path.join(staged, DAMA_STATE_NAME))
-            marker = {"global_step": self.state.global_step, "nonfinite_steps": self.nonfinite_steps}
-            Path(staged, COMPLETE_MARKER).write_text(json.dumps(marker))
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            self._rotate_complete_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
 
-    def _rotate_complete_checkpoints(self, run_dir: str) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        complete = sorted((int(p.name.rsplit("-", 1)[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                          if (p / COMPLETE_MARKER).is_file())
-        best = self.state.best_model_checkpoint
-        for _, folder in complete[:-limit]:
-            if best is None or Path(best).resolve() != folder.resolve():
-                shutil.rmtree(folder)
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            remove_incomplete_checkpoints(args.output_dir)
+        self.trainer.accelerator.wait_for_everyone()
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self._load_model_weights(resume_from_checkpoint, (model or self.model).llava)
-
-    def _load_best_model(self) -> None:
-        if self.is_deepspeed_enabled:
-            super()._load_best_model()  # the engine's own checkpoint files, saved with every checkpoint
-        else:
-            self._load_model_weights(self.state.best_model_checkpoint, self.model.llava)
-
-    def _load_model_weights(self, folder: str, llava: torch.nn.Module) -> None:
-        if self.adapters is not None:
-            load_adapter_weights(self.adapters, folder)
-        else:
-            load_llava_weights(llava, folder)
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            if not folder.is_dir():
+                raise RuntimeError(f"the Trainer reported a save, but {folder} does not exist")
+            mark_complete(folder, trainer.dama_loss, state.global_step, trainer.nonfinite_steps)
+            rotate_complete_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
+        trainer.accelerator.wait_for_everyone()
+        return control

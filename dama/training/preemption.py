@@ -30,7 +30,7 @@ NO_SIGNALS = "none"
 
 
 def signals_from_option(value: str) -> tuple[signal.Signals, ...]:
-    """`save_on_signal` ("SIGTERM,SIGUSR1", "TERM", "none") -> the signals; ValueError naming a wrong one."""
+    """`save_on_signal` ("SIGTERM,SIGUSR1", "TERM", "none") -> the signals; DamaError naming a wrong one."""
     if value.strip().lower() == NO_SIGNALS:
         return ()
     chosen = []

@@ -1,7 +1,7 @@
 """What `dama train` may do with its output_dir, decided before anything is loaded or written there.
 
 A folder "holds a run" when it has any of a run's files: resolved_config.json, a checkpoint-* folder (complete or
-not), the staging folder, trainer_state.json, a saved model, or the completion marker. Then:
+not), trainer_state.json, a saved model, or the completion marker. Then:
 - without --resume and without --overwrite_output_dir: refused, naming what is there (another run's checkpoints
   would otherwise be rotated against the new ones and resumed from);
 - with --resume true: the folder's resolved_config.json must equal this run's (LAUNCH_FIELDS aside), else refused
@@ -11,7 +11,7 @@ not), the staging folder, trainer_state.json, a saved model, or the completion m
   gets its final model from that checkpoint, without another step; otherwise training resumes from the newest
   complete checkpoint;
 - with --overwrite_output_dir true: once the start-up checks pass, the run's entries are removed and listed:
-  checkpoint folders, the staging folder and the files a run writes at the top (RUN_FILE_PATTERNS); anything else
+  checkpoint folders and the files a run writes at the top (RUN_FILE_PATTERNS); anything else
   in the folder is kept.
 The run record (resolved_config.json, versions.json, skipped_rows.json) is written only after the start-up checks.
 """
@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from dama.data.formats import atomic_path, write_json_atomic
 from dama.errors import DamaError
 
-from .checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, STAGING_DIR, newest_checkpoint
+from .checkpointing import COMPLETE_MARKER, DAMA_STATE_NAME, newest_checkpoint
 
 RUN_RECORD = "resolved_config.json"
 VERSIONS = "versions.json"
@@ -82,8 +82,6 @@ def _run_entries(folder: Path) -> list[Path]:
     """The entries of `folder` that belong to a run (see RUN_FILE_PATTERNS), in name order."""
     entries = {path for pattern in RUN_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
     entries |= {path for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()}
-    if (folder / STAGING_DIR).exists():
-        entries.add(folder / STAGING_DIR)
     return sorted(entries)
 
 

@@ -3,10 +3,12 @@
 compute_loss: DamaPolicy(batch) -> policy log-probs (S,) -> chosen/rejected -> DamaLoss (with the reference
 log-probs from the batch, or from a frozen reference policy when reference="online"). What it adds to the Trainer:
 - the DAMA metrics (TRL's names plus dama/*), averaged over each logging window;
-- atomic checkpoints with the DamaLoss state (dama.training.checkpointing);
+- checkpoints that count only once complete, with the DamaLoss state (dama.training.checkpointing);
 - non-finite guard: a micro-batch whose policy log-probs are not finite (on any rank) is skipped before backward and
   counted (dama/nonfinite_steps); max_nonfinite_steps in a row stop the run with NonFiniteLossError.
   Under DeepSpeed a skipped micro-batch also shifts the gradient-accumulation boundary by one micro-batch.
+It goes through the Trainer's public hooks (compute_loss, training_step, get_train_dataloader, save_model, train and
+callbacks); the two private methods it overrides, and why, are in dama.training.private_overrides.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from dama.data.batch import PreferenceBatch
@@ -26,7 +28,8 @@ from dama.method.distributed import all_reduce_sum
 from dama.method.loss import DamaLoss
 from dama.model.policy import DamaPolicy
 
-from .checkpointing import AtomicCheckpoints, newest_checkpoint, restore_dama_state
+from .checkpointing import CheckpointCompletion, newest_checkpoint, restore_dama_state, save_policy_folder
+from .private_overrides import PolicyWeightLoading
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class _EndOptimizerStep(TrainerCallback):
         self.dama_loss.end_optimizer_step()
 
 
-class DamaTrainer(AtomicCheckpoints, Trainer):
+class DamaTrainer(PolicyWeightLoading, Trainer):
     """Trainer for DamaPolicy models; see the module docstring. `args` is a DamaTrainingArguments."""
 
     def __init__(self, *, model: DamaPolicy, dama_loss: DamaLoss, ref_policy: DamaPolicy | None = None,
@@ -70,32 +73,28 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
         self.skip_reports: dict[str, Any] = {}
         self._window_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
+        self.add_callback(CheckpointCompletion(self))
         if self.args.ema_update == "optimizer_step":
             self.add_callback(_EndOptimizerStep(self.dama_loss))
 
     # ---- data ----
 
-    def _get_train_sampler(self, train_dataset=None):
-        if not self.args.shuffle:
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-        return super()._get_train_sampler(train_dataset)
-
     def get_train_dataloader(self) -> DataLoader:
-        if not self.args.max_tokens_per_batch:
+        """Batches of pairs: under a token budget (max_tokens_per_batch), else train_batch_size pairs each; in a
+        seeded random order, or in file order with shuffle=False. accelerate shards the batches over processes."""
+        if self.args.max_tokens_per_batch:
+            dataset = self.train_dataset
+            pair_lengths = layout_pair_lengths(dataset.pair_lengths, dataset.prompt_lengths, self.args.layout)
+            batches = TokenBudgetBatchSampler(pair_lengths, self.args.max_tokens_per_batch, shuffle=self.args.shuffle,
+                                              seed=self.args.seed, drop_last=self.args.dataloader_drop_last)
+        elif self.args.shuffle:
             return super().get_train_dataloader()
-        dataset = self.train_dataset
-        pair_lengths = layout_pair_lengths(dataset.pair_lengths, dataset.prompt_lengths, self.args.layout)
-        sampler = TokenBudgetBatchSampler(pair_lengths, self.args.max_tokens_per_batch, shuffle=self.args.shuffle,
-                                          seed=self.args.seed, drop_last=self.args.dataloader_drop_last)
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers)
+        else:
+            batches = BatchSampler(SequentialSampler(self.train_dataset), self.args.train_batch_size,
+                                   drop_last=self.args.dataloader_drop_last)
+        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
-
-    def _prepare_inputs(self, inputs: PreferenceBatch) -> PreferenceBatch:
-        return inputs.to(self.args.device)
-
-    def _get_num_items_in_batch(self, batch_samples, device):
-        return None  # DamaLoss normalises by the selected pairs itself; there is no token count to pass on
 
     def floating_point_ops(self, inputs: PreferenceBatch) -> int:
         """The usual 6 x parameters x tokens estimate of a training step's FLOPs (for the Trainer's total_flos)."""
@@ -153,7 +152,7 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = inputs.to(self.args.device)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         if not torch.isfinite(loss):
@@ -175,7 +174,7 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
         return loss.detach()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = inputs.to(self.args.device)
         # Evaluation must not move the running statistics.
         self.dama_loss.eval()
         try:
@@ -194,6 +193,16 @@ class DamaTrainer(AtomicCheckpoints, Trainer):
             logs["dama/nonfinite_steps"] = float(self.nonfinite_steps)
         window.clear()
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The LLaVA inside the policy as a loadable save_pretrained folder (with LoRA: the adapter folder), the
+        processor and the training arguments (dama.training.checkpointing.save_policy_folder)."""
+        state_dict = None
+        if self.is_deepspeed_enabled:
+            # Every rank takes part in gathering the weights (ZeRO-3 partitions them); the saving process writes.
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        if self.args.should_save:
+            save_policy_folder(self, output_dir if output_dir is not None else self.args.output_dir, state_dict)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
