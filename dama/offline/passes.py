@@ -224,13 +224,15 @@ def _partial_settings(path: Path) -> Any:
 
 
 def plan_output(
-    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool
+    input_path: Path, output_path: Path, settings: Mapping[str, Any], identity: dict[str, Any], overwrite: bool,
+    check_paths: Callable[[Path, Path], None] = check_output_path,
 ) -> OutputPlan:
     """Decide what the pass does with `output_path` (see the module docstring); ValueError when it must refuse.
 
-    Reads only: nothing is removed or written here.
+    Reads only: nothing is removed or written here. `check_paths(input_path, output_path)` first vets the pair of
+    paths: by default the output must be in the input's format (a pass that writes another format checks its own).
     """
-    check_output_path(input_path, output_path)
+    check_paths(input_path, output_path)
     partial, metadata = partial_path(output_path), metadata_path(output_path)
     if not any(path.exists() for path in (output_path, metadata, partial)):
         return OutputPlan(output_path, "new", identity)
