@@ -16,8 +16,8 @@ from dama.demo.data import demo_corpus
 from dama.demo.tiny_clip import build_tiny_clip
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.evaluation.generate import SEED_STRIDE
+from dama.evaluation.make_pairs import ChairJudge, JudgedAnswer, SamplingSettings, make_pairs, pick_pair
 from dama.evaluation.prompts import iter_prompt_rows
-from dama.offline.make_pairs import ChairJudge, JudgedAnswer, SamplingSettings, make_pairs, pick_pair
 
 COCO = Path(__file__).resolve().parent / "fixtures" / "coco" / "annotations"
 INSTANCES, CAPTIONS = COCO / "instances_train2014.json", COCO / "captions_train2014.json"
@@ -46,6 +46,9 @@ def test_fewest_hallucinations_win_then_recall_and_ties_are_skipped():
     assert pick_pair([_answer("a", ["dog"], 0.5), _answer("b", ["cat"], 0.5), _answer("c", ["cup"], 0.5)]) is None
     equals = [_answer("a", [], 1.0), _answer("b", [], 1.0), _answer("c", ["x"], 1.0), _answer("d", ["y"], 1.0)]
     assert pick_pair(equals) == (0, 2)  # the first of the best and the first of the worst
+    # An empty answer names nothing wrong, but it is no answer: it is never chosen, and alone it makes no pair.
+    assert pick_pair([_answer("", [], 0.0), _answer("a", ["cat"], 1.0), _answer(" b", [], 0.5)]) == (2, 1)
+    assert pick_pair([_answer("", [], 0.0), _answer("a", ["cat"], 1.0)]) is None
     with pytest.raises(ValueError, match="at least one answer"):
         pick_pair([])
 

@@ -9,7 +9,8 @@ answer's hallucinated objects and the ground-truth objects it names. Answers are
     fewer hallucinated objects first, then higher recall (more of the image's objects named)
 
 and a row becomes the pair (first best answer, first worst answer); a row whose answers all rank equal (the same
-hallucinated count and recall) carries no preference and is left out (reason "all answers tie").
+hallucinated count and recall) carries no preference and is left out (reason "all answers tie"). Empty answers
+are not ranked (training refuses an empty response); a row with fewer than two others counts as a tie.
 
 Inputs are those of `dama generate` (a JSONL of `{image, question[, id, image_id]}`, or the RLAIF-V parquet / JSON
 formats); each row's image must be in the instances files, found by `image_id` or the image's file name (COCO's
@@ -114,12 +115,16 @@ class ChairJudge:
 
 def pick_pair(answers: Sequence[JudgedAnswer]) -> tuple[int, int] | None:
     """(chosen, rejected) indices: the first best-ranked answer and the first worst-ranked one; None when every
-    answer ranks the same (no preference to learn)."""
+    answer ranks the same (no preference to learn). Empty answers take no part: a pair needs two responses that say
+    something (training refuses an empty one), and an empty answer would otherwise win, naming nothing wrong."""
     if not answers:
         raise ValueError("pick_pair needs at least one answer")
-    ranks = [answer.rank for answer in answers]
-    best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
-    return None if ranks[best] == ranks[worst] else (best, worst)
+    spoken = [index for index, answer in enumerate(answers) if answer.text.strip()]
+    if not spoken:
+        return None
+    ranks = [answers[index].rank for index in spoken]
+    best, worst = spoken[ranks.index(min(ranks))], spoken[ranks.index(max(ranks))]
+    return None if answers[best].rank == answers[worst].rank else (best, worst)
 
 
 def check_pair_paths(input_path: Path, output_path: Path) -> None:
