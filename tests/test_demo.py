@@ -62,3 +62,27 @@ def test_clip_warm_up_scores_true_statements_above_false_ones(tmp_path):
     contrastive_warm_up(clip, examples, steps=40, batch_size=8)
     after = true_minus_false()
     assert after > before and after > 0, (before, after)
+
+
+def test_supervised_stage_trains_every_part(tmp_path):
+    """The loss on the captions falls, and the vision tower and projector learn too: the start model must learn to
+    see."""
+    import pytest
+    import torch
+
+    from dama.demo.supervised import SupervisedSettings, supervised_fine_tune
+    from dama.demo.tiny_llava import build_tiny_llava
+    from dama.demo.world import world_corpus
+    from dama.model.loading import load_llava
+
+    data = make_world_data(tmp_path / "data", {"sft": 8}, image_size=32)["sft"]
+    model, _ = build_tiny_llava(world_corpus(), tmp_path / "model", seed=0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    first = supervised_fine_tune(tmp_path / "model", data, SupervisedSettings(steps=1, batch_size=4, warmup_steps=1))
+    loss = supervised_fine_tune(tmp_path / "model", data, SupervisedSettings(steps=30, batch_size=4, warmup_steps=1))
+    assert loss < first  # the same eight captions, learnt
+    after = load_llava(tmp_path / "model")[0].state_dict()
+    changed = {name.split(".")[1] for name in before if not torch.equal(before[name], after[name])}
+    assert {"vision_tower", "multi_modal_projector", "language_model"} <= changed, changed
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        supervised_fine_tune(tmp_path / "model", data, SupervisedSettings(batch_size=0))

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
+from dama.data.batch import IGNORE_INDEX
 from dama.data.dataset import PairEncoder
 from dama.data.formats import PairRow, default_image_folder, load_preference_rows
 from dama.model.loading import load_llava
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
