@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("dama.demo.pipeline", "the whole pipeline on a tiny LLaVA and synthetic data, on the CPU, in minutes"),
     "train": ("dama.training.train", "align a LLaVA model with DAMA (dama train --config configs/<name>.yaml ...)"),
     "make-demo-data": ("dama.demo.data", "write the synthetic demo preference dataset (RLAIF-V parquet format)"),
+    "make-pairs": ("dama.evaluation.make_pairs", "preference pairs from a model's own answers, judged by CHAIR"),
     "hardness": ("dama.offline.hardness", "score each pair's hardness with CLIP (offline, once per dataset)"),
     "precompute-ref": ("dama.offline.reference", "run the reference model over a dataset and store its log-probs"),
     "show-example": ("dama.training.show_example", "show one pair as training sees it: tokens, labels, image tokens"),

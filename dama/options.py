@@ -131,16 +131,17 @@ class EncodingOptions:
 
 @dataclass
 class PassOptions:
-    """What a pass over a dataset reads and writes (`dama hardness`, `precompute-ref`, `generate`)."""
+    """What a pass over a dataset reads and writes (`dama hardness`, `precompute-ref`, `generate`, `make-pairs`)."""
 
     input: str | None = field(
         default=None,
         metadata={"help": "The rows to read: an RLAIF-V .parquet file or folder of shards, or a .json list (generate "
-                  "also reads a .jsonl of {image, question})."},
+                  "and make-pairs also read a .jsonl of {image, question})."},
     )
     output: str | None = field(
         default=None,
-        metadata={"help": "The file to write: .parquet or .json like the input (generate: .jsonl)."},
+        metadata={"help": "The file to write: .parquet or .json like the input (generate: .jsonl; make-pairs: "
+                  ".parquet)."},
     )
     image_folder: str | None = field(
         default=None,
@@ -171,13 +172,14 @@ class PassOptions:
 
 @dataclass
 class LlavaOptions:
-    """The LLaVA a pass runs (precompute-ref's reference, generate's answering model); combined with PassOptions,
-    whose device it runs on."""
+    """The LLaVA a pass runs (precompute-ref's reference, generate's and make-pairs' answering model); combined with
+    PassOptions, whose device it runs on."""
 
     model: str | None = field(
         default=None,
         metadata={"help": "Local folder of a saved LLaVA and its processor (no downloads): precompute-ref's reference "
-                  "model; for generate the output_dir of `dama train`, a checkpoint-N folder, or the starting model."},
+                  "model; for generate the output_dir of `dama train`, a checkpoint-N folder, or the starting model; "
+                  "for make-pairs the model whose answers are paired (the one you will train)."},
     )
     dtype: DtypeName | None = field(
         default=None,
@@ -206,7 +208,7 @@ class LlavaOptions:
 
 @dataclass
 class RowOptions:
-    """Which preference rows a pass keeps, and how it treats a bad one (hardness, precompute-ref)."""
+    """Which rows a pass keeps, and how it treats a bad one (hardness, precompute-ref, generate, make-pairs)."""
 
     select: list[str] = field(
         default_factory=list,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dama.errors import DamaError
-from dama.evaluation import generate
+from dama.evaluation import generate, make_pairs
 from dama.offline import hardness, reference
 from dama.options import BAD_ROW_POLICIES, LAYOUTS, OVERLONG_POLICIES, EncodingOptions, RowOptions
 from dama.planning import plan_command
@@ -41,6 +41,11 @@ def _generate(argv):
     return {**asdict(options), **asdict(decoding)}
 
 
+def _make_pairs(argv):
+    options, sampling = make_pairs.parse_options(argv)
+    return {**asdict(options), **asdict(sampling)}
+
+
 TRAINING_YAML = {"model_name_or_path": "model", "train_file": "train.parquet", "output_dir": "out", "beta": 0.2,
                  "learning-rate": 1.0e-6}
 # command: (parse, YAML, the key overridden, its YAML value, the value given on the command line, its default)
@@ -54,6 +59,8 @@ COMMANDS = {
                                                  "layout": "packed"}, "max_length", 512, 256, 2048),
     "generate": (_generate, {"input": "in.jsonl", "output": "out.jsonl", "model": "llava", "sample": True},
                  "max_new_tokens", 5, 7, 512),
+    "make-pairs": (_make_pairs, {"input": "in.jsonl", "output": "out.parquet", "model": "llava",
+                                 "annotations": ["instances.json"], "temperature": 0.7}, "samples", 3, 5, 4),
 }
 
 
@@ -168,6 +175,7 @@ README_PARSERS = {
     "hardness": hardness.parse_options,
     "precompute-ref": reference.parse_options,
     "generate": generate.parse_options,
+    "make-pairs": make_pairs.parse_options,
 }
 
 

@@ -1,12 +1,10 @@
-"""The demo's hallucination measurements: what the model says before and after DAMA, and what hardness means.
+"""The demo's hallucination measurements: what each model says about held-out images, and what hardness means.
 
-- `clip_examples`: the training images with their true statements (the chosen answer's sentences) and false ones
-  (the rejected answer's sentences that are not in the chosen one), for CLIP's contrastive warm-up.
-- `hardness_report`: how CLIP's hardness of each pair follows the number of hallucinated words in its rejected
-  answer (Pearson correlation, and the mean hardness per error level).
-- `chair_before_after`: `dama generate` on the held-out images with the warmed-up start and with the trained model,
-  scored by `dama eval-chair` against the held-out annotation file; `plot_chair` draws the bars and
-  `examples_table` prints a few images with both answers.
+- `hardness_report`: how CLIP's hardness of each pair follows how much worse its rejected answer is (Pearson
+  correlation with its hallucinated words, and the mean hardness by its extra hallucinated objects).
+- `chair_before_after`: `dama generate` on the held-out images with each model (the start, DPO, DAMA), scored by
+  `dama eval-chair` against the held-out annotation file; `plot_chair` draws the bars and `examples_table` prints a
+  few images with every model's answer.
 """
 
 from __future__ import annotations
@@ -18,29 +16,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dama.data.formats import PairRow, default_image_folder, load_preference_rows, write_json_atomic
-from dama.demo.tiny_clip import CaptionedImage
+from dama.data.formats import write_json_atomic
 from dama.evaluation.chair import evaluate_chair, read_responses
 from dama.evaluation.generate import DecodingSettings, GenerateOptions, generate_responses
-from dama.offline.splitting import RuleSplitter
+from dama.evaluation.make_pairs import ChairJudge
 
 # Words that change with the noun after them ("a red" / "an orange"): not hallucinations themselves.
 ARTICLES = frozenset({"a", "an"})
 # The demo's longest answer is 39 tokens of the tiny tokenizer; a model that never stops is cut here.
 DEMO_MAX_NEW_TOKENS = 64
 CHAIR_BARS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "object recall"))
-
-
-def clip_examples(path: str | Path) -> list[CaptionedImage]:
-    """Every pair of a demo parquet as an image with the sentences of its chosen (true) and rejected (false) answer."""
-    splitter = RuleSplitter()
-    examples = []
-    for record in load_preference_rows(path):
-        pair = PairRow.from_record(record, default_image_folder(path))
-        true = tuple(splitter.split(pair.chosen))
-        false = tuple(sentence for sentence in splitter.split(pair.rejected) if sentence not in true)
-        examples.append(CaptionedImage(pair.load_image(), true, false))
-    return examples
 
 
 def hallucinated_word_count(chosen: str, rejected: str) -> int:
@@ -51,25 +36,31 @@ def hallucinated_word_count(chosen: str, rejected: str) -> int:
     return sum(end - start for tag, _, _, start, end in matcher.get_opcodes() if tag != "equal")
 
 
-def hardness_report(scored_path: str | Path) -> dict[str, Any]:
-    """Pearson correlation of hardness with hallucinated words in the rejected answer, and mean hardness per level.
+def hardness_report(scored_path: str | Path, annotations: str | Path) -> dict[str, Any]:
+    """How CLIP's hardness follows how much worse the rejected answer is, on pairs written by `dama make-pairs`.
 
-    Reads a parquet written by `dama hardness` from the demo data (columns chosen, rejected, origin_split, hardness).
+    Reads a parquet written by `dama hardness` (columns idx, chosen, rejected, hardness). Returns the Pearson
+    correlation of hardness with the hallucinated words of the rejected answer (words a word alignment with the
+    chosen answer does not match), and the mean hardness by how many more hallucinated objects the CHAIR judge finds
+    in the rejected answer than in the chosen one ("0": the pair differs in recall only, "1", "2+").
     """
-    rows = [row for row in pq.read_table(scored_path, columns=["chosen", "rejected", "origin_split", "hardness"])
-            .to_pylist() if row["hardness"] is not None]
+    rows = [row for row in pq.read_table(scored_path, columns=["idx", "chosen", "rejected", "hardness"]).to_pylist()
+            if row["hardness"] is not None]
+    judge = ChairJudge([annotations])
     hardness = [row["hardness"] for row in rows]
     words = [hallucinated_word_count(row["chosen"], row["rejected"]) for row in rows]
     by_level: dict[str, list[float]] = {}
     for row in rows:
-        by_level.setdefault(row["origin_split"].split("/")[-1], []).append(row["hardness"])
+        extra = (len(judge.judge(row["rejected"], row["idx"]).hallucinated)
+                 - len(judge.judge(row["chosen"], row["idx"]).hallucinated))
+        by_level.setdefault(str(extra) if extra < 2 else "2+", []).append(row["hardness"])
     try:
         correlation = statistics.correlation(hardness, words)
     except statistics.StatisticsError:  # fewer than two pairs, or a constant column: no correlation to speak of
         correlation = float("nan")
     return {
         "correlation": correlation,
-        "mean_by_level": {level: statistics.fmean(values) for level, values in by_level.items()},
+        "mean_by_level": {level: statistics.fmean(by_level[level]) for level in sorted(by_level)},
         "pairs": len(rows),
     }
 
@@ -117,8 +108,8 @@ def examples_table(reports: dict[str, dict[str, Any]], count: int = 3) -> str:
     return "\n".join(lines)
 
 
-def plot_chair(reports: dict[str, dict[str, Any]], path: Path) -> None:
-    """Bars of CHAIR_s, CHAIR_i and object recall per model."""
+def plot_chair(reports: dict[str, dict[str, Any]], path: Path, labels: dict[str, str] | None = None) -> None:
+    """Bars of CHAIR_s, CHAIR_i and object recall per model, labelled `labels[name]` (default: the name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +119,7 @@ def plot_chair(reports: dict[str, dict[str, Any]], path: Path) -> None:
     width = 0.8 / len(reports)
     for offset, (name, report) in enumerate(reports.items()):
         positions = [index + (offset - (len(reports) - 1) / 2) * width for index in range(len(CHAIR_BARS))]
-        bars = axis.bar(positions, [report[key] for key, _ in CHAIR_BARS], width, label=name)
+        bars = axis.bar(positions, [report[key] for key, _ in CHAIR_BARS], width, label=(labels or {}).get(name, name))
         axis.bar_label(bars, fmt="%.2f", fontsize=8)
     axis.set_xticks(range(len(CHAIR_BARS)), [title for _, title in CHAIR_BARS])
     axis.set_ylim(0, 1.1)

@@ -1,6 +1,6 @@
-"""The protocol every pass over a dataset follows (`dama hardness`, `dama precompute-ref`, `dama generate`): plan
-what to do with the output, score the rows with resumable partial results, write the output and its metadata
-atomically.
+"""The protocol every pass over a dataset follows (`dama hardness`, `dama precompute-ref`, `dama generate`, `dama
+make-pairs`): plan what to do with the output, score the rows with resumable partial results, write the output and
+its metadata atomically.
 
 1. `plan_pass` decides, before anything is loaded, what the pass may do with its output path: start (nothing
    there), resume (a partial file of the same settings), report "already complete" (the output and metadata of this
