@@ -192,15 +192,17 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield chunk
 
 
-def _check_files(options: GenerateOptions) -> None:
+def check_model_pass_paths(options: PassOptions, model: str | Path, output_suffix: str, output_kind: str) -> None:
+    """DamaError unless the device exists, the input and the model's config.json do, and the output is a new
+    `output_suffix` file (`output_kind` says what it holds)."""
     check_device_argument(options.device)
-    input_path, output_path, model_dir = Path(options.input), Path(options.output), Path(options.model)
+    input_path, output_path, model_dir = Path(options.input), Path(options.output), Path(model)
     if not input_path.exists():
         raise DamaError(f"--input {input_path} does not exist")
     if not (model_dir / "config.json").is_file():
         raise DamaError(f"--model {model_dir} holds no config.json: give the local folder of a saved LLaVA")
-    if output_path.suffix != JSONL_SUFFIX:
-        raise DamaError(f"--output must be a {JSONL_SUFFIX} file (one JSON object per response), got {output_path}")
+    if output_path.suffix != output_suffix:
+        raise DamaError(f"--output must be a {output_suffix} file ({output_kind}), got {output_path}")
     if output_path.resolve() == input_path.resolve():
         raise DamaError("--output must differ from --input")
 
@@ -243,7 +245,7 @@ def generate_responses(
     """
     from tqdm.auto import tqdm
 
-    _check_files(options)
+    check_model_pass_paths(options, options.model, JSONL_SUFFIX, "one JSON object per response")
     input_path, model_dir = Path(options.input), Path(options.model)
     dtype = options.resolved_dtype
     settings = {"model": str(model_dir.resolve()), "dtype": dtype, "max_new_tokens": decoding.max_new_tokens,
@@ -275,14 +277,7 @@ def generate_responses(
         with tqdm(total=report.kept, desc="generate", unit="row", disable=not progress) as bar:
             for number, rows in enumerate(_chunks(rows_in_order, options.batch_size)):
                 output.row_ids.extend(row.row_id for row in rows)
-                pending = []
-                for row in rows:
-                    finished = partial.finished(row.row_id, row.fingerprint, f"row {row.row_id}")
-                    if finished is None:
-                        pending.append(row)
-                    else:
-                        outcome.results[row.row_id] = finished
-                        outcome.resumed += 1
+                pending = outcome.resume_rows(rows, partial)
                 if pending:
                     responses = generator([row.question for row in pending], [row.load_image() for row in pending],
                                           seed=decoding.seed * SEED_STRIDE + number)

@@ -40,11 +40,17 @@ from typing import Any
 
 from PIL import Image
 
-from dama.command import check_device_argument, run_command
+from dama.command import run_command
 from dama.data.formats import atomic_path, file_row_id, metadata_path, parquet_files
 from dama.errors import DamaError
 from dama.evaluation.chair import ObjectVocabulary, add_caption_objects, read_instances, score_response
-from dama.evaluation.generate import SEED_STRIDE, DecodingSettings, ResponseGenerator, load_generation_model
+from dama.evaluation.generate import (
+    SEED_STRIDE,
+    DecodingSettings,
+    ResponseGenerator,
+    check_model_pass_paths,
+    load_generation_model,
+)
 from dama.evaluation.prompts import PromptRow, check_prompt_rows, iter_prompt_rows
 from dama.offline.passes import (
     PartialResults,
@@ -185,19 +191,6 @@ class MakePairsOptions(LlavaOptions, RowOptions, PassOptions):
             raise DamaError("give at least one --annotations file (COCO instances format)")
 
 
-def _check_files(options: MakePairsOptions) -> None:
-    check_device_argument(options.device)
-    input_path, output_path, model_dir = Path(options.input), Path(options.output), Path(options.model)
-    if not input_path.exists():
-        raise DamaError(f"--input {input_path} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise DamaError(f"--model {model_dir} holds no config.json: give the local folder of a saved LLaVA")
-    if output_path.suffix != ".parquet":
-        raise DamaError(f"--output must be a .parquet file (RLAIF-V format), got {output_path}")
-    if output_path.resolve() == input_path.resolve():
-        raise DamaError("--output must differ from --input")
-
-
 def _chunks(rows: Sequence[PromptRow], size: int) -> Iterator[list[PromptRow]]:
     for start in range(0, len(rows), size):
         yield list(rows[start:start + size])
@@ -224,14 +217,7 @@ def sample_and_judge(rows: Sequence[PromptRow], keys: Sequence[Any], sampler: An
     outcome = PassOutcome(results={}, skipped=[], resumed=0)
     with tqdm(total=len(rows), desc=STEP, unit="row", disable=not progress) as bar:
         for number, batch in enumerate(_chunks(rows, batch_size)):
-            pending = []
-            for row in batch:
-                finished = partial.finished(row.row_id, row.fingerprint, f"row {row.row_id}")
-                if finished is None:
-                    pending.append(row)
-                else:
-                    outcome.results[row.row_id] = finished
-                    outcome.resumed += 1
+            pending = outcome.resume_rows(batch, partial)
             if pending:
                 images = [row.load_image() for row in pending]
                 # Each row's samples sit side by side: answers[r * samples + k] is row r's k-th answer.
@@ -358,7 +344,7 @@ def make_pairs(
     `sampling.samples` times in one batch). `sampler` replaces the model's sampled decoding (tests script the
     answers); the model folder still names the model.
     """
-    _check_files(options)
+    check_model_pass_paths(options, options.model, ".parquet", "RLAIF-V format")
     input_path, model_dir = Path(options.input), Path(options.model)
     dtype = options.resolved_dtype
     judge_files = [Path(path).resolve() for path in (*options.annotations, *options.captions)]

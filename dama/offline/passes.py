@@ -359,6 +359,19 @@ class PassOutcome:
         """Rows scored by this run (not resumed from an earlier one)."""
         return len(self.results) - self.resumed
 
+    def resume_rows(self, rows: Sequence[Any], partial: PartialResults) -> list[Any]:
+        """The rows (each with a `row_id` and a `fingerprint`) that no earlier run finished; the record of each one
+        that an earlier run finished joins the results as resumed."""
+        pending = []
+        for row in rows:
+            finished = partial.finished(row.row_id, row.fingerprint, f"row {row.row_id}")
+            if finished is None:
+                pending.append(row)
+            else:
+                self.results[row.row_id] = finished
+                self.resumed += 1
+        return pending
+
 
 class PassOutput(Protocol):
     """How a pass writes its output from its finished records (atomically: the file appears only complete)."""
