@@ -98,6 +98,18 @@ def read_json_list(path: Path) -> list[dict]:
     return data
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """The JSON value of the file `path` (`what` names it in errors: "annotations file", ...); DamaError when it is
+    missing or not valid JSON."""
+    if not path.is_file():
+        raise DamaError(f"{what} {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DamaError(f"{what} {path} is not valid JSON ({error})") from error
+
+
 def file_row_id(file: str | Path, number: int) -> str:
     """The id of row `number` (counted from 0) of a file: "<file name>:<number>". Every step names rows this way,
     which is how an output row, a partial result and a skipped-rows entry are joined to their input row."""

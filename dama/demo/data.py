@@ -61,15 +61,21 @@ def draw_scene(scene: Scene, size: int, rng: random.Random) -> Image.Image:
         radius = rng.randint(cell // 4, max(cell // 4 + 1, cell // 2 - 2))
         cx = slot * cell + cell // 2
         cy = rng.randint(radius, size - radius)
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[colour])
-        else:
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
-                         fill=COLOURS[colour])
+        draw_shape(draw, colour, shape, (cx, cy), radius)
     return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, centre: tuple[int, int], radius: int) -> None:
+    """One filled shape ("circle", "square" or "triangle") of a named colour, inside the square of `radius` around
+    `centre` (pixels)."""
+    cx, cy = centre
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLOURS[colour])
 
 
 def random_scene(rng: random.Random) -> Scene:

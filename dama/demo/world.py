@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from dama.data.dataset import ConversationTemplate
 from dama.data.formats import PairRow, default_image_folder, load_preference_rows, write_json_atomic
-from dama.demo.data import COLOURS, QUESTIONS, instances_path, write_parquet
+from dama.demo.data import QUESTIONS, draw_shape, instances_path, write_parquet
 from dama.demo.tiny_clip import CaptionedImage
 
 # (colour, shape) of each object; its name is "colour shape", its category id its position + 1.
@@ -98,14 +98,7 @@ def draw_world_scene(objects: tuple[int, ...], size: int, rng: random.Random) ->
         radius = rng.randint(cell // 3, cell // 2 - 1)
         cx = slot * cell + cell // 2
         cy = rng.randint(radius, size - radius - 1)
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[colour])
-        else:
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
-                         fill=COLOURS[colour])
+        draw_shape(draw, colour, shape, (cx, cy), radius)
     return image
 
 

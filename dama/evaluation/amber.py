@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dama.command import run_command
-from dama.data.formats import write_json_atomic
+from dama.data.formats import read_json_file, write_json_atomic
 from dama.errors import DamaError
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
@@ -196,7 +196,7 @@ def discriminative_metrics(truths: Sequence[str], answers: Sequence[str | None])
 
 def read_annotations(path: str | Path) -> dict[int, dict[str, Any]]:
     """AMBER's annotations.json as {id: entry}."""
-    data = _read_json(Path(path), "annotations file")
+    data = read_json_file(Path(path), "annotations file")
     if not isinstance(data, list) or not all(isinstance(entry, dict) and "id" in entry and "type" in entry
                                              and "truth" in entry for entry in data):
         raise DamaError(f"{path} is not AMBER's annotations.json: expected a list of {{id, type, truth[, hallu]}}")
@@ -204,7 +204,7 @@ def read_annotations(path: str | Path) -> dict[int, dict[str, Any]]:
 
 
 def read_vocabulary(relations_path: str | Path, safe_words_path: str | Path | None) -> AmberVocabulary:
-    relations = _read_json(Path(relations_path), "relations file")
+    relations = read_json_file(Path(relations_path), "relations file")
     if not isinstance(relations, dict) or not all(isinstance(words, list) for words in relations.values()):
         raise DamaError(f"{relations_path} is not AMBER's relation.json: expected {{object: [associated words]}}")
     safe = set()
@@ -215,15 +215,6 @@ def read_vocabulary(relations_path: str | Path, safe_words_path: str | Path | No
         safe = {line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     return AmberVocabulary({str(key): [str(word) for word in words] for key, words in relations.items()},
                            frozenset(safe))
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DamaError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DamaError(f"{what} {path} is not valid JSON ({error})") from error
 
 
 def read_amber_responses(path: str | Path) -> list[tuple[int, str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dama.command import run_command
-from dama.data.formats import atomic_path
+from dama.data.formats import atomic_path, read_json_file
 from dama.errors import DamaError
 from dama.evaluation.pope import read_json_lines
 
@@ -45,12 +45,7 @@ def pope_prompts(paths: Sequence[str | Path], short_answer: bool = True) -> Iter
 def amber_prompts(paths: Sequence[str | Path], short_answer: bool = True) -> Iterator[dict[str, Any]]:
     """One prompt per query of AMBER query files, in file order."""
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DamaError(f"query file {path} does not exist")
-        try:
-            queries = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DamaError(f"{path} is not valid JSON ({error})") from error
+        queries = read_json_file(path, "query file")
         if not isinstance(queries, list) or not all(isinstance(query, dict) and {"id", "image", "query"} <= set(query)
                                                     for query in queries):
             raise DamaError(f"{path} is not an AMBER query file: expected a JSON list of {{id, image, query}}")

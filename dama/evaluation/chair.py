@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dama.command import run_command
-from dama.data.formats import write_json_atomic
+from dama.data.formats import read_json_file, write_json_atomic
 from dama.errors import DamaError
 from dama.evaluation.coco_objects import ANIMALS, COCO_SYNONYMS, NOT_OBJECTS, YOUNG_AND_OLD, plural
 from dama.evaluation.object_halbench import format_object_halbench, object_halbench_totals
@@ -158,13 +158,7 @@ class GroundTruth:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DamaError(f"{what} {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DamaError(f"{what} {path} is not valid JSON ({error})") from error
+    data = read_json_file(path, what)
     if not isinstance(data, dict):
         raise DamaError(f"{what} {path}: expected a COCO-format JSON object with images and annotations")
     return data

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dama.command import run_command
-from dama.data.formats import atomic_path
+from dama.data.formats import atomic_path, read_json_file
 from dama.errors import DamaError
 
 # (column, benchmark, path of keys in that benchmark's report)
@@ -51,12 +50,7 @@ def read_model_reports(name: str, paths: Sequence[str | Path]) -> dict[str, Mapp
     """One model's reports by benchmark; ValueError for a file that is no report or a benchmark given twice."""
     reports: dict[str, Mapping[str, Any]] = {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DamaError(f"report {path} does not exist")
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DamaError(f"{path} is not valid JSON ({error})") from error
+        report = read_json_file(path, "report")
         if not isinstance(report, dict):
             raise DamaError(f"{path} is not a report of dama eval-chair, eval-amber or eval-pope")
         benchmark = benchmark_of(report, path)
