@@ -19,8 +19,9 @@ Precisions: fp16 / bf16 (16-bit tiles), fp32 (IEEE products, torch.get_float32_m
 tf32x3 (fp32 tiles, precision "high" or "medium": three TF32 tensor-core products per fp32 product). The DAMA loss
 kernels receive fp32 log-probs whatever their dtype (dama_sigmoid_loss casts them), so their rows for every precision
 are the same compile. Variants: the log-prob kernels with and without a bias (the backward computing every gradient),
-and the d_logits kernel with gradient filtering (no bias, as LLaVA's head); the loss backward with and without a
-gradient for the per-pair losses.
+and the d_logits kernel with gradient filtering (no bias, as LLaVA's head); the filtered backward's two products over
+kept tiles, d_weight's for the first chunk, for a later one (adding into d_weight in the weight's dtype) and adding
+into an fp32 accumulator; the loss backward with and without a gradient for the per-pair losses.
 
 Compiling needs the real triton.jit functions: import this module with TRITON_INTERPRET unset (the interpreter swaps
 them for Python stand-ins). `dama selftest --compile-only` takes care of that.
@@ -45,14 +46,22 @@ import triton
 
 from .dama_loss_triton import dama_loss_bwd_launch, dama_loss_fwd_launch
 from .launch_config import (
+    KeptProductBlocks,
     KernelLaunch,
     LinearLogprobBlocks,
     float32_matmul_precision,
+    kept_product_blocks,
     linear_logprob_blocks,
     target_limits,
 )
-from .linear_logprob_backward import backward_chunk_rows, d_logits_grid, linear_logprob_d_logits_launch
+from .linear_logprob_backward import (
+    TileFilter,
+    backward_chunk_rows,
+    d_logits_grid,
+    linear_logprob_d_logits_launch,
+)
 from .linear_logprob_forward import _linear_logprob_fwd_kernel, linear_logprob_fwd_launch
+from .linear_logprob_kept_tiles import d_hidden_kept_launch, d_weight_kept_launch
 
 TARGETS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
 # name -> (dtype of hidden states and weight, torch.get_float32_matmul_precision() at the launch)
@@ -65,6 +74,8 @@ PRECISIONS = {
 VARIANTS = {
     "linear_logprob_fwd": ("bias", "no bias"),
     "linear_logprob_d_logits": ("bias", "no bias", "no bias, filtered"),
+    "linear_logprob_d_hidden_kept": ("-",),
+    "linear_logprob_d_weight_kept": ("first chunk", "accumulate", "accumulate in fp32"),
     "dama_loss_fwd": ("-",),
     "dama_loss_bwd": ("grad losses", "no grad losses"),
 }
@@ -118,9 +129,21 @@ def all_specs(targets: list[str]) -> list[CompileSpec]:
     ]
 
 
+# The filtered backward's products, by kernel name.
+KEPT_PRODUCT_KERNELS = {"linear_logprob_d_hidden_kept": "d_hidden", "linear_logprob_d_weight_kept": "d_weight"}
+
+
 def logprob_blocks(spec: CompileSpec) -> LinearLogprobBlocks:
+    """Blocks of the forward or of the d_logits kernel; for the products, the d_logits tiles they read."""
     kind = "forward" if spec.kernel == "linear_logprob_fwd" else "backward"
     return linear_logprob_blocks(kind, TARGETS[spec.target], PRECISIONS[spec.precision][0])
+
+
+def kept_blocks(spec: CompileSpec) -> KeptProductBlocks:
+    """Blocks of a filtered backward's product (spec.kernel in KEPT_PRODUCT_KERNELS)."""
+    map_blocks = logprob_blocks(spec)
+    return kept_product_blocks(KEPT_PRODUCT_KERNELS[spec.kernel], PRECISIONS[spec.precision][0],
+                               (map_blocks.block_n, map_blocks.block_v))
 
 
 def build_launch(spec: CompileSpec) -> KernelLaunch:
@@ -141,11 +164,15 @@ def build_launch(spec: CompileSpec) -> KernelLaunch:
                 return linear_logprob_fwd_launch(hidden, weight, labels, bias, blocks)[0]
             # The backward launches the d_logits kernel on one chunk of rows at a time (here one chunk of them all).
             rows = min(NUM_TOKENS, backward_chunk_rows(VOCAB_SIZE, dtype))
-            filtering = spec.variant.endswith("filtered")
-            tile_skipped = empty(*d_logits_grid(rows, VOCAB_SIZE, blocks), dtype=torch.int32) if filtering else None
+            if spec.kernel in KEPT_PRODUCT_KERNELS:
+                return kept_product_launch(spec, empty(rows, VOCAB_SIZE, dtype=dtype), hidden[:rows], weight, blocks)
+            tile_filter = None
+            if spec.variant.endswith("filtered"):  # as the backward filters: words in order of mean logit
+                tile_skipped = empty(*d_logits_grid(rows, VOCAB_SIZE, blocks), dtype=torch.int32)
+                tile_filter = TileFilter(FILTER_EPS, tile_skipped, empty(VOCAB_SIZE, dtype=torch.int32))
             return linear_logprob_d_logits_launch(
                 empty(rows, VOCAB_SIZE, dtype=dtype), hidden[:rows], weight, labels[:rows], bias, empty(rows),
-                empty(rows), empty(rows), IGNORE_INDEX, blocks, FILTER_EPS if filtering else 0.0, tile_skipped,
+                empty(rows), empty(rows), IGNORE_INDEX, blocks, tile_filter,
             )
         # dama_sigmoid_loss hands the loss kernels fp32 tensors whatever the log-probs' dtype.
         pairs = [empty(NUM_PAIRS, dtype=dtype).to(torch.float32) for _ in range(7)]
@@ -153,6 +180,31 @@ def build_launch(spec: CompileSpec) -> KernelLaunch:
             return dama_loss_fwd_launch(*pairs)[0]
         grad_losses = empty(NUM_PAIRS) if spec.variant == "grad losses" else None
         return dama_loss_bwd_launch(empty(), grad_losses, pairs[6], empty(), empty(NUM_PAIRS))[0]
+
+
+def kept_product_launch(
+    spec: CompileSpec,
+    d_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    map_blocks: LinearLogprobBlocks,
+) -> KernelLaunch:
+    """The launch of a filtered backward's product for one chunk (tensors on the meta device)."""
+    map_tile = (map_blocks.block_n, map_blocks.block_v)
+    row_tiles, vocab_tiles = d_logits_grid(d_logits.shape[0], d_logits.shape[1], map_blocks)
+
+    def tile_list(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty((length, width), dtype=torch.int32, device="meta"),
+                torch.empty(length, dtype=torch.int32, device="meta"))
+
+    vocab_order = torch.empty(d_logits.shape[1], dtype=torch.int32, device="meta")  # as the backward sorts it
+    if spec.kernel == "linear_logprob_d_hidden_kept":
+        return d_hidden_kept_launch(torch.empty_like(hidden), d_logits, weight, *tile_list(row_tiles, vocab_tiles),
+                                    map_tile, kept_blocks(spec), vocab_order)
+    d_weight_dtype = torch.float32 if spec.variant == "accumulate in fp32" else weight.dtype
+    d_weight = torch.empty(weight.shape, dtype=d_weight_dtype, device="meta")
+    return d_weight_kept_launch(d_weight, d_logits, hidden, *tile_list(vocab_tiles, row_tiles), map_tile,
+                                kept_blocks(spec), spec.variant != "first chunk", vocab_order)
 
 
 def specialise(launch: KernelLaunch, backend) -> tuple[dict, dict, dict]:
@@ -214,6 +266,8 @@ def _blocks_text(launch: KernelLaunch) -> str:
     warps, stages = options.get("num_warps", 4), options.get("num_stages", 3)
     if "BLOCK_N" in args:
         return f"{args['BLOCK_N']}x{args['BLOCK_V']}x{args['BLOCK_H']} w{warps} s{stages}"
+    if "BLOCK_OUT" in args:
+        return f"{args['BLOCK_OUT']}x{args['BLOCK_HIDDEN']}x{args['BLOCK_K']} w{warps} s{stages}"
     return f"{args['BLOCK']} w{warps} s{stages}"
 
 

@@ -7,6 +7,11 @@ the same ratio to the dtype's resolution; fp32 and fp64 default to 0, which filt
 so their gradient is exact. A dropped entry is 32 times below the step between 16-bit values near 1, where the
 gradient's largest entries (the label's 1 - p) lie.
 
+The Triton backward visits the vocabulary in order of decreasing mean logit over the rows (`vocabulary_order`), as
+Cut Cross-Entropy does: the few words that carry probability in many rows then share the first tiles, and the tiles
+of the long tail hold only negligible probabilities, so more of them are filtered than in the vocabulary's own order,
+where frequent words are spread over every tile. The torch path keeps the vocabulary's order.
+
 Counting is off the hot path: the backward adds its tiles to a counter only inside `count_filtered_tiles()`, and the
 counts stay on the device until read.
 """
@@ -41,6 +46,19 @@ def resolve_filter_eps(grad_filter_eps: float | None, dtype: torch.dtype) -> flo
     ):
         raise ValueError(f"grad_filter_eps must be a float >= 0 (0 filters nothing) or None, got {grad_filter_eps!r}")
     return float(grad_filter_eps)
+
+
+def vocabulary_order(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(V,) int32: the words by decreasing mean logit over the rows, mean(hidden) @ weight.T (+ bias).
+
+    Shapes: hidden (N, H), weight (V, H), bias (V,) or None. One pass over the weight in its own dtype (the order
+    needs no more precision), no host sync.
+    """
+    mean_hidden = hidden.mean(dim=0, dtype=torch.float32).to(weight.dtype)  # (H,)
+    mean_logits = torch.mv(weight, mean_hidden)  # (V,)
+    if bias is not None:
+        mean_logits = mean_logits + bias
+    return torch.argsort(mean_logits, descending=True).to(torch.int32)
 
 
 class FilteredTiles:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,18 @@ class LinearLogprobBlocks:
     num_warps: int = 4
     num_stages: int = 1
     vocab_splits: int = 0
+
+
+@dataclass(frozen=True)
+class KeptProductBlocks:
+    """Tile sizes of a filtered backward's gradient product (dama_kernels.linear_logprob_kept_tiles): each program
+    owns a (block_out x block_hidden) output tile and reduces in steps of block_k."""
+
+    block_out: int
+    block_hidden: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,23 @@ MEASURED_CANDIDATES = {
 KINDS = ("forward", "backward")
 INTERPRETER_BLOCKS = LinearLogprobBlocks(block_n=64, block_v=128, block_h=64, vocab_splits=1)
 
+# Blocks of the filtered backward's products per bytes per tile element, the same for both products and every target.
+# Their tiles lie within the d_logits tiles of every target (128 x 128, or 128 x 256 on sm_90): 128-wide outputs, K
+# steps of 64 (16-bit) or 32 (fp32). Each K step first reads which tile comes next, and Triton's pipeliner spends a
+# stage on that read: 5 stages keep as many tiles in flight as the d_logits kernel's 3 (2 on sm_80-sm_89, 3 on sm_90).
+# Shared memory, Triton 3.8: 64 KiB (16-bit and IEEE fp32) and 96 KiB (tf32x3) on sm_80-sm_89, 97 KiB (16-bit), 65 KiB
+# (fp32) and 113 KiB (tf32x3) on sm_90; dama_kernels.aot_compile holds every target to its limit. Not yet timed.
+KEPT_PRODUCT_BLOCKS = {
+    2: KeptProductBlocks(block_out=128, block_hidden=128, block_k=64, num_warps=8, num_stages=5),
+    4: KeptProductBlocks(block_out=128, block_hidden=128, block_k=32, num_warps=8, num_stages=5),
+}
+KEPT_PRODUCTS = ("d_hidden", "d_weight")
+# Under the interpreter: one K step per INTERPRETER_BLOCKS tile along the reduction (its d_logits tiles are 64 x 128).
+INTERPRETER_KEPT_BLOCKS = {
+    "d_hidden": KeptProductBlocks(block_out=64, block_hidden=64, block_k=128),
+    "d_weight": KeptProductBlocks(block_out=128, block_hidden=64, block_k=64),
+}
+
 # Pairs per program of the DAMA loss kernels (one element per lane; P is at most a few thousand).
 LOSS_BLOCK = 1024
 
@@ -161,6 +190,30 @@ def device_blocks(kind: str, device: torch.device, dtype: torch.dtype) -> Linear
     if running_in_interpreter() or device.type != "cuda":
         return INTERPRETER_BLOCKS
     return linear_logprob_blocks(kind, torch.cuda.get_device_capability(device), dtype)
+
+
+def fit_to_map(blocks: KeptProductBlocks, product: str, map_tile: tuple[int, int]) -> KeptProductBlocks:
+    """`blocks` cut down to lie within the d_logits tiles (map_tile: rows x words) the product reads; tile sizes are
+    powers of two, so the smaller of two divides the larger."""
+    out_tile, k_tile = map_tile if product == "d_hidden" else map_tile[::-1]
+    return replace(blocks, block_out=min(blocks.block_out, out_tile), block_k=min(blocks.block_k, k_tile))
+
+
+def kept_product_blocks(product: str, dtype: torch.dtype, map_tile: tuple[int, int]) -> KeptProductBlocks:
+    """The blocks of the filtered backward's `product` ("d_hidden" or "d_weight") on a GPU, for `dtype` operands and
+    d_logits tiles of map_tile (rows, words)."""
+    if product not in KEPT_PRODUCTS:
+        raise ValueError(f"product must be one of {KEPT_PRODUCTS}, got {product!r}")
+    return fit_to_map(KEPT_PRODUCT_BLOCKS[dtype.itemsize], product, map_tile)
+
+
+def device_kept_blocks(
+    product: str, device: torch.device, dtype: torch.dtype, map_tile: tuple[int, int]
+) -> KeptProductBlocks:
+    """Blocks of the filtered backward's `product` for a launch on `device` (the interpreter's off a GPU)."""
+    if running_in_interpreter() or device.type != "cuda":
+        return fit_to_map(INTERPRETER_KEPT_BLOCKS[product], product, map_tile)
+    return kept_product_blocks(product, dtype, map_tile)
 
 
 def vocab_split_count(blocks: LinearLogprobBlocks, num_tokens: int, vocab_size: int, device: torch.device) -> int:

@@ -64,11 +64,13 @@ def reference_filtered_grads(
     tile_cols: int,
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
+    vocab_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Gradients of sum(grad_token_logps * token_logps) with gradient filtering, from the full logits.
 
     d_logits = g * (onehot - softmax), g = 0 on ignored rows; the (tile_rows x tile_cols) tiles counted from (0, 0)
     in which every |onehot - softmax| of a row with g != 0 is below filter_eps are set to zero (filter_eps = 0: none).
+    With vocab_order (V,), a tile's columns are the words vocab_order[col : col + tile_cols] instead of col onwards.
 
     Shapes: hidden (N, H), weight (V, H), labels (N,), bias (V,) or None, grad_token_logps (N,) -> (d_hidden (N, H),
     d_weight (V, H), d_bias (V,)) in `compute_dtype`, and the number of filtered tiles.
@@ -83,12 +85,14 @@ def reference_filtered_grads(
     unscaled = F.one_hot(safe_labels, logits.shape[1]).to(compute_dtype) - logits.softmax(dim=-1)
     d_logits = grad[:, None] * unscaled
     filtered = 0
+    order = torch.arange(logits.shape[1]) if vocab_order is None else vocab_order.cpu().long()
     for row in range(0, logits.shape[0], tile_rows):
         for col in range(0, logits.shape[1], tile_cols):
-            tile = unscaled[row : row + tile_rows, col : col + tile_cols]
+            words = order[col : col + tile_cols].to(logits.device)
+            tile = unscaled[row : row + tile_rows, words]
             deciding = tile[grad[row : row + tile_rows] != 0]
             if filter_eps > 0 and (deciding.numel() == 0 or deciding.abs().max() < filter_eps):
-                d_logits[row : row + tile_rows, col : col + tile_cols] = 0
+                d_logits[row : row + tile_rows, words] = 0
                 filtered += 1
     return d_logits @ w, d_logits.T @ h, d_logits.sum(dim=0), filtered
 

@@ -236,7 +236,7 @@ def format_timing(timing: dict) -> str:
 
 
 def format_compile(records: list[dict]) -> str:
-    header = (f"{'kernel':<20} {'target':<6} {'prec':<5} {'variant':<17} {'blocks':<18} {'shared KiB':>16} "
+    header = (f"{'kernel':<28} {'target':<6} {'prec':<6} {'variant':<18} {'blocks':<18} {'shared KiB':>16} "
               f"{'regs':>5} {'stack B':>7} {'tensor cores':>12}  status")
     lines = [header, "-" * len(header)]
     for r in records:
@@ -245,7 +245,7 @@ def format_compile(records: list[dict]) -> str:
         registers = "-" if r["registers"] is None else str(r["registers"])
         stack = "-" if r["stack_bytes"] is None else str(r["stack_bytes"])
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
-        lines.append(f"{r['kernel']:<20} {r['target']:<6} {r['precision']:<5} {r['variant']:<17} {r['blocks']:<18} "
+        lines.append(f"{r['kernel']:<28} {r['target']:<6} {r['precision']:<6} {r['variant']:<18} {r['blocks']:<18} "
                      f"{shared:>16} {registers:>5} {stack:>7} {r['tensor_cores']:>12}  {status}")
     return "\n".join(lines)
 

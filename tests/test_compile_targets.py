@@ -1,9 +1,10 @@
 """Every Triton kernel we ship, compiled ahead of time for sm_80, sm_86, sm_89 and sm_90 (no GPU needed).
 
 Per kernel, target, precision (fp16, bf16, fp32, and fp32 as TF32) and variant (with and without bias; the backward's
-d_logits kernel also with gradient filtering): it compiles
-at the blocks linear_logprob_blocks picks for that target, needs no more shared memory than the target has, fits the
-register file, and 16-bit / TF32 log-prob kernels use tensor cores (mma; wgmma on sm_90). All compiles run once, in
+d_logits kernel also with gradient filtering, and the filtered backward's products over kept tiles): it compiles at the
+blocks linear_logprob_blocks (kept_product_blocks for the products) picks for that target, needs no more shared memory
+than the target has, fits the register file, and 16-bit / TF32 log-prob kernels use tensor cores (mma; wgmma on
+sm_90). All compiles run once, in
 `dama selftest --compile-only --json` (which leaves the Triton interpreter behind when the test run uses it).
 """
 
@@ -16,7 +17,15 @@ import sys
 import pytest
 import torch
 
-from dama_kernels.aot_compile import PRECISIONS, TARGETS, all_specs, compile_targets, logprob_blocks
+from dama_kernels.aot_compile import (
+    KEPT_PRODUCT_KERNELS,
+    PRECISIONS,
+    TARGETS,
+    all_specs,
+    compile_targets,
+    kept_blocks,
+    logprob_blocks,
+)
 from dama_kernels.launch_config import linear_logprob_candidates, running_in_interpreter
 
 SPECS = all_specs(list(TARGETS))
@@ -40,23 +49,29 @@ def test_compiles_within_the_targets_limits(spec, compiled):
     assert record["shared_bytes"] <= record["shared_limit_bytes"]
     if record["registers"] is not None:
         assert record["registers"] * record["threads"] <= 64 * 1024
+    dtype = PRECISIONS[spec.precision][0]
     if spec.kernel.startswith("linear_logprob"):
-        blocks = logprob_blocks(spec)
-        assert record["blocks"] == (f"{blocks.block_n}x{blocks.block_v}x{blocks.block_h} w{blocks.num_warps} "
-                                    f"s{blocks.num_stages}")
-        kind = "forward" if spec.kernel == "linear_logprob_fwd" else "backward"
-        dtype = PRECISIONS[spec.precision][0]
-        recorded = dict(linear_logprob_candidates(kind, TARGETS[spec.target], dtype))[blocks]
-        assert record["shared_bytes"] <= recorded, "launch_config's recorded need is below what Triton allocates"
         if dtype != torch.float32 or spec.precision == "tf32x3":
             assert record["tensor_cores"] == ("wgmma" if spec.target == "sm_90" else "mma")
         else:
             assert record["tensor_cores"] == "none", "IEEE fp32 products cannot use tensor cores"
+    if spec.kernel in KEPT_PRODUCT_KERNELS:
+        blocks = kept_blocks(spec)
+        assert record["blocks"] == (f"{blocks.block_out}x{blocks.block_hidden}x{blocks.block_k} "
+                                    f"w{blocks.num_warps} s{blocks.num_stages}")
+    elif spec.kernel.startswith("linear_logprob"):
+        blocks = logprob_blocks(spec)
+        assert record["blocks"] == (f"{blocks.block_n}x{blocks.block_v}x{blocks.block_h} w{blocks.num_warps} "
+                                    f"s{blocks.num_stages}")
+        kind = "forward" if spec.kernel == "linear_logprob_fwd" else "backward"
+        recorded = dict(linear_logprob_candidates(kind, TARGETS[spec.target], dtype))[blocks]
+        assert record["shared_bytes"] <= recorded, "launch_config's recorded need is below what Triton allocates"
 
 
 def test_every_shipped_kernel_is_in_the_matrix():
-    assert {spec.kernel for spec in SPECS} == {"linear_logprob_fwd", "linear_logprob_d_logits", "dama_loss_fwd",
-                                               "dama_loss_bwd"}
+    assert {spec.kernel for spec in SPECS} == {"linear_logprob_fwd", "linear_logprob_d_logits",
+                                               "linear_logprob_d_hidden_kept", "linear_logprob_d_weight_kept",
+                                               "dama_loss_fwd", "dama_loss_bwd"}
     assert {spec.precision for spec in SPECS} >= {"fp16", "bf16", "fp32"}
     assert {spec.variant for spec in SPECS if spec.kernel == "linear_logprob_fwd"} == {"bias", "no bias"}
     assert {spec.variant for spec in SPECS if spec.kernel == "linear_logprob_d_logits"} == {"bias", "no bias",
