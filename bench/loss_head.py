@@ -23,10 +23,30 @@ of tensor bytes allocated during forward + backward, not counting the inputs and
 Useful TFLOP/s counts 6 x supervised tokens x H x V per step, whatever a provider computes beyond that; on a GPU,
 % peak compares it with a large matmul in the same dtype timed in the same run.
 
+Inputs (--logits), the same for every provider given the seed; no bias, as LLaVA's head has none
+  flat    the default, so that figures stay comparable with earlier runs: random hidden states and a weight scaled so
+          that logits have unit spread, uniform labels. The softmax is nearly uniform over the 32000 words: mean
+          entropy 9.87 nats, mean label log-prob -10.8 to -11.0.
+  peaked  like a trained head's: logit[n, v] = log_prior[v] + a per-row Gaussian part of spread 5, where the Zipf
+          word-frequency prior log_prior[v] = -1.1 log rank(v) (ranks a seeded permutation of the word ids) enters
+          through one hidden coordinate, hidden[..., 0] = 1 and weight[:, 0] = log_prior, and the other H - 1
+          coordinates give the per-row part. Each label is drawn from its row's softmax (on the run's device), and the
+          reference log-probs are the policy's own sequence log-probs plus noise of spread sqrt(T), so the DPO
+          margins stay moderate. Measured in float64 on 256 supervised rows (seed 0) at H 256, 1024 and 4096 in both
+          regimes: mean entropy 2.36-2.60 nats, mean label log-prob -2.26 to -2.64. At H 256 a row's most likely
+          word holds 46% of its mass on average, and the 100 most frequent words 18% (and 17% of the labels).
+The run prints each case's mean entropy and label log-prob, and the records hold them (entropy_nats, label_logp).
+Drawing the peaked labels multiplies before the RSS is read, so a peaked run's RSS+ leaves out the first matmul's
+one-off costs (BLAS buffers, threads) that a flat run counts: dama's RSS+ up to about 90 MiB less at H 256 on the
+CPU. Compare RSS+ within one kind of inputs; the working memory (tensor bytes) is the same for both.
+
 Gradient filtering: dama's backward filters d_logits tiles at the default threshold of the dtype
 (dama_kernels.grad_filter: 2^-12 in bf16, none in fp32); "filtered" is the share of tiles it filtered in the untimed
-step. The inputs are random, logits of unit spread over 32000 words: their softmax is flat, unlike a trained head's, so
-few tiles are filtered.
+step. Neither kind of input lets it filter whole tiles: a row's softmax has about 170 (flat) or 105 (peaked) words at
+or above 2^-12, spread over the vocabulary, so a 128 x 256 tile holds about 170 or 105 such entries. Counted in fp32
+on 512 rows (H 256 and 4096, seeds 0 and 1), 0 of 500 tiles of 128 x 256 and 0 of 2000 of 64 x 128 fell below 2^-12
+with either. The shares a bf16 run on the CPU reports (regime b, H 256: 4.0% flat, 10.3% peaked) are the torch path's
+short tiles: 3-row tiles at the end of each 131-row chunk.
 
 Output: a table (ratios are a row over naive's and liger's; RSS+ is peak RSS over the RSS with the inputs built),
 dama's working memory at N and 2N tokens (regime a, H 256; it should not grow), the targets met or missed, and the
@@ -72,6 +92,27 @@ IGNORE_INDEX = -100
 LIGER_CHUNK_PAIRS = 1
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "loss_head.json"
 MIB = 1 << 20
+LOGITS = {
+    "flat": "random hidden states and weight, logits of unit spread: the softmax is nearly uniform over the words "
+            "(today's figures)",
+    "peaked": "like a trained head's: a Zipf word-frequency prior plus a per-row part, each label drawn from its row's "
+              "softmax (mean entropy about 2.5 nats)",
+}
+# Peaked logits: logit[n, v] = log_prior[v] + (a per-row Gaussian part of spread PEAKED_ROW_SPREAD), where the prior of
+# the word of frequency rank r is r^-ZIPF_EXPONENT. Ranks are a seeded permutation of the word ids: a tokenizer's ids
+# do not follow frequency, so frequent words are spread over the vocabulary tiles rather than packed into the first.
+ZIPF_EXPONENT = 1.1
+# Chosen for a mean entropy of about 2.5 nats per token (spreads 4.5 and 6 give 2.8 and 1.9).
+PEAKED_ROW_SPREAD = 5.0
+# hidden[..., 0] holds this constant and weight[:, 0] the log-prior over it, so the prior enters through the matmul.
+PRIOR_COORDINATE = 1.0
+# Rows of logits formed at once when drawing the labels. Their two (C, V) fp32 buffers are one 62.5 MiB block at
+# V 32000: above glibc's largest mmap threshold (32 MiB), so it goes back to the system when freed instead of staying
+# in the heap, where a provider's step would reuse it and read a smaller RSS+; and below the RSS that a step adds.
+LABEL_DRAW_ROWS = 256
+# The softmax summary of each case: supervised rows sampled, and words per float64 block of the weight.
+SUMMARY_ROWS = 256
+SUMMARY_WORDS_PER_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -87,6 +128,7 @@ class Case:
     prefix_len: int = 0
     response_len: int = 1024
     purpose: str = "comparison"
+    logits: str = "flat"
 
     @property
     def num_seqs(self) -> int:
@@ -105,13 +147,14 @@ class Case:
         return self.num_seqs * self.response_len
 
 
-def regime_case(provider: str, regime: str, hidden_size: int, dtype: str, length_scale: int = 1) -> Case:
+def regime_case(provider: str, regime: str, hidden_size: int, dtype: str, length_scale: int = 1,
+                logits: str = "flat") -> Case:
     """The case of a regime; length_scale multiplies the supervised length (the N -> 2N memory check)."""
     layout = REGIMES[regime]
     return Case(
         provider=provider, regime=regime, hidden_size=hidden_size, dtype=dtype, prefix_len=layout["prefix_len"],
         response_len=layout["response_len"] * length_scale,
-        purpose="comparison" if length_scale == 1 else "n_scaling",
+        purpose="comparison" if length_scale == 1 else "n_scaling", logits=logits,
     )
 
 
@@ -128,28 +171,106 @@ class LossInputs:
     ref_rejected_logps: torch.Tensor
 
 
-def make_inputs(case: Case, device: torch.device, seed: int = 0) -> LossInputs:
-    """Random inputs, the same for every provider given the seed."""
-    gen = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[case.dtype]
+def _flat_inputs(case: Case, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """hidden (S, T, H), weight (V, H), labels (S, T), ref_logps (S,): fp32 on the CPU, logits of unit spread."""
     num_seqs, seq_len, hidden_size, vocab_size = case.num_seqs, case.seq_len, case.hidden_size, case.vocab_size
-    hidden = torch.randn(num_seqs, seq_len, hidden_size, generator=gen)  # (S, T, H)
-    # Scaled so that logits have unit spread, as a trained head's roughly do; the softmax is then far from one-hot.
-    weight = torch.randn(vocab_size, hidden_size, generator=gen) / math.sqrt(hidden_size)  # (V, H)
-    labels = torch.randint(0, vocab_size, (num_seqs, seq_len), generator=gen)  # (S, T)
+    hidden = torch.randn(num_seqs, seq_len, hidden_size, generator=gen)
+    # Scaled so that logits have unit spread; the softmax is then far from one-hot.
+    weight = torch.randn(vocab_size, hidden_size, generator=gen) / math.sqrt(hidden_size)
+    labels = torch.randint(0, vocab_size, (num_seqs, seq_len), generator=gen)
     labels[:, : case.prefix_len] = IGNORE_INDEX
     # Near what a head of unit-spread logits gives (about -log V per token), with the spread of a sum of such terms.
     ref_logps = -case.response_len * (math.log(vocab_size) + 0.5) + math.sqrt(case.response_len) * torch.randn(
         num_seqs, generator=gen
-    )  # (S,)
+    )
+    return hidden, weight, labels, ref_logps
+
+
+def _draw_labels(hidden: torch.Tensor, weight: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each row's label drawn from its own softmax by inverting the CDF at the row's uniform.
+
+    hidden (N, H) and weight (V, H) fp32, uniforms (N,) fp32 in [0, 1), on one device -> labels (N,) int64 and their
+    log-probs (N,) float64.
+    """
+    num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    labels = torch.empty(num_rows, dtype=torch.int64, device=hidden.device)
+    label_logps = torch.empty(num_rows, dtype=torch.float64, device=hidden.device)
+    # Written in place: fresh blocks per chunk would be kept by the C allocator and swell the RSS.
+    logits, cdf = torch.empty(2, min(LABEL_DRAW_ROWS, num_rows), vocab_size, device=hidden.device)  # (C, V) each
+    for start in range(0, num_rows, LABEL_DRAW_ROWS):
+        rows = slice(start, min(start + LABEL_DRAW_ROWS, num_rows))
+        count = rows.stop - rows.start
+        torch.matmul(hidden[rows], weight.T, out=logits[:count])
+        row_max = logits[:count].amax(-1, keepdim=True)  # (C, 1)
+        torch.sub(logits[:count], row_max, out=cdf[:count]).exp_().cumsum_(-1)
+        total = cdf[:count, -1:]  # (C, 1) the softmax's normaliser over exp(row_max)
+        drawn = torch.searchsorted(cdf[:count], uniforms[rows, None] * total).clamp_(max=vocab_size - 1)  # (C, 1)
+        labels[rows] = drawn.squeeze(1)
+        label_logps[rows] = (logits[:count].gather(1, drawn) - row_max - total.log()).squeeze(1).double()
+    return labels, label_logps
+
+
+def _peaked_inputs(case: Case, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """hidden (S, T, H), weight (V, H) fp32 on `device`, labels (S, T), ref_logps (S,) on the CPU: logits
+    log_prior[v] + a per-row part of spread PEAKED_ROW_SPREAD, labels drawn from the rows' softmax (on `device`)."""
+    num_seqs, seq_len, hidden_size, vocab_size = case.num_seqs, case.seq_len, case.hidden_size, case.vocab_size
+    if hidden_size < 2:
+        raise ValueError(f"peaked logits need hidden_size >= 2 (one coordinate carries the prior), got {hidden_size}")
+    ranks = torch.randperm(vocab_size, generator=gen) + 1  # (V,) frequency rank of each word
+    log_prior = -ZIPF_EXPONENT * ranks.double().log()  # (V,)
+    hidden = torch.randn(num_seqs, seq_len, hidden_size, generator=gen)
+    hidden[..., 0] = PRIOR_COORDINATE
+    # The other H - 1 coordinates give each row's own part: Gaussian over the words, of spread PEAKED_ROW_SPREAD.
+    weight = torch.randn(vocab_size, hidden_size, generator=gen) * (PEAKED_ROW_SPREAD / math.sqrt(hidden_size - 1))
+    weight[:, 0] = log_prior / PRIOR_COORDINATE
+    uniforms = torch.rand(num_seqs * case.response_len, generator=gen)
+    noise = torch.randn(num_seqs, generator=gen, dtype=torch.float64)
+    hidden, weight = hidden.to(device), weight.to(device)
+    supervised_hidden = hidden[:, case.prefix_len :].reshape(-1, hidden_size)  # (S * response_len, H)
+    drawn, label_logps = _draw_labels(supervised_hidden, weight, uniforms.to(device))
+    labels = torch.full((num_seqs, seq_len), IGNORE_INDEX)
+    labels[:, case.prefix_len :] = drawn.view(num_seqs, case.response_len).cpu()
+    seq_logps = label_logps.view(num_seqs, case.response_len).sum(-1).cpu()  # (S,)
+    # The policy's own sequence log-probs plus the spread of a sum of per-token terms: the DPO margins stay moderate.
+    ref_logps = (seq_logps + math.sqrt(case.response_len) * noise).float()
+    return hidden, weight, labels, ref_logps
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> LossInputs:
+    """The inputs of case.logits, the same for every provider given the seed. Peaked labels are drawn on `device`, so
+    its rounding may change a few of them from one kind of device to another."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    if case.logits == "flat":
+        hidden, weight, labels, ref_logps = _flat_inputs(case, gen)
+    elif case.logits == "peaked":
+        hidden, weight, labels, ref_logps = _peaked_inputs(case, device, gen)
+    else:
+        raise ValueError(f"logits must be one of {', '.join(LOGITS)}, got {case.logits!r}")
     return LossInputs(
         hidden=hidden.to(device, dtype).requires_grad_(),
         weight=weight.to(device, dtype).requires_grad_(),
         labels=labels.to(device),
-        seq_ids=torch.arange(num_seqs, device=device).repeat_interleave(seq_len),
+        seq_ids=torch.arange(case.num_seqs, device=device).repeat_interleave(case.seq_len),
         ref_chosen_logps=ref_logps[: case.num_pairs].to(device),
         ref_rejected_logps=ref_logps[case.num_pairs :].to(device),
     )
+
+
+def softmax_summary(inputs: LossInputs, rows: int = SUMMARY_ROWS) -> dict:
+    """Mean entropy (nats) and mean label log-prob of the softmax that the inputs give, in float64 over up to `rows`
+    supervised tokens spread evenly over the batch: what gradient filtering depends on."""
+    hidden_size = inputs.hidden.shape[-1]
+    supervised = (inputs.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    picked = supervised[torch.linspace(0, len(supervised) - 1, min(rows, len(supervised))).round().long()]
+    hidden = inputs.hidden.detach().reshape(-1, hidden_size)[picked].double()  # (R, H)
+    logits = torch.cat([hidden @ block.double().T
+                        for block in inputs.weight.detach().split(SUMMARY_WORDS_PER_BLOCK)], dim=1)  # (R, V)
+    log_probs = logits.log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    label_logps = log_probs.gather(1, inputs.labels.reshape(-1)[picked, None]).squeeze(1)
+    return {"entropy_nats": entropy.mean().item(), "label_logp": label_logps.mean().item(),
+            "summary_rows": len(picked)}
 
 
 def _dpo_sigmoid_loss(seq_logps: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
@@ -255,7 +376,8 @@ def _case_fields(case: Case) -> dict:
     return {
         "provider": case.provider, "regime": case.regime, "purpose": case.purpose, "H": case.hidden_size,
         "V": case.vocab_size, "pairs": case.num_pairs, "seq_len": case.seq_len, "tokens": case.tokens,
-        "supervised_tokens": case.supervised_tokens, "dtype": case.dtype, "time_s": None, "peak_bytes": None,
+        "supervised_tokens": case.supervised_tokens, "dtype": case.dtype, "logits": case.logits, "time_s": None,
+        "peak_bytes": None,
     }
 
 
@@ -312,6 +434,8 @@ def run_case(case: Case, repeats: int, device: torch.device) -> dict:
         memory = memory_fields(reading)
         times = timed_steps(repeats)
     rss_peak = peak_rss_bytes()
+    # After the readings: its float64 blocks must not count in the peaks.
+    summary = softmax_summary(inputs)
     time_s = statistics.median(times) if repeats > 0 else None
     useful_flops = 6 * case.supervised_tokens * case.hidden_size * case.vocab_size
     return {
@@ -328,6 +452,7 @@ def run_case(case: Case, repeats: int, device: torch.device) -> dict:
         "filtered_tiles": tiles.skipped if tiles.total else None,
         "tiles": tiles.total or None,
         "filtered_tile_share": tiles.skipped_share,
+        **summary,
         "notes": _provider_notes(case, device),
         "device": device.type,
         "device_name": _device_name(device),
@@ -451,6 +576,21 @@ def format_table(records: list[dict]) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
 
 
+def format_inputs(records: list[dict]) -> str:
+    """The softmax of the inputs per regime and shape (the same for every provider): mean entropy, label log-prob."""
+    summaries = {}
+    for r in records:
+        if r["status"] == "ok" and r["purpose"] == "comparison":
+            summaries.setdefault((r["regime"], r["H"]), r)
+    if not summaries:
+        return ""
+    rows = next(iter(summaries.values()))["summary_rows"]
+    lines = [f"Softmax of the inputs (float64, {rows} supervised rows per case): mean entropy, mean label log-prob"]
+    lines += [f"  regime {regime}, H {hidden_size}: {r['entropy_nats']:.2f} nats, {r['label_logp']:.2f}"
+              for (regime, hidden_size), r in summaries.items()]
+    return "\n".join(lines)
+
+
 def format_targets(records: list[dict]) -> str:
     lines = ["Targets (set for the CPU in fp32):"]
     for r in records:
@@ -472,10 +612,12 @@ def format_scaling(records: list[dict]) -> str:
     return "dama working memory, regime a, H 256: " + ", ".join(parts)
 
 
-def plan_cases(hidden_sizes: tuple[int, ...], regimes: list[str], providers: list[str], dtype: str) -> list[Case]:
-    cases = [regime_case(p, regime, h, dtype) for h in hidden_sizes for regime in regimes for p in providers]
+def plan_cases(hidden_sizes: tuple[int, ...], regimes: list[str], providers: list[str], dtype: str,
+               logits: str = "flat") -> list[Case]:
+    cases = [regime_case(p, regime, h, dtype, logits=logits) for h in hidden_sizes for regime in regimes
+             for p in providers]
     if 256 in hidden_sizes and "a" in regimes and "dama" in providers:
-        cases.append(regime_case("dama", "a", 256, dtype, length_scale=2))
+        cases.append(regime_case("dama", "a", 256, dtype, length_scale=2, logits=logits))
     return cases
 
 
@@ -510,6 +652,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed forward + backward steps after the warm-up; the median is reported "
                              "(default 3, 1 with --quick)")
+    parser.add_argument("--logits", choices=list(LOGITS), default="flat",
+                        help="the softmax the inputs give, which decides how many of dama's d_logits tiles gradient "
+                             "filtering drops: " + "; ".join(f"{name}: {text}" for name, text in LOGITS.items())
+                             + " (default flat)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of hidden states and weight (default fp32 on the CPU, bf16 on a GPU)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
@@ -533,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     cases = plan_cases(_hidden_sizes(args.shapes, args.quick, device.type == "cuda"), args.regimes,
-                       args.providers, dtype)
+                       args.providers, dtype, args.logits)
     started = time.perf_counter()
     records = []
     for index, case in enumerate(cases, 1):
@@ -559,12 +705,14 @@ def main(argv: list[str] | None = None) -> None:
     partial_path.write_text(json.dumps(records, indent=1) + "\n")
     os.replace(partial_path, args.output)
 
+    print(f"Loss head, {args.logits} logits: {LOGITS[args.logits]}")
     print(format_table(records))
-    scaling = format_scaling(records)
-    if scaling:
-        print(scaling)
+    for extra in (format_inputs(records), format_scaling(records)):
+        if extra:
+            print(extra)
     print(format_targets(records))
-    print(f"{len(cases)} cases in {time.perf_counter() - started:.0f} s on {device.type} ({dtype}); "
+    print(f"{len(cases)} cases in {time.perf_counter() - started:.0f} s on {device.type} ({dtype}, "
+          f"{args.logits} logits); "
           f"torch {env['torch']}, triton {env['triton']}, liger-kernel {env['liger_kernel']}, "
           f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; records in {args.output}")
 

@@ -30,14 +30,23 @@ def test_arguments_and_names() -> None:
 
 def test_gpu_plan_fits_the_budget_at_llava_7b_width(tmp_path) -> None:
     steps = plan(parse_args(["--output-dir", str(tmp_path)]), "h200")
-    assert [s.name for s in steps] == ["selftest", "attention_tests", "loss_head", "end_to_end"]
-    assert sum(s.timeout_s for s in steps) <= BUDGET_S == 480
+    assert [s.name for s in steps] == ["selftest", "attention_tests", "loss_head", "loss_head_peaked", "end_to_end"]
+    assert sum(s.timeout_s for s in steps) <= BUDGET_S == 540
     end_to_end = " ".join(steps[-1].command)
     for flags in ("--device cuda --dtype bf16 --hidden-size 4096 --head-dim 128 --vocab-size 32064 --layers 8",
                   "--pairs 4", f"--output {tmp_path / 'end_to_end_h200.json'}"):
         assert flags in end_to_end
     assert "--shapes 4096" in " ".join(steps[2].command)
+    assert "--logits" not in steps[2].command and steps[2].records == tmp_path / "loss_head_h200.json"
     assert "tests/test_attention_kernels.py" in steps[1].command and "tests/test_step_syncs.py" in steps[1].command
+
+
+def test_gpu_plan_runs_the_loss_head_again_on_peaked_logits(tmp_path) -> None:
+    steps = {s.name: s for s in plan(parse_args(["--output-dir", str(tmp_path)]), "h200")}
+    flat, peaked = steps["loss_head"], steps["loss_head_peaked"]
+    records = tmp_path / "loss_head_peaked_h200.json"
+    assert " ".join(peaked.command).endswith(f"-m bench.loss_head --shapes 4096 --logits peaked --output {records}")
+    assert peaked.records == records != flat.records
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -55,7 +64,8 @@ def test_dry_run_writes_records_and_names_what_it_skipped(tmp_path) -> None:
     summary = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
     assert summary["dry_run"] is True
     assert {s["name"]: s["status"] for s in summary["steps"]} == {
-        "selftest": "skipped", "attention_tests": "skipped", "loss_head": "skipped", "end_to_end": "ok"}
+        "selftest": "skipped", "attention_tests": "skipped", "loss_head": "skipped", "loss_head_peaked": "skipped",
+        "end_to_end": "ok"}
     records = {r["provider"]: r for r in json.loads((tmp_path / "end_to_end_cpu-dry-run.json").read_text())}
     assert records["dama_prefix_shared"]["status"] == "ok" and records["dama_prefix_shared"]["tokens_per_s"] > 0
     if trl_missing_reason() is None:

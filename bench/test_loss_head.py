@@ -2,19 +2,36 @@
 
 Run: .venv/bin/python -m pytest bench/test_loss_head.py [--benchmark-enable]. The benchmarks are grouped by regime so
 that pytest-benchmark shows naive, liger and dama side by side. The checks: the three providers compute the same loss
-and gradients (else the benchmark would compare different computations), the memory reading is exact on known
-allocations, and the CLI records a failing provider as skipped instead of stopping.
+and gradients (else the benchmark would compare different computations), the peaked inputs are reproducible and
+peaked as the module says, the memory reading is exact on known allocations, and the CLI records a failing provider as
+skipped instead of stopping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 
-from bench.loss_head import LOSSES, PROVIDERS, Case, add_ratios, add_targets, main, make_inputs, run_case, run_isolated
+from bench.loss_head import (
+    IGNORE_INDEX,
+    LABEL_DRAW_ROWS,
+    LOSSES,
+    PROVIDERS,
+    Case,
+    _draw_labels,
+    add_ratios,
+    add_targets,
+    main,
+    make_inputs,
+    run_case,
+    run_isolated,
+    softmax_summary,
+)
 from bench.memory import track_peak
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,8 +43,15 @@ MB = 10_000_000
 SLACK = 1024
 
 
-def small_case(provider: str, regime: str) -> Case:
-    return Case(provider=provider, regime=regime, hidden_size=64, vocab_size=2003, num_pairs=2, **SMALL_LAYOUTS[regime])
+def small_case(provider: str, regime: str, logits: str = "flat") -> Case:
+    return Case(provider=provider, regime=regime, hidden_size=64, vocab_size=2003, num_pairs=2, logits=logits,
+                **SMALL_LAYOUTS[regime])
+
+
+def peaked_case(provider: str = "dama", **fields) -> Case:
+    """The benchmark's vocabulary at a small width: 2 pairs of 4 unsupervised and 32 supervised tokens."""
+    return Case(provider=provider, regime="b", hidden_size=64, num_pairs=2, prefix_len=4, response_len=32,
+                logits="peaked", **fields)
 
 
 def skip_if_unavailable(provider: str) -> None:
@@ -35,8 +59,8 @@ def skip_if_unavailable(provider: str) -> None:
         pytest.skip("liger-kernel is not installed")
 
 
-def forward_backward(provider: str, regime: str, seed: int = 0):
-    inputs = make_inputs(small_case(provider, regime), DEVICE, seed=seed)
+def forward_backward(provider: str, regime: str, logits: str = "flat", seed: int = 0):
+    inputs = make_inputs(small_case(provider, regime, logits), DEVICE, seed=seed)
     loss = LOSSES[provider](inputs)
     loss.backward()
     return inputs, loss.detach()
@@ -64,15 +88,16 @@ def test_loss_head_speed(benchmark, provider: str, regime: str) -> None:
     benchmark.pedantic(step, setup=clear_grads, rounds=5, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("logits", ["flat", "peaked"])
 @pytest.mark.parametrize("regime", ["a", "b"])
 @pytest.mark.parametrize("provider", ["liger", "dama"])
-def test_providers_give_the_same_loss_and_gradients(provider: str, regime: str) -> None:
+def test_providers_give_the_same_loss_and_gradients(provider: str, regime: str, logits: str) -> None:
     skip_if_unavailable(provider)
-    gold_inputs, gold_loss = forward_backward("naive", regime)
+    gold_inputs, gold_loss = forward_backward("naive", regime, logits)
     hidden_scale = gold_inputs.hidden.grad.abs().max().item()
     # A saturated sigmoid would make every gradient near zero and the comparison empty.
     assert hidden_scale > 1e-4
-    inputs, loss = forward_backward(provider, regime)
+    inputs, loss = forward_backward(provider, regime, logits)
     torch.testing.assert_close(loss, gold_loss, rtol=1e-5, atol=0, msg=f"{provider} loss")
     torch.testing.assert_close(inputs.hidden.grad, gold_inputs.hidden.grad, rtol=0, atol=1e-5 * hidden_scale,
                                msg=f"{provider} hidden grad")
@@ -83,6 +108,67 @@ def test_providers_give_the_same_loss_and_gradients(provider: str, regime: str) 
     if prefix_len:
         # Unsupervised positions take no part in the loss, whether a provider computes their logits or skips them.
         assert inputs.hidden.grad[:, :prefix_len].abs().max().item() == 0
+
+
+def test_labels_are_drawn_from_each_rows_softmax() -> None:
+    # Two kinds of rows over 3 words, in chunks of LABEL_DRAW_ROWS with a short last one.
+    weight = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # (V, H)
+    kinds = torch.eye(2)  # row kind k has logits weight[:, k]
+    num_rows = 12 * LABEL_DRAW_ROWS + 7
+    kind_of_row = torch.arange(num_rows) % 2
+    uniforms = torch.rand(num_rows, generator=torch.Generator().manual_seed(0))
+    labels, label_logps = _draw_labels(kinds[kind_of_row], weight, uniforms)
+    for kind in (0, 1):
+        log_probs = weight[:, kind].double().log_softmax(0)  # (V,)
+        drawn = labels[kind_of_row == kind]
+        frequencies = torch.bincount(drawn, minlength=3).double() / len(drawn)
+        # 4 standard deviations of a frequency over some 1500 draws.
+        torch.testing.assert_close(frequencies, log_probs.exp(), rtol=0, atol=0.05)
+        torch.testing.assert_close(label_logps[kind_of_row == kind], log_probs[drawn], rtol=0, atol=1e-6)
+
+
+def test_peaked_inputs_depend_on_the_seed_alone() -> None:
+    fields = ("hidden", "weight", "labels", "seq_ids", "ref_chosen_logps", "ref_rejected_logps")
+    first = make_inputs(peaked_case("naive"), CPU, seed=3)
+    for again in (make_inputs(peaked_case("naive"), CPU, seed=3), make_inputs(peaked_case("liger"), CPU, seed=3),
+                  make_inputs(peaked_case("dama"), CPU, seed=3)):
+        for field in fields:
+            assert torch.equal(getattr(again, field), getattr(first, field)), field
+    other = make_inputs(peaked_case(), CPU, seed=4)
+    assert not torch.equal(other.hidden, first.hidden) and not torch.equal(other.labels, first.labels)
+
+
+def test_peaked_labels_are_words_where_supervised_and_ignored_elsewhere() -> None:
+    case = peaked_case()
+    labels = make_inputs(case, CPU).labels
+    assert labels.shape == (case.num_seqs, case.seq_len) and labels.dtype == torch.int64
+    assert (labels[:, : case.prefix_len] == IGNORE_INDEX).all()
+    supervised = labels[:, case.prefix_len :]
+    assert supervised.min() >= 0 and supervised.max() < case.vocab_size
+    with pytest.raises(ValueError, match="hidden_size >= 2"):
+        make_inputs(dataclasses.replace(case, hidden_size=1), CPU)
+
+
+def test_peaked_softmax_is_in_the_stated_band_and_flat_is_near_uniform() -> None:
+    peaked = softmax_summary(make_inputs(peaked_case(), CPU))
+    assert peaked["summary_rows"] == 128
+    assert 2.0 <= peaked["entropy_nats"] <= 3.0
+    # Labels drawn from each row's softmax: their mean log-prob is near minus the mean entropy.
+    assert abs(peaked["label_logp"] + peaked["entropy_nats"]) < 0.5
+    flat = softmax_summary(make_inputs(dataclasses.replace(peaked_case(), logits="flat"), CPU))
+    assert math.log(32000) - 1 <= flat["entropy_nats"] <= math.log(32000)
+
+
+def test_peaked_reference_logps_follow_the_policy() -> None:
+    case = peaked_case()
+    inputs = make_inputs(case, CPU)
+    log_probs = (inputs.hidden.detach().double() @ inputs.weight.detach().double().T).log_softmax(-1)
+    supervised = inputs.labels != IGNORE_INDEX
+    token_logps = log_probs.gather(-1, torch.where(supervised, inputs.labels, 0).unsqueeze(-1)).squeeze(-1)
+    seq_logps = (token_logps * supervised).sum(-1)  # (S,)
+    ref_logps = torch.cat([inputs.ref_chosen_logps, inputs.ref_rejected_logps]).double()
+    # The policy's own sequence log-probs plus noise of spread sqrt(T): the DPO margins stay moderate.
+    assert (seq_logps - ref_logps).abs().max() < 4 * math.sqrt(case.response_len)
 
 
 def test_track_peak_reports_a_known_allocation() -> None:
@@ -164,8 +250,20 @@ def test_cli_writes_the_records(tmp_path) -> None:
     main(["--providers", "dama", "--regimes", "b", "--shapes", "64", "--repeats", "1", "--output", str(output)])
     (record,) = json.loads(output.read_text())
     for key in ("provider", "regime", "H", "V", "tokens", "supervised_tokens", "time_s", "peak_bytes",
-                "rss_peak_bytes", "ratios", "filtered_tile_share", "device", "dtype", "torch", "triton", "liger_kernel",
-                "git_commit"):
+                "rss_peak_bytes", "ratios", "filtered_tile_share", "device", "dtype", "logits", "entropy_nats",
+                "label_logp", "torch", "triton", "liger_kernel", "git_commit"):
         assert key in record, key
     assert (record["provider"], record["regime"], record["tokens"], record["supervised_tokens"]) == ("dama", "b", 6288,
                                                                                                      1200)
+    assert record["logits"] == "flat" and record["entropy_nats"] > 9
+
+
+def test_cli_runs_on_peaked_logits(tmp_path, capsys) -> None:
+    output = tmp_path / "loss_head_peaked.json"
+    main(["--logits", "peaked", "--quick", "--providers", "dama", "--regimes", "b", "--shapes", "64", "--output",
+          str(output)])
+    (record,) = json.loads(output.read_text())
+    assert record["status"] == "ok" and record["logits"] == "peaked"
+    assert 2.0 <= record["entropy_nats"] <= 3.0 and record["label_logp"] < 0
+    printed = capsys.readouterr().out
+    assert "Loss head, peaked logits" in printed and "regime b, H 64: " in printed and "peaked logits); " in printed
