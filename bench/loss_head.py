@@ -1,4 +1,4 @@
-"""Loss-head benchmark: hidden states -> DPO sigmoid loss, forward + backward, three providers side by side.
+"""Loss-head benchmark: hidden states -> DPO sigmoid loss, forward + backward, the providers side by side.
 
 Providers
   naive  full logits -> log_softmax -> gather -> per-sequence sums -> DPO sigmoid loss, as LLaVA DPO trainers do it,
@@ -9,7 +9,11 @@ Providers
          are an input, as for the other providers, instead of liger's no-grad head pass over reference hidden states
          (a fourth matmul the others would not pay).
   dama   dama_kernels.sequence_logps over the packed (N, H) tokens (it scores only the supervised rows), then
-         dama_kernels.dama_sigmoid_loss; impl="auto": chunked torch on the CPU, Triton on CUDA.
+         dama_kernels.dama_sigmoid_loss; impl="auto": chunked torch on the CPU, Triton on CUDA. Gradient filtering at
+         the dtype's default threshold: in 16-bit the backward's two gradient products are then Triton kernels over
+         the d_logits tiles kept.
+  dama_exact  dama with grad_filter_eps=0: no filtering, cuBLAS gradient products. Run for 16-bit inputs only (in
+         fp32 it is dama), so that one run shows what filtering and the kept-tile products gain or cost.
 
 Regimes (P = 4 pairs, S = 8 sequences, V = 32000)
   a  every token supervised: sequences of T = 1024 tokens, N = 8192.
@@ -80,7 +84,7 @@ from dama_kernels.grad_filter import count_filtered_tiles, default_filter_eps
 from .environment import REPO_ROOT, git_state
 from .memory import PeakReading, current_rss_bytes, peak_rss_bytes, track_peak
 
-PROVIDERS = ("naive", "liger", "dama")
+PROVIDERS = ("naive", "liger", "dama", "dama_exact")
 REGIMES = {"a": {"prefix_len": 0, "response_len": 1024}, "b": {"prefix_len": 576 + 60, "response_len": 150}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_SETS = {"quick": (256,), "cpu": (256, 1024), "all": (256, 1024, 4096)}
@@ -338,12 +342,13 @@ def liger_loss(inputs: LossInputs) -> torch.Tensor:
     return loss
 
 
-def dama_loss(inputs: LossInputs) -> torch.Tensor:
-    """The fused head: sequence log-probs of the supervised tokens, then the DAMA sigmoid loss (uniform beta)."""
+def dama_loss(inputs: LossInputs, grad_filter_eps: float | None = None) -> torch.Tensor:
+    """The fused head: sequence log-probs of the supervised tokens, then the DAMA sigmoid loss (uniform beta).
+    grad_filter_eps as sequence_logps takes it (None: the dtype's default)."""
     num_seqs, seq_len, hidden_size = inputs.hidden.shape
     seq_logps = sequence_logps(
         inputs.hidden.reshape(num_seqs * seq_len, hidden_size), inputs.weight, inputs.labels.reshape(-1),
-        inputs.seq_ids, num_seqs,
+        inputs.seq_ids, num_seqs, grad_filter_eps=grad_filter_eps,
     )  # (S,)
     num_pairs = num_seqs // 2
     return dama_sigmoid_loss(
@@ -351,14 +356,15 @@ def dama_loss(inputs: LossInputs) -> torch.Tensor:
     ).loss
 
 
-LOSSES = {"naive": naive_loss, "liger": liger_loss, "dama": dama_loss}
+LOSSES = {"naive": naive_loss, "liger": liger_loss, "dama": dama_loss,
+          "dama_exact": functools.partial(dama_loss, grad_filter_eps=0.0)}
 
 
 def _provider_notes(case: Case, device: torch.device) -> str:
     if case.provider == "liger":
         return f"eager, {LIGER_CHUNK_PAIRS} pair per chunk"
-    if case.provider == "dama":
-        eps = default_filter_eps(DTYPES[case.dtype])
+    if case.provider.startswith("dama"):
+        eps = default_filter_eps(DTYPES[case.dtype]) if case.provider == "dama" else 0.0
         filtering = f"gradient filter eps 2^{math.log2(eps):.0f}" if eps else "no gradient filter"
         if device.type == "cuda":
             return f"impl=triton, {filtering}"
@@ -614,6 +620,8 @@ def format_scaling(records: list[dict]) -> str:
 
 def plan_cases(hidden_sizes: tuple[int, ...], regimes: list[str], providers: list[str], dtype: str,
                logits: str = "flat") -> list[Case]:
+    if not default_filter_eps(DTYPES[dtype]):  # nothing is filtered by default: dama_exact would repeat dama
+        providers = [p for p in providers if p != "dama_exact"]
     cases = [regime_case(p, regime, h, dtype, logits=logits) for h in hidden_sizes for regime in regimes
              for p in providers]
     if 256 in hidden_sizes and "a" in regimes and "dama" in providers:

@@ -83,6 +83,9 @@ def test_config_defaults_follow_docs_method():
         ({"gamma": 1.1}, r"gamma must lie in \[0, 1\]"),
         ({"filter_seed": -1}, "filter_seed must be a non-negative int"),
         ({"hardness_mean": float("inf")}, "hardness_mean must be a finite float or None"),
+        ({"grad_filter_eps": -1.0}, "grad_filter_eps must be a number >= 0"),
+        ({"grad_filter_eps": float("nan")}, "grad_filter_eps must be a number >= 0"),
+        ({"grad_filter_eps": True}, "grad_filter_eps must be a number >= 0"),
     ],
 )
 def test_config_rejects_invalid_options(overrides, message):
@@ -94,10 +97,11 @@ def test_config_parses_with_hf_argument_parser_and_mixes_into_training_arguments
     from transformers import HfArgumentParser, TrainingArguments
 
     (config,) = HfArgumentParser(DamaMethodConfig).parse_args_into_dataclasses(
-        ["--variant", "paper", "--hardness_mean", "0.05", "--no_data_aware", "--ema_update", "optimizer_step"]
+        ["--variant", "paper", "--hardness_mean", "0.05", "--no_data_aware", "--ema_update", "optimizer_step",
+         "--grad_filter_eps", "0"]
     )
-    assert (config.variant, config.hardness_mean, config.data_aware, config.ema_update) == (
-        "paper", 0.05, False, "optimizer_step"
+    assert (config.variant, config.hardness_mean, config.data_aware, config.ema_update, config.grad_filter_eps) == (
+        "paper", 0.05, False, "optimizer_step", 0.0
     )
     clashes = {f.name for f in dataclasses.fields(DamaMethodConfig)} & {
         f.name for f in dataclasses.fields(TrainingArguments)

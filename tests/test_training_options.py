@@ -19,6 +19,7 @@ from dama.method.config import DamaMethodConfig
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import COMPLETE_MARKER
 from dama.training.train import build_trainer
+from dama_kernels.grad_filter import count_filtered_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,3 +122,22 @@ def test_the_recipe_does_not_clip_gradients_and_saves_once_per_epoch(tmp_path):
     assert args.hf_deepspeed_config.config["gradient_clipping"] == 0  # zero3.json's "auto" takes max_grad_norm
     # ~100 GB per ZeRO-3 checkpoint of the 7B model: one per epoch, the newest kept.
     assert (args.save_strategy, args.save_total_limit) == ("epoch", 1)
+
+
+def test_grad_filter_eps_reaches_the_fused_head(tiny_setup, tmp_path):
+    """eps 2 filters every d_logits tile (|onehot - softmax| <= 1): the loss sends no gradient back through the head,
+    so a step leaves the model as it was; the default (fp32: exact) moves it."""
+    root, paths = tiny_setup
+    moved = {}
+    for eps in ("2.0", None):
+        extra = ["--grad_filter_eps", eps] if eps else []
+        trainer = build_trainer(make_args(root, paths, tmp_path / str(eps), "--max_steps", "1",
+                                          "--save_strategy", "no", *extra))
+        assert trainer.model.head.grad_filter_eps == (float(eps) if eps else None)
+        before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        with count_filtered_tiles() as tiles:
+            trainer.train()
+        assert tiles.total > 0 and (tiles.skipped == tiles.total) == (eps is not None)
+        moved[eps] = any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters()
+                         if name in before)
+    assert moved == {"2.0": False, None: True}

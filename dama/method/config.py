@@ -51,6 +51,13 @@ class DamaMethodConfig:
         default="auto",
         metadata={"help": "Loss implementation: 'auto' (Triton on CUDA, PyTorch otherwise), 'triton' or 'torch'."},
     )
+    grad_filter_eps: float | None = field(
+        default=None,
+        metadata={"help": "Gradient filtering of the fused head's backward: tiles of d_logits whose entries "
+                  "abs(onehot - softmax) are all below this are dropped, and on a GPU the gradient products skip them. "
+                  "None: the dtype's default (2^-12 for bf16, 2^-15 for fp16, 0 for fp32); 0: off, the exact "
+                  "gradient with dense products."},
+    )
 
     # Data-aware strategy (paper Eq. 3-6): alpha_D = sigmoid(hardness) / sigmoid(hardness_mean)
     data_aware: bool = field(
@@ -104,6 +111,11 @@ class DamaMethodConfig:
         check_choice("variant", self.variant, VARIANTS)
         check_choice("ema_update", self.ema_update, EMA_UPDATES)
         check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        if self.grad_filter_eps is not None and not (
+            isinstance(self.grad_filter_eps, int | float) and not isinstance(self.grad_filter_eps, bool)
+            and 0 <= self.grad_filter_eps < math.inf
+        ):
+            raise DamaError(f"grad_filter_eps must be a number >= 0 (0: off) or None, got {self.grad_filter_eps!r}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise DamaError(f"beta must be a finite number > 0, got {self.beta}")
         # beta_min above beta would clamp even plain DPO (alpha = 1) away from beta.

@@ -27,20 +27,23 @@ class SequenceLogpsHead(nn.Module):
     """The lm_head as a scorer: sums of label log-probs per sequence from hidden states, without logits.
 
     Shares the Parameters of `lm_head` (no copy). forward(hidden (M, H), target_ids (M,), seq_ids (M,), num_seqs)
-    -> (S,) fp32.
+    -> (S,) fp32. grad_filter_eps: the backward's gradient filter (dama_kernels.grad_filter; None: the dtype's
+    default, 0: off).
     """
 
-    def __init__(self, lm_head: nn.Linear, impl: str = "auto") -> None:
+    def __init__(self, lm_head: nn.Linear, impl: str = "auto", grad_filter_eps: float | None = None) -> None:
         super().__init__()
         self.weight = lm_head.weight
         self.bias = lm_head.bias
         self.impl = impl
+        self.grad_filter_eps = grad_filter_eps
 
     def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor, seq_ids: torch.Tensor,
                 num_seqs: int) -> torch.Tensor:
         # The rows are the supervised ones already: no search for ignored labels (a host sync on a GPU).
         return dama_kernels.sequence_logps(hidden, self.weight, target_ids, seq_ids, num_seqs, bias=self.bias,
-                                           impl=self.impl, gather_supervised=False)
+                                           impl=self.impl, grad_filter_eps=self.grad_filter_eps,
+                                           gather_supervised=False)
 
     def token_logps(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (M,) fp32 of the same head, for passes that store them (reference precompute)."""
@@ -54,19 +57,21 @@ class DamaPolicy(nn.Module):
     head="fused" scores only supervised positions from hidden states; head="full_logits" runs the model's lm_head
     over every position, log-softmax and gather (the usual DPO trainer, kept as the baseline it is measured against).
     The log-probs are sums over each response, or means when average_logps. attention_impl picks the packed
-    attention's implementation (dama.model.attention.IMPLS; "flash_attn" asks for flash-attn's kernel).
+    attention's implementation (dama.model.attention.IMPLS; "flash_attn" asks for flash-attn's kernel);
+    grad_filter_eps the fused head's gradient filter (dama_kernels.grad_filter).
     Neither this wiring nor the packed attention reads a device value back to the host: the batch carries its bounds
     and longest segments as the collator computed them on the CPU. (transformers' LLaVA checks once per forward that
     the image tokens match the features, a sync that TRANSFORMERS_DISABLE_TORCH_CHECK=1 switches off.)
     """
 
     def __init__(self, llava: LlavaForConditionalGeneration, *, head: str = "fused", impl: str = "auto",
-                 average_logps: bool = False, packed_attention: bool = True, attention_impl: str = "auto") -> None:
+                 average_logps: bool = False, packed_attention: bool = True, attention_impl: str = "auto",
+                 grad_filter_eps: float | None = None) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.llava = llava
-        self.head = SequenceLogpsHead(llava.lm_head, impl)
+        self.head = SequenceLogpsHead(llava.lm_head, impl, grad_filter_eps)
         self.head_kind = head
         self.average_logps = average_logps
         if attention_impl not in ATTENTION_IMPLS:

@@ -126,7 +126,8 @@ def prepare_models(args: DamaTrainingArguments, llava: LlavaForConditionalGenera
 
     def policy_of(model):
         return DamaPolicy(model, head=args.head, impl=args.loss_impl, average_logps=args.average_logps,
-                          packed_attention=packed, attention_impl=args.packed_attention_impl)
+                          packed_attention=packed, attention_impl=args.packed_attention_impl,
+                          grad_filter_eps=args.grad_filter_eps)
 
     return policy_of(llava), None if reference_llava is None else policy_of(reference_llava), adapters
 
