@@ -26,7 +26,7 @@ import torch
 
 # eps = finfo(dtype).eps / FILTER_EPS_DIVISOR for 16-bit inputs.
 FILTER_EPS_DIVISOR = 32
-# Tiles of the torch path's filter: the Triton interpreter's blocks, so that both paths filter the same tiles there.
+# Tiles of the torch path's filter: the Triton interpreter's blocks, so that the two paths' tiles have one shape there.
 FILTER_TILE_ROWS, FILTER_TILE_COLS = 64, 128
 
 

@@ -1,21 +1,23 @@
 """The filtered backward's two gradient products over the d_logits tiles it kept, skipping the tiles it filtered.
 
 What, for one chunk of C rows whose d_logits (C, V) the FILTER d_logits kernel wrote with a tile map
-tile_skipped (R, T) (R row tiles of MAP_ROWS rows, T vocabulary tiles of MAP_COLS words; 1 where the tile was
-filtered to zeros):
-    d_hidden[chunk] = d_logits @ W                               (C, H), in hidden's dtype
-    d_weight        = d_logits^T @ h[chunk]  (+ previous d_weight)   (V, H), in d_weight's dtype
+tile_skipped (R, T) (R row tiles of MAP_ROWS rows, T column tiles of MAP_COLS columns; 1 where the tile was
+filtered to zeros), column j holding word vocab_order[j] (or word j without an order):
+    d_hidden[chunk]           = d_logits @ W[vocab_order]                            (C, H), in hidden's dtype
+    d_weight[vocab_order]     = d_logits^T @ h[chunk]  (+ previous d_weight rows)    (V, H), in d_weight's dtype
 A filtered tile is all zeros, so leaving it out of both sums changes nothing: the products only read kept tiles.
+Words come in order of mean logit (grad_filter.vocabulary_order), so the weight's rows are gathered, and d_weight's
+rows scattered, through vocab_order, whole rows at a time: the loads and stores stay contiguous along H.
 
-Strategy: `kept_tiles` turns the map into two lists, on the device and without a host sync: for each row tile the
-vocabulary tiles it kept (kept ones first, in vocabulary order), and for each vocabulary tile the row tiles that kept
-it, each with a count. A program of `_d_hidden_kept_kernel` owns a (BLOCK_OUT rows x BLOCK_HIDDEN) tile of d_hidden
-and walks its row tile's kept vocabulary tiles in steps of BLOCK_K words; a program of `_d_weight_kept_kernel` owns a
-(BLOCK_OUT words x BLOCK_HIDDEN) tile of d_weight and walks the kept row tiles of its vocabulary tile in steps of
-BLOCK_K rows. Each loop has a single body and a bound read from memory, so Triton pipelines its loads like a dense
-GEMM's; the work is proportional to the kept tiles. Every output element has one writer: no atomics, and the result
-does not depend on scheduling. Output tiles lie within one map tile: BLOCK_OUT divides the map tile along the output
-dimension and BLOCK_K along the reduction (checked by `check_kept_blocks`).
+Strategy: `kept_tiles` turns the map into two lists, on the device and without a host sync: for each row tile the column
+tiles it kept (in increasing order), and for each column tile the row tiles that kept it, each with a count. A program
+of `_d_hidden_kept_kernel` owns a (BLOCK_OUT rows x BLOCK_HIDDEN) tile of d_hidden and walks its row tile's kept column
+tiles in steps of BLOCK_K columns; a program of `_d_weight_kept_kernel` owns a (BLOCK_OUT columns x BLOCK_HIDDEN) tile
+of d_weight's rows and walks the kept row tiles of its column tile in steps of BLOCK_K rows. Each loop has a single body
+and a bound read from memory, so Triton pipelines its loads like a dense GEMM's; the work is proportional to the kept
+tiles. Every output element has one writer: no atomics, and the result does not depend on scheduling. Output tiles lie
+within one map tile: BLOCK_OUT divides the map tile along the output dimension and BLOCK_K along the reduction (checked
+by `check_kept_blocks`).
 
 Numerics: as the dense products they replace. Products accumulate in fp32 (16-bit tiles go into tl.dot as they are,
 fp32 tiles with dot_settings' precision, every tile upcast under the interpreter) and each output is rounded once to
@@ -35,15 +37,16 @@ from .linear_logprob_forward import dot_settings
 def kept_tiles(tile_skipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept_cols (R, T), kept_col_count (R,), kept_rows (T, R), kept_row_count (T,)), int32, from a tile map.
 
-    tile_skipped: (R, T) int32, 1 where a tile was filtered. kept_cols[r, :kept_col_count[r]] are the vocabulary tiles
-    row tile r kept, in increasing order; kept_rows[t, :kept_row_count[t]] the row tiles that kept vocabulary tile t.
+    tile_skipped: (R, T) int32, 1 where a tile was filtered. kept_cols[r, :kept_col_count[r]] are the column tiles
+    row tile r kept, in increasing order; kept_rows[t, :kept_row_count[t]] the row tiles that kept column tile t.
     The entries past the counts are never read.
     """
     kept_cols = torch.argsort(tile_skipped, dim=1, stable=True).to(torch.int32)
-    kept_rows = torch.argsort(tile_skipped.T, dim=1, stable=True).to(torch.int32)
-    kept_col_count = (tile_skipped.shape[1] - tile_skipped.sum(dim=1, dtype=torch.int32)).to(torch.int32)
-    kept_row_count = (tile_skipped.shape[0] - tile_skipped.sum(dim=0, dtype=torch.int32)).to(torch.int32)
-    return kept_cols, kept_col_count, kept_rows.contiguous(), kept_row_count
+    # argsort keeps the strides of its input's transposed view; the kernels read each list with unit stride.
+    kept_rows = torch.argsort(tile_skipped.T, dim=1, stable=True).to(torch.int32).contiguous()
+    kept_col_count = tile_skipped.shape[1] - tile_skipped.sum(dim=1, dtype=torch.int32)
+    kept_row_count = tile_skipped.shape[0] - tile_skipped.sum(dim=0, dtype=torch.int32)
+    return kept_cols, kept_col_count, kept_rows, kept_row_count
 
 
 @triton.jit

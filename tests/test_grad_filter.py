@@ -1,5 +1,7 @@
 """Gradient filtering of the fused head's backward, both paths, against a float64 reference that filters the same
-tiles: none filtered, every tile filtered, and some; the dtype defaults; the tile counter; bad thresholds."""
+tiles (the Triton path's words in order of mean logit, the torch path's in the vocabulary's order): none filtered,
+every tile filtered, and some; likely words gathered into the first tiles; the dtype defaults; the tile counter; bad
+thresholds."""
 
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_l
 from dama_kernels.reference import reference_filtered_grads
 
 IMPLS = ["triton", "torch"]
-# Both paths filter tiles of the same shape here, so one reference serves both.
+# Both paths filter tiles of the same shape here, so one reference (given each path's word order) serves both.
 TILE_ROWS, TILE_COLS = INTERPRETER_BLOCKS.block_n, INTERPRETER_BLOCKS.block_v
 # 150 rows = 3 row tiles (the last short) over 2 chunks of 128 rows; 300 columns = 3 vocabulary tiles (the last short).
 NUM_TOKENS, HIDDEN_SIZE, VOCAB_SIZE, CHUNK_ROWS = 150, 40, 300, 128
 
 
-def test_both_paths_use_the_same_tiles():
+def test_both_paths_use_tiles_of_one_shape():
     assert (FILTER_TILE_ROWS, FILTER_TILE_COLS) == (TILE_ROWS, TILE_COLS)
     assert CHUNK_ROWS % TILE_ROWS == 0  # chunks start on a tile boundary: the reference's tiles from (0, 0) hold
 

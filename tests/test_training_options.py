@@ -1,6 +1,7 @@
 """Training options that used to break or be ignored silently: activation checkpointing, best-model tracking with
 checkpoints completed by a marker, the online reference's attention, filter options without the filter,
-data-awareness without any hardness, δ̄ without metadata, and the recipe's gradient clipping."""
+data-awareness without any hardness, δ̄ without metadata, the recipe's gradient clipping, and the head's gradient
+filter."""
 
 from __future__ import annotations
 
