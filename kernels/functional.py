@@ -123,6 +123,7 @@ def _supervised_token_logps(
     chunk_size: int | None,
     grad_filter_eps: float | None,
     gather_supervised: bool,
+    skip_filtered_tiles: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validates, then scores only the supervised rows (every row when gather_supervised is False).
 
@@ -163,7 +164,8 @@ def _supervised_token_logps(
             rows = None
         else:
             hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
-    params = LinearLogprobParams(ignore_index=ignore_index, impl=impl, chunk_size=chunk_size, filter_eps=filter_eps)
+    params = LinearLogprobParams(ignore_index=ignore_index, impl=impl, chunk_size=chunk_size, filter_eps=filter_eps,
+                                 skip_filtered=bool(skip_filtered_tiles))
     if hidden.shape[0] == 0:
         # Empty views keep the graph, so a backward still reaches hidden, weight and bias, with zero gradients.
         anchor = sum(t[:0].sum() for t in (hidden, weight, bias) if t is not None)
@@ -182,6 +184,7 @@ def token_logps(
     chunk_size: int | None = None,
     grad_filter_eps: float | None = None,
     gather_supervised: bool = True,
+    skip_filtered_tiles: bool = True,
 ) -> torch.Tensor:
     """Log-probability of each token's label under the linear head, without building the (N, V) logits.
 
@@ -196,12 +199,16 @@ def token_logps(
     grad_filter_eps: the backward drops each tile of d_logits whose |onehot - softmax| entries are all below it
         (dama_kernels.grad_filter); None picks it from the dtype: 2^-12 for bf16, 2^-15 for fp16, 0 (exact) for
         fp32 and fp64. 0 turns filtering off.
+    skip_filtered_tiles: with filtering on, the Triton backward's gradient products skip the filtered tiles (Triton
+        kernels over the kept ones, the vocabulary in order of mean logit); False keeps cuBLAS's dense products,
+        faster when few tiles are filtered. Either way the filtered entries are dropped; the word order changes
+        which tiles are. The torch path's products are dense.
     gather_supervised: True scores only the rows whose label is not ignore_index, which costs a host sync on a GPU to
         find them; False scores every row (ignored ones give 0 and no gradient) without reading the labels, the
         cheaper call when the caller has gathered the supervised rows already.
     """
     logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size,
-                                          grad_filter_eps, gather_supervised)
+                                          grad_filter_eps, gather_supervised, skip_filtered_tiles)
     if rows is None:
         return logps
     return logps.new_zeros(hidden.shape[0]).index_copy(0, rows, logps)
@@ -220,6 +227,7 @@ def sequence_logps(
     chunk_size: int | None = None,
     grad_filter_eps: float | None = None,
     gather_supervised: bool = True,
+    skip_filtered_tiles: bool = True,
 ) -> torch.Tensor:
     """Sum of token log-probs per sequence, for tokens of several sequences packed in any order.
 
@@ -231,7 +239,7 @@ def sequence_logps(
     if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
         raise ValueError(f"num_seqs must be a non-negative int, got {num_seqs!r}")
     logps, rows = _supervised_token_logps(hidden, weight, labels, bias, ignore_index, impl, chunk_size,
-                                          grad_filter_eps, gather_supervised)
+                                          grad_filter_eps, gather_supervised, skip_filtered_tiles)
     _check_device(hidden, seq_ids=seq_ids)
     _check_ids("seq_ids", seq_ids, hidden.shape[0], num_seqs, f"(num_seqs={num_seqs})")
     if rows is not None:

@@ -26,6 +26,9 @@ import torch
 
 # eps = finfo(dtype).eps / FILTER_EPS_DIVISOR for 16-bit inputs.
 FILTER_EPS_DIVISOR = 32
+# Share of filtered tiles from which a caller that counts them (DamaTrainer) has the Triton backward skip them rather
+# than run cuBLAS's dense products. Not yet measured: bench/kept_products.py times both at several shares on a GPU.
+KEPT_PRODUCTS_MIN_SHARE = 0.5
 # Tiles of the torch path's filter: the Triton interpreter's blocks, so that the two paths' tiles have one shape there.
 FILTER_TILE_ROWS, FILTER_TILE_COLS = 64, 128
 
@@ -75,6 +78,12 @@ class FilteredTiles:
         else:
             self._flag_sums.append(skipped.sum(dtype=torch.int64))
         self.total += total
+
+    def reset(self) -> None:
+        """Start counting afresh (a new window)."""
+        self._flag_sums.clear()
+        self._counted = 0
+        self.total = 0
 
     @property
     def skipped(self) -> int:

@@ -7,21 +7,23 @@ What: with upstream gradient g (0 on ignored rows) and the forward's normaliser 
 Strategy: the rows are cut into chunks of C rows (`backward_chunk_rows`). For each chunk a Triton kernel recomputes the
 logit tiles (a GEMM over the hidden size, `logit_tile`), applies the softmax gradient in fp32 in registers and stores
 d_logits once, in the input dtype, into a (C, V) buffer; the fp32 logits never reach memory. The two gradient products
-then read that buffer: d_hidden[chunk] = d_logits @ W, and d_weight (+)= d_logits^T @ h[chunk]. Without filtering they
-are cuBLAS calls on the 16-bit operands with fp32 accumulation. Either way every heavy product runs on tensor cores
+then read that buffer: d_hidden[chunk] = d_logits @ W, and d_weight (+)= d_logits^T @ h[chunk]. Unless they skip
+filtered tiles they are cuBLAS calls on the 16-bit operands with fp32 accumulation. Either way every heavy product runs
+on tensor cores
 and every output element has a single writer: no atomics, and the gradients do not depend on scheduling. d_bias is the
 fp32 column sum of the stored d_logits.
 
 Gradient filtering (`filter_eps` > 0, the FILTER variant of the kernel; dama_kernels.grad_filter): a program whose tile
 has every |onehot - softmax| of its rows with a gradient below filter_eps stores zeros and flags the tile in a small
-(row blocks, vocabulary blocks) int32 map. The two products are then Triton kernels that multiply only the tiles the
-map kept (dama_kernels.linear_logprob_kept_tiles), so their work shrinks with the share filtered; the counter of
-grad_filter reads the map when asked.
+(row blocks, vocabulary blocks) int32 map, which the counter of grad_filter reads when asked. With `skip_filtered`
+(the default) the columns hold the words in order of mean logit (grad_filter.vocabulary_order) and the two products
+are Triton kernels that multiply only the tiles the map kept (dama_kernels.linear_logprob_kept_tiles), so their work
+shrinks with the share filtered; without it the products stay dense, which is faster when few tiles are filtered.
 
-FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS; with filtering,
-times the share of tiles kept). What the split costs in memory traffic: d_logits (N x V over all chunks, in the input
-dtype) is written once and read by each product (only its kept tiles, with filtering), and d_weight is read and
-written once per chunk after the first.
+FLOPs: 2 N H V to recompute the logits (Triton) plus 2 N H V for each of d_hidden and d_weight (cuBLAS; when skipping
+filtered tiles, times the share kept). What the split costs in memory traffic: d_logits (N x V over all chunks, in
+the input dtype) is written once and read by each product (only its kept tiles when skipping), and d_weight is read
+and written once per chunk after the first.
 
 Numerics: d_logits is rounded to the input dtype before its two matmuls, as autograd through a 16-bit lm_head does (fp16
 then relies on loss scaling to keep tiny probabilities from underflowing; fp32 inputs keep fp32 d_logits); both products
@@ -361,6 +363,7 @@ def linear_logprob_bwd_triton(
     needs_grad: tuple[bool, bool, bool],
     chunk_rows: int | None = None,
     filter_eps: float = 0.0,
+    skip_filtered: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad_token_logps * token_logps) w.r.t. hidden, weight and bias, chunk by chunk.
 
@@ -368,7 +371,9 @@ def linear_logprob_bwd_triton(
     None, max_logit (N,) and log_norm (N,) fp32 from the forward.
     `needs_grad` says which of (hidden, weight, bias) want a gradient; the others come back as None.
     `chunk_rows` overrides backward_chunk_rows (tests and benchmarks). `filter_eps` > 0 filters d_logits tiles
-    (dama_kernels.grad_filter); 0 computes every tile exactly.
+    (dama_kernels.grad_filter); 0 computes every tile exactly. With filtering, `skip_filtered` puts the words in order
+    of mean logit and multiplies only the kept tiles (linear_logprob_kept_tiles); False keeps the vocabulary's order
+    and the dense products.
     Returns (d_hidden (N, H), d_weight (V, H), d_bias (V,)) in the dtypes of their inputs.
     """
     need_hidden, need_weight, need_bias = needs_grad
@@ -380,7 +385,9 @@ def linear_logprob_bwd_triton(
     # cuBLAS takes 16-bit operands with fp32 results; the CPU (the interpreter's home) has no such matmul, so there the
     # dense products' operands are upcast, the weight once per call (the filtered products upcast their tiles).
     native = hidden.is_cuda or hidden.dtype == torch.float32
-    weight_operand = weight if native or filter_eps > 0 else weight.float()  # (V, H)
+    filtering = filter_eps > 0
+    skipping = filtering and skip_filtered
+    weight_operand = weight if native or skipping else weight.float()  # (V, H)
     num_chunks = triton.cdiv(num_tokens, chunk_rows)
     # d_weight is written in the weight's dtype, without a (V, H) fp32 buffer, where that costs at most
     # MAX_ROUNDED_CHUNKS roundings of a sum formed in fp32: a single chunk's product is rounded once, as the fp32
@@ -389,14 +396,14 @@ def linear_logprob_bwd_triton(
 
     buffer_rows = min(chunk_rows, num_tokens)
     buffer = torch.empty((buffer_rows, vocab_size), dtype=hidden.dtype, device=hidden.device)
-    filtering = filter_eps > 0
     if filtering:
         tile_skipped = torch.empty(d_logits_grid(buffer_rows, vocab_size, blocks), dtype=torch.int32,
                                    device=hidden.device)
-        vocab_order = vocabulary_order(hidden, weight, bias)  # d_logits columns hold the words in this order
+    # d_logits columns hold the words in this order (None: the vocabulary's)
+    vocab_order = vocabulary_order(hidden, weight, bias) if skipping else None
     map_tile = (blocks.block_n, blocks.block_v)
     kept_blocks = {product: device_kept_blocks(product, hidden.device, hidden.dtype, map_tile)
-                   for product in ("d_hidden", "d_weight")} if filtering else {}
+                   for product in ("d_hidden", "d_weight")} if skipping else {}
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_weight = None  # created by the first chunk's product
     d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_bias else None
@@ -418,7 +425,7 @@ def linear_logprob_bwd_triton(
                 accumulate = False
             else:
                 accumulate = True
-            if filtering:  # only the tiles kept by the filter are multiplied
+            if skipping:  # only the tiles kept by the filter are multiplied
                 kept_cols, kept_col_count, kept_rows, kept_row_count = kept_tiles(chunk_skipped)
                 if need_hidden:
                     d_hidden_kept_launch(d_hidden[rows], d_logits, weight, kept_cols, kept_col_count, map_tile,
@@ -431,7 +438,7 @@ def linear_logprob_bwd_triton(
                                 d_weight if need_weight else None, accumulate, native)
             if need_bias:
                 column_sums = d_logits.sum(dim=0, dtype=torch.float32)  # (V,), in d_logits' column order
-                if filtering:
+                if skipping:
                     d_bias.index_add_(0, vocab_order, column_sums)
                 else:
                     d_bias += column_sums

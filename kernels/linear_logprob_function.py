@@ -15,12 +15,14 @@ from .linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_t
 @dataclass(frozen=True)
 class LinearLogprobParams:
     """Non-tensor arguments. impl is "triton" or "torch" (already resolved); chunk_size is for the torch path;
-    filter_eps is the backward's gradient-filter threshold (dama_kernels.grad_filter, 0: exact)."""
+    filter_eps is the backward's gradient-filter threshold (dama_kernels.grad_filter, 0: exact); skip_filtered lets
+    the Triton backward's products skip the filtered tiles."""
 
     ignore_index: int
     impl: str
     chunk_size: int
     filter_eps: float = 0.0
+    skip_filtered: bool = True
 
 
 class LinearLogprobFunction(torch.autograd.Function):
@@ -61,6 +63,7 @@ class LinearLogprobFunction(torch.autograd.Function):
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_triton(
                     grad_token_logps, hidden, weight, labels, bias, max_logit, log_norm, params.ignore_index,
                     device_blocks("backward", hidden.device, hidden.dtype), needs_grad, None, params.filter_eps,
+                    params.skip_filtered,
                 )
             else:
                 d_hidden, d_weight, d_bias = linear_logprob_bwd_torch(

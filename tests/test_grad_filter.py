@@ -31,6 +31,9 @@ from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_l
 from dama_kernels.reference import reference_filtered_grads
 
 IMPLS = ["triton", "torch"]
+# The backwards compared with the reference: Triton skipping filtered tiles (words in order of mean logit), Triton
+# with dense products (the vocabulary's order), and the torch path.
+PATHS = ["triton", "triton_dense", "torch"]
 # Both paths filter tiles of the same shape here, so one reference (given each path's word order) serves both.
 TILE_ROWS, TILE_COLS = INTERPRETER_BLOCKS.block_n, INTERPRETER_BLOCKS.block_v
 # 150 rows = 3 row tiles (the last short) over 2 chunks of 128 rows; 300 columns = 3 vocabulary tiles (the last short).
@@ -42,16 +45,17 @@ def test_both_paths_use_tiles_of_one_shape():
     assert CHUNK_ROWS % TILE_ROWS == 0  # chunks start on a tile boundary: the reference's tiles from (0, 0) hold
 
 
-def filtered_backward(impl, inputs, grad_out, filter_eps, ignore_index=-100):
+def filtered_backward(path, inputs, grad_out, filter_eps, ignore_index=-100):
     """(d_hidden, d_weight, d_bias) of our backward with `filter_eps`, and the tiles it filtered / computed."""
     hidden, weight, bias, labels = inputs.hidden, inputs.weight, inputs.bias, inputs.labels
     with count_filtered_tiles() as tiles, poisoned_allocations():
-        if impl == "triton":
+        if path.startswith("triton"):
             _, max_logit, log_norm = linear_logprob_fwd_triton(hidden, weight, labels, bias, ignore_index,
                                                                INTERPRETER_BLOCKS)
             grads = linear_logprob_bwd_triton(grad_out, hidden, weight, labels, bias, max_logit, log_norm,
                                               ignore_index, INTERPRETER_BLOCKS, (True, True, True),
-                                              chunk_rows=CHUNK_ROWS, filter_eps=filter_eps)
+                                              chunk_rows=CHUNK_ROWS, filter_eps=filter_eps,
+                                              skip_filtered=path == "triton")
         else:
             _, max_logit, log_norm = linear_logprob_fwd_torch(hidden, weight, labels, bias, ignore_index, CHUNK_ROWS)
             grads = linear_logprob_bwd_torch(grad_out, hidden, weight, labels, bias, max_logit, log_norm,
@@ -77,14 +81,18 @@ def make_inputs(dtype, device, peaked=False, ignored_fraction=0.25, peak_bias=PE
                           for t in (inputs.hidden, inputs.weight, inputs.bias, inputs.labels)))
 
 
-def check_against_reference(impl, dtype, peaked, filter_eps, device):
+def word_order(path, inputs):
+    """The words of the d_logits columns of `path`: in order of mean logit when skipping, else the vocabulary's."""
+    return vocabulary_order(inputs.hidden, inputs.weight, inputs.bias) if path == "triton" else None
+
+
+def check_against_reference(path, dtype, peaked, filter_eps, device):
     """Our filtered gradients against the float64 filtered reference (fp32 reference as the baseline); returns the
     number of filtered tiles (ours and the reference must agree on it) and our gradients."""
     inputs = make_inputs(dtype, device, peaked)
     grad_out = torch.randn(NUM_TOKENS, device=device)
-    grads, skipped, total = filtered_backward(impl, inputs, grad_out, filter_eps)
-    # The Triton path's tiles hold the words in order of mean logit; the torch path's in the vocabulary's order.
-    order = vocabulary_order(inputs.hidden, inputs.weight, inputs.bias) if impl == "triton" else None
+    grads, skipped, total = filtered_backward(path, inputs, grad_out, filter_eps)
+    order = word_order(path, inputs)
     reference = [reference_filtered_grads(inputs.hidden, inputs.weight, inputs.labels, inputs.bias, grad_out,
                                           filter_eps, TILE_ROWS, TILE_COLS, compute_dtype=compute_dtype,
                                           vocab_order=order)
@@ -98,38 +106,35 @@ def check_against_reference(impl, dtype, peaked, filter_eps, device):
     return skipped, grads
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("filter_eps", [0.0, 2**-12])
-def test_no_tile_filtered(impl, dtype, filter_eps, device):
+def test_no_tile_filtered(path, dtype, filter_eps, device):
     """Unit-spread logits over 300 words: every tile holds probabilities far above 2^-12, so nothing is filtered and
     the gradients are the exact ones."""
-    skipped, _ = check_against_reference(impl, dtype, False, filter_eps, device)
+    skipped, _ = check_against_reference(path, dtype, False, filter_eps, device)
     assert skipped == 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_tile_filtered(impl, dtype, device):
+def test_every_tile_filtered(path, dtype, device):
     """|onehot - softmax| <= 1 < 2: every tile is filtered and every gradient is exactly zero."""
-    skipped, grads = check_against_reference(impl, dtype, False, 2.0, device)
+    skipped, grads = check_against_reference(path, dtype, False, 2.0, device)
     assert skipped == 9
     assert all(bool((grad == 0).all()) for grad in grads)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_some_tiles_filtered(impl, dtype, device):
+def test_some_tiles_filtered(path, dtype, device):
     """Peaked softmax: the first vocabulary tile of each row tile is kept (it holds the labels), the others filtered."""
-    skipped, _ = check_against_reference(impl, dtype, True, 2**-12, device)
+    skipped, _ = check_against_reference(path, dtype, True, 2**-12, device)
     assert skipped == 6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_path_gathers_likely_words_into_the_first_tiles(dtype, device):
-    """The peak's 128 words spread over the vocabulary (one in every few): in the vocabulary's order every tile holds
-    some of them and none is filtered (the torch path); in order of mean logit they fill the first tile, and the
-    Triton path filters the other two of each row tile."""
+def scattered_peak_inputs(dtype, device):
+    """make_inputs' peak on 128 words spread over the vocabulary, every supervised label among them."""
     inputs = make_inputs(torch.float32, device)
     peak = torch.randperm(VOCAB_SIZE, device=device)[:TILE_COLS]
     inputs.bias[peak] += PEAK_BIAS
@@ -137,20 +142,43 @@ def test_triton_path_gathers_likely_words_into_the_first_tiles(dtype, device):
     inputs.labels[supervised] = peak[inputs.labels[supervised] % TILE_COLS]
     inputs = type(inputs)(*(None if t is None else t.to(dtype) if t.is_floating_point() else t
                             for t in (inputs.hidden, inputs.weight, inputs.bias, inputs.labels)))
+    return inputs, peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_path_gathers_likely_words_into_the_first_tiles(dtype, device):
+    """The peak's 128 words spread over the vocabulary (one in every few): in the vocabulary's order every tile holds
+    some of them and none is filtered (the torch path, and Triton's dense products); in order of mean logit they fill
+    the first tile, and the Triton path that skips filtered tiles filters the other two of each row tile."""
+    inputs, peak = scattered_peak_inputs(dtype, device)
     grad_out = torch.randn(NUM_TOKENS, device=device)
     order = vocabulary_order(inputs.hidden, inputs.weight, inputs.bias)
     assert set(order[:TILE_COLS].tolist()) == set(peak.tolist())
-    for impl, expected in (("torch", 0), ("triton", 6)):
-        grads, skipped, _ = filtered_backward(impl, inputs, grad_out, 2**-12)
-        assert skipped == expected, impl
+    for path, expected in (("torch", 0), ("triton_dense", 0), ("triton", 6)):
+        grads, skipped, _ = filtered_backward(path, inputs, grad_out, 2**-12)
+        assert skipped == expected, path
         *gold, _ = reference_filtered_grads(inputs.hidden, inputs.weight, inputs.labels, inputs.bias, grad_out, 2**-12,
-                                            TILE_ROWS, TILE_COLS, vocab_order=order if impl == "triton" else None)
+                                            TILE_ROWS, TILE_COLS, vocab_order=word_order(path, inputs))
         *base, _ = reference_filtered_grads(inputs.hidden, inputs.weight, inputs.labels, inputs.bias, grad_out, 2**-12,
                                             TILE_ROWS, TILE_COLS, compute_dtype=torch.float32,
-                                            vocab_order=order if impl == "triton" else None)
-        require([compare_to_gold(grad, gold_grad, base_grad.to(dtype), TOLERANCES[dtype].grad, f"{impl} {name}")
+                                            vocab_order=word_order(path, inputs))
+        require([compare_to_gold(grad, gold_grad, base_grad.to(dtype), TOLERANCES[dtype].grad, f"{path} {name}")
                  for name, grad, gold_grad, base_grad in zip(("d_hidden", "d_weight", "d_bias"), grads, gold, base,
                                                              strict=True)])
+
+
+@pytest.mark.parametrize("skip_filtered_tiles", [True, False])
+def test_public_api_passes_skip_filtered_tiles_to_the_backward(skip_filtered_tiles, device):
+    """Only the supervised rows are scored: 2 of the 3 vocabulary tiles of each of their row tiles are filtered when
+    the words come in order of mean logit, none in the vocabulary's order."""
+    inputs, _ = scattered_peak_inputs(torch.bfloat16, device)
+    weight = inputs.weight.detach().requires_grad_(True)
+    with count_filtered_tiles() as tiles:
+        logps = dama_kernels.token_logps(inputs.hidden, weight, inputs.labels, bias=inputs.bias, impl="triton",
+                                         skip_filtered_tiles=skip_filtered_tiles)
+        logps.sum().backward()
+    row_tiles = -(-int((inputs.labels != -100).sum()) // TILE_ROWS)
+    assert tiles.skipped == (2 * row_tiles if skip_filtered_tiles else 0)
 
 
 def test_filtering_moves_the_gradient_beyond_fp32_tolerance(device):
@@ -171,9 +199,9 @@ def test_ignored_rows_do_not_keep_a_tile(device):
     inputs = make_inputs(torch.float32, device, ignored_fraction=0.0)
     inputs.labels[:TILE_ROWS] = -100  # the first row tiles' rows all ignored
     grad_out = torch.randn(NUM_TOKENS, device=device)
-    for impl in IMPLS:
-        (d_hidden, *_), skipped, _ = filtered_backward(impl, inputs, grad_out, 2**-12)
-        assert skipped == 3, impl  # the three tiles of the ignored rows, none other
+    for path in PATHS:
+        (d_hidden, *_), skipped, _ = filtered_backward(path, inputs, grad_out, 2**-12)
+        assert skipped == 3, path  # the three tiles of the ignored rows, none other
         assert bool((d_hidden[:TILE_ROWS] == 0).all())
 
 

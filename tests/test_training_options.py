@@ -20,7 +20,6 @@ from dama.method.config import DamaMethodConfig
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import COMPLETE_MARKER
 from dama.training.train import build_trainer
-from dama_kernels.grad_filter import count_filtered_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,18 +126,20 @@ def test_the_recipe_does_not_clip_gradients_and_saves_once_per_epoch(tmp_path):
 
 def test_grad_filter_eps_reaches_the_fused_head(tiny_setup, tmp_path):
     """eps 2 filters every d_logits tile (|onehot - softmax| <= 1): the loss sends no gradient back through the head,
-    so a step leaves the model as it was; the default (fp32: exact) moves it."""
+    so the steps leave the model as it was, and after the first log the head skips filtered tiles; the default (fp32:
+    exact) filters none, moves the model and keeps the dense products."""
     root, paths = tiny_setup
-    moved = {}
     for eps in ("2.0", None):
         extra = ["--grad_filter_eps", eps] if eps else []
-        trainer = build_trainer(make_args(root, paths, tmp_path / str(eps), "--max_steps", "1",
+        trainer = build_trainer(make_args(root, paths, tmp_path / str(eps), "--max_steps", "2",
                                           "--save_strategy", "no", *extra))
-        assert trainer.model.head.grad_filter_eps == (float(eps) if eps else None)
+        head = trainer.model.head
+        assert (head.grad_filter_eps, head.skip_filtered_tiles) == (float(eps) if eps else None, False)
         before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-        with count_filtered_tiles() as tiles:
-            trainer.train()
-        assert tiles.total > 0 and (tiles.skipped == tiles.total) == (eps is not None)
-        moved[eps] = any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters()
-                         if name in before)
-    assert moved == {"2.0": False, None: True}
+        trainer.train()
+        moved = any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters()
+                    if name in before)
+        shares = [e["head/filtered_tile_share"] for e in trainer.state.log_history if "head/filtered_tile_share" in e]
+        assert moved == (eps is None)
+        assert shares == ([1.0, 1.0] if eps else [0.0, 0.0])
+        assert head.skip_filtered_tiles == (eps is not None)

@@ -28,7 +28,8 @@ class SequenceLogpsHead(nn.Module):
 
     Shares the Parameters of `lm_head` (no copy). forward(hidden (M, H), target_ids (M,), seq_ids (M,), num_seqs)
     -> (S,) fp32. grad_filter_eps: the backward's gradient filter (dama_kernels.grad_filter; None: the dtype's
-    default, 0: off).
+    default, 0: off). skip_filtered_tiles: whether the Triton backward's products skip the filtered tiles or stay
+    dense (cuBLAS); off until a caller that counts the filtered tiles (DamaTrainer) finds enough of them.
     """
 
     def __init__(self, lm_head: nn.Linear, impl: str = "auto", grad_filter_eps: float | None = None) -> None:
@@ -37,13 +38,14 @@ class SequenceLogpsHead(nn.Module):
         self.bias = lm_head.bias
         self.impl = impl
         self.grad_filter_eps = grad_filter_eps
+        self.skip_filtered_tiles = False
 
     def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor, seq_ids: torch.Tensor,
                 num_seqs: int) -> torch.Tensor:
         # The rows are the supervised ones already: no search for ignored labels (a host sync on a GPU).
         return dama_kernels.sequence_logps(hidden, self.weight, target_ids, seq_ids, num_seqs, bias=self.bias,
                                            impl=self.impl, grad_filter_eps=self.grad_filter_eps,
-                                           gather_supervised=False)
+                                           gather_supervised=False, skip_filtered_tiles=self.skip_filtered_tiles)
 
     def token_logps(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (M,) fp32 of the same head, for passes that store them (reference precompute)."""

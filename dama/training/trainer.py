@@ -4,6 +4,10 @@ compute_loss: DamaPolicy(batch) -> policy log-probs (S,) -> chosen/rejected -> D
 log-probs from the batch, or from a frozen reference policy when reference="online"). What it adds to the Trainer:
 - the DAMA metrics (TRL's names plus dama/*), averaged over each logging window;
 - checkpoints that count only once complete, with the DamaLoss state (dama.training.checkpointing);
+- the fused head's gradient filter watched: the share of d_logits tiles it filtered is logged per window
+  (head/filtered_tile_share), and the next window's backward skips the filtered tiles in its gradient products when
+  that share reaches dama_kernels.grad_filter.KEPT_PRODUCTS_MIN_SHARE, else runs them dense (the share is read at
+  logging, where the Trainer reads the loss anyway; a resumed run starts dense until its first log);
 - non-finite guard: a micro-batch whose policy log-probs are not finite (on any rank) is skipped before backward and
   counted (dama/nonfinite_steps); max_nonfinite_steps in a row stop the run with NonFiniteLossError.
   Under DeepSpeed a skipped micro-batch also shifts the gradient-accumulation boundary by one micro-batch.
@@ -27,6 +31,7 @@ from dama.data.collator import TokenBudgetBatchSampler, layout_pair_lengths
 from dama.method.distributed import all_reduce_sum
 from dama.method.loss import DamaLoss
 from dama.model.policy import DamaPolicy
+from dama_kernels.grad_filter import KEPT_PRODUCTS_MIN_SHARE, FilteredTiles, count_filtered_tiles
 
 from .checkpointing import CheckpointCompletion, newest_checkpoint, restore_dama_state, save_policy_folder
 from .private_overrides import PolicyWeightLoading
@@ -73,6 +78,7 @@ class DamaTrainer(PolicyWeightLoading, Trainer):
         self.skip_reports: dict[str, Any] = {}
         self._window_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
+        self._head_tiles: FilteredTiles | None = None  # counting while train() runs
         self.add_callback(CheckpointCompletion(self))
         if self.args.ema_update == "optimizer_step":
             self.add_callback(_EndOptimizerStep(self.dama_loss))
@@ -191,8 +197,19 @@ class DamaTrainer(PolicyWeightLoading, Trainer):
         logs.update({f"{prefix}{name}": sum(values) / len(values) for name, values in window.items() if values})
         if mode == "train":
             logs["dama/nonfinite_steps"] = float(self.nonfinite_steps)
+            self._watch_head_filter(logs)
         window.clear()
         super().log(logs, start_time)
+
+    def _watch_head_filter(self, logs: dict[str, float]) -> None:
+        """Logs the window's share of filtered d_logits tiles and picks the next window's gradient products."""
+        tiles = self._head_tiles
+        if tiles is None or not tiles.total:
+            return
+        share = tiles.skipped_share
+        logs["head/filtered_tile_share"] = share
+        self.model.head.skip_filtered_tiles = share >= KEPT_PRODUCTS_MIN_SHARE
+        tiles.reset()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The LLaVA inside the policy as a loadable save_pretrained folder (with LoRA: the adapter folder), the
@@ -210,4 +227,8 @@ class DamaTrainer(PolicyWeightLoading, Trainer):
         if resume_from_checkpoint:
             self.nonfinite_steps = restore_dama_state(resume_from_checkpoint, self.dama_loss)
             resume_from_checkpoint = str(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        with count_filtered_tiles() as self._head_tiles:
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            finally:
+                self._head_tiles = None
