@@ -1,4 +1,4 @@
-"""One prepared check of the whole project on one GPU, within 9 1/2 minutes on an H100 or H200 (bench/gpu_check.sh).
+"""One prepared check of the whole project on one GPU, within 9 3/4 minutes on an H100 or H200 (bench/gpu_check.sh).
 
 Runs, in order, each in its own process with its share of the time budget:
   1. `dama selftest`: the kernels' values and gradients against float64 references on this GPU;
@@ -9,7 +9,10 @@ Runs, in order, each in its own process with its share of the time budget:
      comparable with earlier runs);
   4. the same with `--logits peaked` (loss_head_peaked_<gpu>.json), liger aside: inputs whose softmax is like a
      trained head's, on which the share of d_logits tiles that the backward's gradient filtering drops is measured;
-  5. `python -m bench.end_to_end` at LLaVA-1.5-7B's width (hidden 4096, MLP 11008, 32 heads, V 32064, 576 image
+  5. `python -m bench.kept_products`: one chunk of the filtered backward's two gradient products, cuBLAS's dense
+     matmuls against the Triton products over the kept d_logits tiles at kept shares 1.0 down to 0.1, giving the
+     share below which the Triton ones are faster (kept_products_<gpu>.json); alternative blocks while time is left;
+  6. `python -m bench.end_to_end` at LLaVA-1.5-7B's width (hidden 4096, MLP 11008, 32 heads, V 32064, 576 image
      tokens, bf16, 4 pairs per step) with 8 decoder layers: dama_prefix_shared, dama (packed), padded_full_logits,
      dama_dpo and trl_dpo, reporting pairs/s, tokens/s, peak CUDA memory and model FLOP utilisation against the bf16
      matmul peak measured in the same run.
@@ -39,7 +42,7 @@ from .end_to_end_report import format_table, format_targets
 from .environment import REPO_ROOT, git_state
 
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "bench" / "results"
-BUDGET_S = 550
+BUDGET_S = 585
 # LLaVA-1.5-7B's width (hidden 4096, head dim 128: 32 heads; MLP 11008 follows from the hidden size), 8 layers.
 END_TO_END_GPU = ["--device", "cuda", "--dtype", "bf16", "--hidden-size", "4096", "--head-dim", "128",
                   "--vocab-size", "32064", "--layers", "8", "--pairs", "4", "--rounds", "1"]
@@ -89,6 +92,11 @@ def plan(args: argparse.Namespace, gpu: str) -> list[Step]:
                                   "--providers", "naive", "dama", "dama_exact",
                                   "--output", str(out / f"loss_head_peaked_{gpu}.json")], 75,
              out / f"loss_head_peaked_{gpu}.json"),
+        # Alternative blocks are started only within 20 s of torch being imported (each takes about 3 s: two
+        # compiles and ten timings), so that the run ends within its share; what it measured is on file after every
+        # stage.
+        Step("kept_products", [python, "-m", "bench.kept_products", "--time-limit-s", "20", "--output",
+                               str(out / f"kept_products_{gpu}.json")], 35, out / f"kept_products_{gpu}.json"),
         Step("end_to_end", [python, "-m", "bench.end_to_end", *END_TO_END_GPU, "--warmup", "2", "--steps",
                             str(args.steps), "--output", str(out / f"end_to_end_{gpu}.json")], 210,
              out / f"end_to_end_{gpu}.json"),
@@ -100,6 +108,7 @@ DRY_RUN_SKIPS = {
     "attention_tests": "dry run: the attention kernels' tests need CUDA (make test runs their CPU parts)",
     "loss_head": "dry run: --shapes 4096 is sized for a GPU",
     "loss_head_peaked": "dry run: --shapes 4096 is sized for a GPU",
+    "kept_products": "dry run: a chunk of LLaVA-1.5-7B's head is sized for a GPU (make test runs its --dry-run)",
 }
 
 

@@ -30,8 +30,9 @@ def test_arguments_and_names() -> None:
 
 def test_gpu_plan_fits_the_budget_at_llava_7b_width(tmp_path) -> None:
     steps = plan(parse_args(["--output-dir", str(tmp_path)]), "h200")
-    assert [s.name for s in steps] == ["selftest", "attention_tests", "loss_head", "loss_head_peaked", "end_to_end"]
-    assert sum(s.timeout_s for s in steps) <= BUDGET_S == 550
+    assert [s.name for s in steps] == ["selftest", "attention_tests", "loss_head", "loss_head_peaked", "kept_products",
+                                       "end_to_end"]
+    assert sum(s.timeout_s for s in steps) <= BUDGET_S == 585
     end_to_end = " ".join(steps[-1].command)
     for flags in ("--device cuda --dtype bf16 --hidden-size 4096 --head-dim 128 --vocab-size 32064 --layers 8",
                   "--pairs 4", f"--output {tmp_path / 'end_to_end_h200.json'}"):
@@ -50,6 +51,14 @@ def test_gpu_plan_runs_the_loss_head_again_on_peaked_logits(tmp_path) -> None:
     assert peaked.records == records != flat.records
 
 
+def test_gpu_plan_times_the_kept_tile_products_within_their_share(tmp_path) -> None:
+    steps = {s.name: s for s in plan(parse_args(["--output-dir", str(tmp_path)]), "h200")}
+    kept = steps["kept_products"]
+    records = tmp_path / "kept_products_h200.json"
+    assert " ".join(kept.command).endswith(f"-m bench.kept_products --time-limit-s 20 --output {records}")
+    assert kept.records == records and kept.timeout_s >= 35
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_refuses_to_run_without_a_gpu(tmp_path, capsys) -> None:
     assert main(["--output-dir", str(tmp_path)]) == 1
@@ -66,7 +75,7 @@ def test_dry_run_writes_records_and_names_what_it_skipped(tmp_path) -> None:
     assert summary["dry_run"] is True
     assert {s["name"]: s["status"] for s in summary["steps"]} == {
         "selftest": "skipped", "attention_tests": "skipped", "loss_head": "skipped", "loss_head_peaked": "skipped",
-        "end_to_end": "ok"}
+        "kept_products": "skipped", "end_to_end": "ok"}
     records = {r["provider"]: r for r in json.loads((tmp_path / "end_to_end_cpu-dry-run.json").read_text())}
     assert records["dama_prefix_shared"]["status"] == "ok" and records["dama_prefix_shared"]["tokens_per_s"] > 0
     if trl_missing_reason() is None:
