@@ -1,12 +1,12 @@
 """At what share of kept d_logits tiles do the filtered backward's Triton products beat cuBLAS's dense ones?
 
 The decision it informs: with gradient filtering (filter_eps > 0, the default for 16-bit inputs), the fused head's
-backward multiplies only the d_logits tiles the filter kept, with two Triton kernels
-(dama_kernels.linear_logprob_kept_tiles); without it, with two dense cuBLAS matmuls. Zero tiles cost cuBLAS as much
-as any other, so the Triton products win once enough tiles are filtered, but lose where nearly every tile is kept,
-as on the flat and peaked inputs of bench/loss_head.py. Whether filtering's kept-tile products should stay the default
-for 16-bit inputs, or the dense cuBLAS products (with a switch to the kept-tile ones above some filtered share),
-depends on that crossover, which nobody has measured on a GPU.
+backward can multiply only the d_logits tiles the filter kept, with two Triton kernels
+(dama_kernels.linear_logprob_kept_tiles), or run the two dense cuBLAS matmuls, which cost as much for a zero tile as
+for any other. The Triton products win once enough tiles are filtered and lose where nearly every tile is kept, as on
+the flat and peaked inputs of bench/loss_head.py. DamaTrainer counts the filtered tiles of each logging window and
+has the next window skip them from dama_kernels.grad_filter.KEPT_PRODUCTS_MIN_SHARE on (set to 0.5 without a
+measurement); the crossover measured here is the value it should take.
 
 What is measured, on one chunk of LLaVA-1.5-7B's head (C = backward_chunk_rows(V, dtype) rows, 2048 for bf16;
 H 4096, V 32064): for each kept share s (--shares), a random tile map over the d_logits kernel's tiles on this GPU
