@@ -17,6 +17,7 @@ from transformers import LlavaForConditionalGeneration
 from dama.demo.data import demo_corpus, make_demo_data
 from dama.demo.tiny_llava import build_tiny_llava
 from dama.method.config import DamaMethodConfig
+from dama.model import policy as policy_module
 from dama.training.arguments import parse_training_arguments
 from dama.training.checkpointing import COMPLETE_MARKER
 from dama.training.train import build_trainer
@@ -143,3 +144,13 @@ def test_grad_filter_eps_reaches_the_fused_head(tiny_setup, tmp_path):
         assert moved == (eps is None)
         assert shares == ([1.0, 1.0] if eps else [0.0, 0.0])
         assert head.skip_filtered_tiles == (eps is not None)
+
+
+def test_the_heads_filter_settings_reach_the_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(policy_module.dama_kernels, "sequence_logps", lambda *args, **kwargs: calls.append(kwargs))
+    head = policy_module.SequenceLogpsHead(torch.nn.Linear(8, 20, bias=False), "torch", grad_filter_eps=2**-12)
+    for skip in (False, True):
+        head.skip_filtered_tiles = skip
+        head(torch.randn(5, 8), torch.randint(0, 20, (5,)), torch.zeros(5, dtype=torch.long), 1)
+    assert [(c["grad_filter_eps"], c["skip_filtered_tiles"]) for c in calls] == [(2**-12, False), (2**-12, True)]
