@@ -9,9 +9,8 @@ logit tiles (a GEMM over the hidden size, `logit_tile`), applies the softmax gra
 d_logits once, in the input dtype, into a (C, V) buffer; the fp32 logits never reach memory. The two gradient products
 then read that buffer: d_hidden[chunk] = d_logits @ W, and d_weight (+)= d_logits^T @ h[chunk]. Unless they skip
 filtered tiles they are cuBLAS calls on the 16-bit operands with fp32 accumulation. Either way every heavy product runs
-on tensor cores
-and every output element has a single writer: no atomics, and the gradients do not depend on scheduling. d_bias is the
-fp32 column sum of the stored d_logits.
+on tensor cores and every output element has a single writer: no atomics, and the gradients do not depend on scheduling.
+d_bias is the fp32 column sum of the stored d_logits.
 
 Gradient filtering (`filter_eps` > 0, the FILTER variant of the kernel; dama_kernels.grad_filter): a program whose tile
 has every |onehot - softmax| of its rows with a gradient below filter_eps stores zeros and flags the tile in a small
@@ -270,13 +269,6 @@ def fp32_partial_sums() -> Iterator[None]:
         matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = previous
 
 
-def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as fp32, accumulated in fp32; 16-bit operands (CUDA only) are multiplied as they are."""
-    if a.dtype == torch.float32:
-        return a @ b
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
 @functools.cache
 def _addmm_takes_fp32_addend(device: torch.device) -> bool:
     """Whether this torch's addmm(out_dtype=fp32) adds 16-bit products into an fp32 tensor in place on `device`.
@@ -338,10 +330,9 @@ def _dense_products(
         return
     hidden_operand = hidden if native else hidden.float()  # (C, H)
     if d_weight.dtype == torch.float32 and d_logits.dtype != torch.float32:  # the fp32 accumulator of 16-bit inputs
-        if accumulate:
-            _add_product_fp32(d_weight, d_logits_operand.T, hidden_operand)
-        else:
-            d_weight.copy_(_product_fp32(d_logits_operand.T, hidden_operand))
+        if not accumulate:  # zeroed, not a product copied in: no second (V, H) fp32 tensor
+            d_weight.zero_()
+        _add_product_fp32(d_weight, d_logits_operand.T, hidden_operand)
     elif accumulate:
         _add_product_rounded(d_weight, d_logits_operand.T, hidden_operand)
     elif native:  # in the weight's dtype, accumulated in fp32 by cuBLAS
