@@ -6,7 +6,7 @@ backward can multiply only the d_logits tiles the filter kept, with two Triton k
 for any other. The Triton products win once enough tiles are filtered and lose where nearly every tile is kept, as on
 the flat and peaked inputs of bench/loss_head.py. DamaTrainer counts the filtered tiles of each logging window and
 has the next window skip them from dama_kernels.grad_filter.KEPT_PRODUCTS_MIN_SHARE on (set to 0.5 without a
-measurement); the crossover measured here is the value it should take.
+measurement); one minus the crossover kept share measured here is the value it should take.
 
 What is measured, on one chunk of LLaVA-1.5-7B's head (C = backward_chunk_rows(V, dtype) rows, 2048 for bf16;
 H 4096, V 32064): for each kept share s (--shares), a random tile map over the d_logits kernel's tiles on this GPU
