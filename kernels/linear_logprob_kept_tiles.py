@@ -199,6 +199,28 @@ def check_kept_blocks(blocks: KeptProductBlocks, map_rows: int, map_cols: int, p
         )
 
 
+def _shared_meta(
+    product: str,
+    d_logits: torch.Tensor,
+    map_tile: tuple[int, int],
+    blocks: KeptProductBlocks,
+    vocab_order: torch.Tensor | None,
+) -> dict:
+    """The constexprs both products take, once `blocks` are checked against the map's tiles."""
+    check_kept_blocks(blocks, *map_tile, product)
+    upcast, precision = dot_settings(d_logits.dtype)
+    return dict(
+        MAP_ROWS=map_tile[0],
+        MAP_COLS=map_tile[1],
+        SORTED_VOCAB=vocab_order is not None,
+        UPCAST_DOT=upcast,
+        INPUT_PRECISION=precision,
+        BLOCK_OUT=blocks.block_out,
+        BLOCK_HIDDEN=blocks.block_hidden,
+        BLOCK_K=blocks.block_k,
+    )
+
+
 def d_hidden_kept_launch(
     d_hidden: torch.Tensor,
     d_logits: torch.Tensor,
@@ -215,9 +237,7 @@ def d_hidden_kept_launch(
     `kept_tiles` of the map of (map_tile[0] rows x map_tile[1] columns) tiles. vocab_order (V,) int32, when given,
     is the word of each d_logits column (the weight row it multiplies).
     """
-    check_kept_blocks(blocks, *map_tile, "d_hidden")
     num_rows, hidden_size = d_hidden.shape
-    upcast, precision = dot_settings(d_logits.dtype)
     arguments = dict(
         d_logits_ptr=d_logits,
         weight_ptr=weight,
@@ -234,14 +254,7 @@ def d_hidden_kept_launch(
         num_rows=num_rows,
         hidden_size=hidden_size,
         vocab_size=d_logits.shape[1],
-        MAP_ROWS=map_tile[0],
-        MAP_COLS=map_tile[1],
-        SORTED_VOCAB=vocab_order is not None,
-        UPCAST_DOT=upcast,
-        INPUT_PRECISION=precision,
-        BLOCK_OUT=blocks.block_out,
-        BLOCK_HIDDEN=blocks.block_hidden,
-        BLOCK_K=blocks.block_k,
+        **_shared_meta("d_hidden", d_logits, map_tile, blocks, vocab_order),
     )
     return KernelLaunch(
         kernel=_d_hidden_kept_kernel,
@@ -268,9 +281,7 @@ def d_weight_kept_launch(
     d_weight may be 16-bit or fp32 whatever the operands' dtype; kept_rows, kept_row_count from `kept_tiles`;
     vocab_order (V,) int32, when given, is the word of each d_logits column (the d_weight row it writes).
     """
-    check_kept_blocks(blocks, *map_tile, "d_weight")
     vocab_size, hidden_size = d_weight.shape
-    upcast, precision = dot_settings(d_logits.dtype)
     arguments = dict(
         d_logits_ptr=d_logits,
         hidden_ptr=hidden,
@@ -288,14 +299,7 @@ def d_weight_kept_launch(
         hidden_size=hidden_size,
         vocab_size=vocab_size,
         ACCUMULATE=accumulate,
-        MAP_ROWS=map_tile[0],
-        MAP_COLS=map_tile[1],
-        SORTED_VOCAB=vocab_order is not None,
-        UPCAST_DOT=upcast,
-        INPUT_PRECISION=precision,
-        BLOCK_OUT=blocks.block_out,
-        BLOCK_HIDDEN=blocks.block_hidden,
-        BLOCK_K=blocks.block_k,
+        **_shared_meta("d_weight", d_logits, map_tile, blocks, vocab_order),
     )
     return KernelLaunch(
         kernel=_d_weight_kept_kernel,
