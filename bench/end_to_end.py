@@ -87,6 +87,7 @@ from dama.model.loading import configure_trainable
 from dama.model.policy import DamaPolicy
 from dama_kernels.functional import CHUNK_ELEMENTS
 
+from .dtypes import DTYPES
 from .end_to_end_report import MIB, format_table, format_targets, write_chart
 from .environment import REPO_ROOT, git_state
 from .loss_head import matmul_peak_tflops
@@ -103,7 +104,6 @@ DPO = "dama_dpo"
 ALL_PROVIDERS = (*PROVIDERS, DPO, TRL)
 LAYOUT_OF = {"dama_prefix_shared": "prefix_shared", "dama": "packed", BASELINE: "padded", DPO: "prefix_shared",
              TRL: "padded"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Micro-batches of the benchmark's length distribution (the run's own first) that the LLaVA-1.5-7B projection averages.
 PROJECTION_BATCHES = 64
 # Llama's special ids; the image token takes the last id so that the vocabulary stays LLaVA's 32000.

@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import DTYPES
 from .environment import REPO_ROOT, git_state
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SHARES = (1.0, 0.75, 0.5, 0.25, 0.1)
 # LLaVA-1.5-7B's head.
 HIDDEN_SIZE, VOCAB_SIZE = 4096, 32064

@@ -81,12 +81,12 @@ from dama_kernels import dama_sigmoid_loss, sequence_logps
 from dama_kernels.functional import CHUNK_ELEMENTS
 from dama_kernels.grad_filter import count_filtered_tiles, default_filter_eps
 
+from .dtypes import DTYPES
 from .environment import REPO_ROOT, git_state
 from .memory import PeakReading, current_rss_bytes, peak_rss_bytes, track_peak
 
 PROVIDERS = ("naive", "liger", "dama", "dama_exact")
 REGIMES = {"a": {"prefix_len": 0, "response_len": 1024}, "b": {"prefix_len": 576 + 60, "response_len": 150}}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_SETS = {"quick": (256,), "cpu": (256, 1024), "all": (256, 1024, 4096)}
 VOCAB_SIZE = 32000
 NUM_PAIRS = 4

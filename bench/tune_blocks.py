@@ -34,10 +34,10 @@ from dama_kernels.linear_logprob_backward import (
 from dama_kernels.linear_logprob_forward import linear_logprob_fwd_triton
 from dama_kernels.linear_logprob_torch import linear_logprob_bwd_torch, linear_logprob_fwd_torch
 
+from .dtypes import DTYPES
 from .environment import REPO_ROOT, git_state
 
 IGNORE_INDEX = -100
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORWARD_CANDIDATES = [
     LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
     LinearLogprobBlocks(block_n=128, block_v=128, block_h=64, num_warps=4, num_stages=3),
