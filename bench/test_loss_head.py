@@ -28,6 +28,7 @@ from bench.loss_head import (
     add_targets,
     main,
     make_inputs,
+    plan_cases,
     run_case,
     run_isolated,
     softmax_summary,
@@ -267,3 +268,9 @@ def test_cli_runs_on_peaked_logits(tmp_path, capsys) -> None:
     assert 2.0 <= record["entropy_nats"] <= 3.0 and record["label_logp"] < 0
     printed = capsys.readouterr().out
     assert "Loss head, peaked logits" in printed and "regime b, H 64: " in printed and "peaked logits); " in printed
+
+
+def test_the_softmax_summary_is_computed_once_per_regime_and_shape() -> None:
+    cases = plan_cases((64, 256), ["a", "b"], ["naive", "dama"], "fp32")
+    summarised = [(c.regime, c.hidden_size, c.provider) for c in cases if c.summarise]
+    assert summarised == [("a", 64, "naive"), ("b", 64, "naive"), ("a", 256, "naive"), ("b", 256, "naive")]
